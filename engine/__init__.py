@@ -1,0 +1,19 @@
+"""txengine: an explicit, durable transaction state-machine engine for loyalty payments.
+
+    from engine import Engine, Basket, LineItem, Money, FakeClock
+"""
+
+from .aio import AsyncEngine
+from .clock import Clock, FakeClock, SystemClock
+from .drivers import Capabilities, HttpDriver, PreviewRequest, ProviderDriver
+from .engine import Engine
+from .machine import PaymentLifecycle, TimerPolicy
+from .models import Basket, Event, LineItem, Outcome, PricedLine, Quote, ReceiptLine, Transaction
+from .money import Money
+from .secret import Secret
+
+__all__ = [
+    "AsyncEngine", "Basket", "Capabilities", "Clock", "Engine", "Event", "FakeClock", "HttpDriver",
+    "LineItem", "Money", "Outcome", "PaymentLifecycle", "PreviewRequest", "PricedLine",
+    "ProviderDriver", "Quote", "ReceiptLine", "Secret", "SystemClock", "TimerPolicy", "Transaction",
+]

@@ -1,0 +1,102 @@
+"""``AsyncEngine``: the same engine for asyncio POS backends.
+
+It runs the very same command generators as ``Engine``; only the I/O differs: provider
+exchanges go through each driver's ``httpx.AsyncClient``, and store calls (SQLite is
+blocking) run in a worker thread so the event loop never waits on a disk flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from .core import Command, ProviderOp, StoreOp
+from .engine import _Facade, driver_failure
+from .models import Basket, Event, LineItem, Transaction
+from .secret import Secret
+from .store.base import DeliveryRecord
+
+
+class AsyncEngine(_Facade):
+    """The asyncio engine: every command is a coroutine."""
+
+    async def _run(self, command: Command) -> Any:
+        result: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op = command.throw(error) if error is not None else command.send(result)
+            except StopIteration as done:
+                return done.value
+            result, error = None, None
+            try:
+                result = await self._perform(op)
+            except Exception as failure:  # handed back to the command to decide
+                error = failure
+
+    async def _perform(self, op: StoreOp | ProviderOp) -> Any:
+        if isinstance(op, StoreOp):
+            return await asyncio.to_thread(getattr(self.store, op.method), *op.args)
+        driver = self.core.drivers[op.provider]
+        try:
+            return await driver.arun(getattr(driver, op.operation)(*op.args))
+        except Exception as error:
+            raise driver_failure(op, error) from None
+
+    async def preview(self, provider: str, basket: Basket | Iterable[LineItem], *,
+                      customer_token: str | Secret | None = None, idempotency_key: str | None = None,
+                      payment_type: str | None = None) -> Transaction:
+        return await self._run(self._preview(provider, basket, customer_token, idempotency_key, payment_type))
+
+    async def update(self, tx_id: str, items: Iterable[LineItem], *,
+                     idempotency_key: str | None = None) -> Transaction:
+        return await self._run(self.core.command(tx_id, "update", items=items, idempotency_key=idempotency_key))
+
+    async def begin_payment(self, tx_id: str, *, idempotency_key: str | None = None) -> Transaction:
+        return await self._run(self.core.command(tx_id, "begin_payment", idempotency_key=idempotency_key))
+
+    async def finalize(self, tx_id: str, *, idempotency_key: str | None = None) -> Transaction:
+        return await self._run(self.core.command(tx_id, "finalize", idempotency_key=idempotency_key))
+
+    async def cancel(self, tx_id: str, *, idempotency_key: str | None = None) -> Transaction:
+        return await self._run(self.core.command(tx_id, "cancel", idempotency_key=idempotency_key))
+
+    async def refund(self, tx_id: str, *, comment: str | None = None,
+                     idempotency_key: str | None = None) -> Transaction:
+        return await self._run(self.core.command(tx_id, "refund", comment=comment,
+                                                 idempotency_key=idempotency_key))
+
+    async def get(self, tx_id: str) -> Transaction:
+        return await self._run(self.core.get(tx_id))
+
+    async def history(self, tx_id: str) -> list[Event]:
+        return await self._run(self.core.history(tx_id))
+
+    async def allowed_events(self, tx_id: str) -> list[str]:
+        return await self._run(self.core.allowed_events(tx_id))
+
+    async def expire_due(self) -> int:
+        return await self._run(self.core.expire_due())
+
+    async def recover(self) -> int:
+        return await self._run(self.core.recover())
+
+    async def deliver_pending(self) -> int:
+        return await self._run(self.core.deliver_pending())
+
+    async def deliveries(self, tx_id: str | None = None, status: str | None = None) -> list[DeliveryRecord]:
+        return await asyncio.to_thread(self.store.deliveries, tx_id, status)
+
+    async def aclose(self) -> None:
+        for driver in self.core.drivers.values():
+            aclose = getattr(driver, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        await asyncio.to_thread(self.store.close)
+
+    async def __aenter__(self) -> AsyncEngine:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()

@@ -1,0 +1,565 @@
+"""What the engine does for each command, decided in pure code.
+
+Every public command is a generator.  It yields the I/O it needs as small operation
+objects (``StoreOp``: read or write the store; ``ProviderOp``: run a driver exchange)
+and receives their results (or has their exceptions thrown in).  ``Engine`` performs
+the operations with blocking calls, ``AsyncEngine`` with awaits; neither knows
+anything about the lifecycle.  So the order of operations that keeps money safe is
+written exactly once, here:
+
+1. **Validate** the caller's input (``ValidationError`` before anything else).
+2. **Replay** an idempotency key already used: the original result, or
+   ``IdempotencyConflict`` if the parameters differ.
+3. **Load** the snapshot.  A pending side effect blocks every other command
+   (``TransactionInDoubt``); its own retry re-sends it under the same key.
+4. **Expire lazily**: if the machine would take ``expire`` now, commit that, then raise
+   ``PreviewExpired``.
+5. **Decide** with the machine (``engine.machine.decide``): guard failures become their
+   typed errors; unsupported events become ``UnsupportedOperation``.
+6. A **local** event commits at once.  A **remote** one first commits a claim (an
+   ``attempt`` event, the intent with its idempotency key and a lease): at most one
+   call per transaction is ever in flight.  Then it calls the driver and commits the
+   outcome: the transition (with any guaranteed deliveries enqueued in the same
+   database transaction), a ``rejected`` note, or an ``unknown`` note that leaves the
+   intent in doubt for ``recover()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import random
+import uuid
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import attrs
+
+from . import journal, machine
+from .clock import Clock
+from .codec import decode_fields, decode_line, dumps, encode_fields, encode_line
+from .drivers import Capabilities, Delivery, PreviewRequest, ProviderDriver
+from .errors import (
+    EngineError,
+    IdempotencyConflict,
+    OutcomeUnknown,
+    ProtocolError,
+    ProviderRejected,
+    TransactionInDoubt,
+    TransactionNotFound,
+    UnsupportedOperation,
+    ValidationError,
+)
+from .machine import TimerPolicy, decide
+from .models import Basket, Event, LineItem, Outcome, PricedLine, Quote, Transaction
+from .secret import Secret, as_secret
+from .store.base import (
+    DEAD,
+    DELIVERED,
+    DONE,
+    DROP,
+    IN_FLIGHT,
+    PENDING,
+    PUT,
+    REJECTED,
+    RELEASE,
+    TAKE,
+    CommandOp,
+    CommandRecord,
+    Commit,
+    DeliverySettlement,
+    Intent,
+    IntentOp,
+    NewDelivery,
+)
+
+
+@attrs.frozen
+class StoreOp:
+    method: str
+    args: tuple = ()
+
+
+@attrs.frozen
+class ProviderOp:
+    provider: str
+    operation: str
+    args: tuple = ()
+
+
+Command = Generator[StoreOp | ProviderOp, Any, Any]
+
+MAX_KEY_LENGTH = 255
+MAX_COMMENT_LENGTH = 500
+DEFAULT_PAYMENT_TYPE = "SPLIT_PAYMENT"
+
+
+def _write(commit: Commit) -> StoreOp:
+    return StoreOp("write", (commit,))
+
+
+def _load(tx_id: str) -> StoreOp:
+    return StoreOp("load", (tx_id,))
+
+
+def _check_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH or not key.isprintable():
+        raise ValidationError(f"idempotency_key must be 1-{MAX_KEY_LENGTH} printable characters")
+    return key
+
+
+def _check_tx_id(tx_id: str) -> str:
+    if not isinstance(tx_id, str) or not tx_id:
+        raise ValidationError("a transaction id is a non-empty string")
+    return tx_id
+
+
+def _in_context(error: EngineError, tx: Transaction | None, event: str, tx_id: str | None = None) -> EngineError:
+    """The same error, re-raised with the transaction, its state and the event named."""
+    context = {"tx_id": tx.id if tx else tx_id, "state": tx.state if tx else None, "event": event}
+    if isinstance(error, ProviderRejected):
+        return ProviderRejected(error.provider_message, code=error.code, retry_after=error.retry_after,
+                                provider=error.provider, **context)
+    if isinstance(error, OutcomeUnknown):
+        return OutcomeUnknown(error.detail, provider=error.provider, **context)
+    return type(error)(error.detail, **context)
+
+
+class Core:
+    """The engine's pure decision layer, configured once per engine."""
+
+    def __init__(
+        self,
+        drivers: Mapping[str, ProviderDriver],
+        clock: Clock,
+        *,
+        timers: Mapping[str, TimerPolicy] | None = None,
+        intent_lease: timedelta = timedelta(seconds=60),
+        delivery_lease: timedelta = timedelta(seconds=60),
+        rng: random.Random | None = None,
+    ) -> None:
+        if not drivers:
+            raise ValidationError("an engine needs at least one provider driver")
+        unknown = set(timers or ()) - set(drivers)
+        if unknown:
+            raise ValidationError(f"timer policies for unknown providers: {sorted(unknown)}")
+        self.drivers = dict(drivers)
+        self.capabilities: dict[str, Capabilities] = {
+            name: driver.capabilities.with_timers((timers or {}).get(name))
+            for name, driver in drivers.items()
+        }
+        self.clock = clock
+        self.intent_lease = intent_lease
+        self.delivery_lease = delivery_lease
+        self.rng = rng or random.Random()
+        self._hash_key: bytes | None = None
+
+    # --- small helpers -------------------------------------------------------------------
+
+    def _capabilities(self, provider: str) -> Capabilities:
+        try:
+            return self.capabilities[provider]
+        except KeyError:
+            raise ValidationError(
+                f"unknown provider {provider!r}; configured: {', '.join(sorted(self.drivers))}"
+            ) from None
+
+    def _keyed_hash_key(self) -> Command:
+        if self._hash_key is None:
+            self._hash_key = yield StoreOp("keyed_hash_key")
+        return self._hash_key
+
+    def _fingerprint(self, *parts: Any) -> Command:
+        """A keyed hash of a command's parameters: what an idempotency key is bound to."""
+        key = yield from self._keyed_hash_key()
+        return hmac.new(key, dumps(list(parts)).encode(), hashlib.sha256).hexdigest()
+
+    def _load(self, tx_id: str) -> Command:
+        tx = yield _load(_check_tx_id(tx_id))
+        if tx is None:
+            raise TransactionNotFound("no such transaction", tx_id=tx_id)
+        return tx
+
+    def _replay(self, record: CommandRecord, command: str, fingerprint: str) -> Command:
+        """The original result of a key already used, or the reason it cannot be reused."""
+        if record.command != command or record.fingerprint != fingerprint:
+            raise IdempotencyConflict(
+                f"idempotency key {record.key!r} was already used for {record.command}"
+                f" on {record.tx_id} with other parameters", event=command,
+            )
+        if record.status == DONE:
+            events = yield StoreOp("journal", (record.tx_id,))
+            return journal.replay(events[: record.version])
+        if record.status == REJECTED:
+            raise ProviderRejected(record.message or "", code=record.code or "", tx_id=record.tx_id,
+                                   event=command)
+        return None  # in flight: the caller resumes it
+
+    # --- preview: the command that creates a transaction ------------------------------------
+
+    def preview(
+        self,
+        provider: str,
+        basket: Basket | Iterable[LineItem],
+        customer_token: str | Secret | None,
+        idempotency_key: str | None,
+        payment_type: str | None,
+    ) -> Command:
+        capabilities = self._capabilities(provider)
+        basket = basket if isinstance(basket, Basket) else Basket(basket)
+        payment_type = payment_type or DEFAULT_PAYMENT_TYPE
+        if payment_type not in capabilities.payment_types:
+            raise ValidationError(
+                f"{provider} accepts payment types {sorted(capabilities.payment_types)}, not {payment_type!r}"
+            )
+        if customer_token is not None and not isinstance(customer_token, (str, Secret)):
+            raise ValidationError("customer_token must be a string")
+        token = as_secret(customer_token)
+        key = _check_key(idempotency_key) or f"auto:{uuid.uuid4().hex}"
+        hash_key = yield from self._keyed_hash_key()
+        fingerprint = yield from self._fingerprint(
+            "preview", provider, payment_type, [encode_line(PricedLine.unpriced(i)) for i in basket.items],
+            token.fingerprint(hash_key) if token else None,
+        )
+        now = self.clock.now()
+        lease_until = now + self.intent_lease
+        record = yield StoreOp("load_command", (key,))
+        if record is None:
+            record = CommandRecord(key, "preview", fingerprint, _new_tx_id(), IN_FLIGHT, lease_until=lease_until)
+            claim = CommandOp(record, insert=True)
+        else:
+            replayed = yield from self._replay(record, "preview", fingerprint)
+            if replayed is not None:
+                return replayed
+            record = attrs.evolve(record, lease_until=lease_until)
+            claim = CommandOp(record, take_lease_at=now)
+        yield _write(Commit(record.tx_id, 0, command=claim))
+
+        step = decide(None, "preview", now, capabilities.timers)
+        request = PreviewRequest(record.tx_id, basket, token, payment_type, key, now)
+        try:
+            quote = yield ProviderOp(provider, "preview", (request,))
+            _check_quote(quote, basket.gross.amount_minor, provider)
+        except ProviderRejected as refusal:
+            settled = attrs.evolve(record, status=REJECTED, code=refusal.code,
+                                   message=refusal.provider_message, lease_until=None)
+            yield _write(Commit(record.tx_id, 0, command=CommandOp(settled)))
+            raise _in_context(refusal, None, "preview", record.tx_id) from None
+        except OutcomeUnknown as unknown:
+            yield _write(Commit(record.tx_id, 0, command=CommandOp(attrs.evolve(record, lease_until=None))))
+            raise _in_context(unknown, None, "preview", record.tx_id) from None
+
+        fields = {
+            "id": record.tx_id, "provider": provider, "currency": basket.currency,
+            "payment_type": payment_type, "items": quote.lines, "provider_ref": quote.provider_ref,
+            "receipt": quote.receipt, "details": dict(quote.details), **step.changes,
+        }
+        event = journal.transition_event(None, now, event=step.event, source=step.source,
+                                         target=step.target, fields=fields)
+        tx = journal.apply(None, event)
+        done = attrs.evolve(record, status=DONE, version=tx.version, lease_until=None)
+        yield _write(Commit(tx.id, 0, events=(event,), snapshot=tx, command=CommandOp(done)))
+        return tx
+
+    # --- commands on an existing transaction ---------------------------------------------------
+
+    def command(
+        self,
+        tx_id: str,
+        event: str,
+        *,
+        items: Sequence[LineItem] | None = None,
+        comment: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Command:
+        key = _check_key(idempotency_key)
+        params = _params(event, items, comment)
+        tx = yield from self._load(tx_id)
+        if items is not None:
+            _check_currency(items, tx)
+        capabilities = self._capabilities(tx.provider)
+        fingerprint = yield from self._fingerprint(event, tx.id, params)
+        if key is not None:
+            record = yield StoreOp("load_command", (key,))
+            if record is not None:
+                if record.tx_id != tx.id:
+                    raise IdempotencyConflict(
+                        f"idempotency key {key!r} belongs to transaction {record.tx_id}",
+                        tx_id=tx.id, state=tx.state, event=event)
+                replayed = yield from self._replay(record, event, fingerprint)
+                if replayed is not None:
+                    return replayed
+
+        now = self.clock.now()
+        if tx.pending is not None:
+            return (yield from self._resume(tx, event, key, now))
+        if machine.is_overdue(tx, now):
+            expired = yield from self._expire(tx, now, capabilities)
+            raise machine.preview_expired(expired, event, now)
+        if event not in capabilities.supported:
+            raise UnsupportedOperation(
+                f"{tx.provider} does not support {event}", tx_id=tx.id, state=tx.state, event=event)
+        step = decide(tx, event, now, capabilities.timers)
+
+        if event in capabilities.local:
+            fields = {**step.changes, **_local_effect(tx, event, params)}
+            record = key and CommandOp(CommandRecord(key, event, fingerprint, tx.id, DONE,
+                                                     version=tx.version + 1), insert=True)
+            return (yield from self._commit_transition(tx, step.event, step.target, fields, now,
+                                                      capabilities, command=record or None))
+
+        intent = Intent(
+            tx_id=tx.id, event=event, idempotency_key=key or f"auto:{tx.id}:{event}:{tx.version + 1}",
+            params=params, changes=encode_fields(step.changes),
+        )
+        attempt = journal.note_event(tx, now, journal.ATTEMPT, event=event, attempt=1)
+        claimed = journal.apply(tx, attempt)
+        record = CommandRecord(intent.idempotency_key, event, fingerprint, tx.id, IN_FLIGHT)
+        yield _write(Commit(
+            tx.id, tx.version, events=(attempt,), snapshot=claimed,
+            intent=IntentOp(PUT, intent, lease_until=now + self.intent_lease),
+            command=CommandOp(record, insert=True),
+        ))
+        return (yield from self._settle(claimed, intent))
+
+    def _resume(self, tx: Transaction, event: str, key: str | None, now: datetime) -> Command:
+        """Re-send the in-doubt side effect, if this command is its retry."""
+        intent = yield StoreOp("load_intent", (tx.id,))
+        if intent is None or intent.event != event or (key is not None and key != intent.idempotency_key):
+            raise TransactionInDoubt(
+                f"the outcome of its {tx.pending} is unknown; retry {tx.pending} or run recover()",
+                tx_id=tx.id, state=tx.state, event=event)
+        return (yield from self._take_over(tx, intent, now))
+
+    def _take_over(self, tx: Transaction, intent: Intent, now: datetime) -> Command:
+        attempt = journal.note_event(tx, now, journal.ATTEMPT, event=intent.event,
+                                     attempt=intent.attempts + 1)
+        claimed = journal.apply(tx, attempt)
+        yield _write(Commit(tx.id, tx.version, events=(attempt,), snapshot=claimed,
+                            intent=IntentOp(TAKE, now=now, lease_until=now + self.intent_lease)))
+        return (yield from self._settle(claimed, intent))
+
+    def _settle(self, tx: Transaction, intent: Intent) -> Command:
+        """Call the provider for a claimed intent and commit whatever it answers."""
+        event = intent.event
+        # Settling updates the record the claim inserted; its fingerprint is not rewritten.
+        record = CommandRecord(intent.idempotency_key, event, "", tx.id, IN_FLIGHT)
+        try:
+            result = yield ProviderOp(tx.provider, event, _driver_args(tx, intent))
+            fields = _remote_effect(tx, event, result, intent.params)
+        except ProviderRejected as refusal:
+            note = journal.note_event(tx, self.clock.now(), journal.REJECTED, event=event,
+                                      code=refusal.code, message=refusal.provider_message)
+            rejected = attrs.evolve(record, status=REJECTED, code=refusal.code,
+                                    message=refusal.provider_message)
+            yield _write(Commit(tx.id, tx.version, events=(note,), snapshot=journal.apply(tx, note),
+                                intent=IntentOp(DROP), command=CommandOp(rejected)))
+            raise _in_context(refusal, tx, event) from None
+        except OutcomeUnknown as unknown:
+            note = journal.note_event(tx, self.clock.now(), journal.UNKNOWN, event=event, error=unknown.detail)
+            yield _write(Commit(tx.id, tx.version, events=(note,), snapshot=journal.apply(tx, note),
+                                intent=IntentOp(RELEASE, error=unknown.detail)))
+            raise _in_context(unknown, tx, event) from None
+        fields = {**decode_fields(intent.changes, tx.currency), **fields}
+        target = machine.TABLE[(tx.state, event)].target
+        done = CommandOp(attrs.evolve(record, status=DONE, version=tx.version + 1))
+        return (yield from self._commit_transition(tx, event, target, fields, self.clock.now(),
+                                                  self._capabilities(tx.provider), command=done,
+                                                  intent=IntentOp(DROP)))
+
+    def _commit_transition(
+        self, tx: Transaction, event: str, target: str, fields: Mapping[str, Any], now: datetime,
+        capabilities: Capabilities, *, command: CommandOp | None = None, intent: IntentOp | None = None,
+    ) -> Command:
+        entry = journal.transition_event(tx, now, event=event, source=tx.state, target=target, fields=fields)
+        new = journal.apply(tx, entry)
+        enqueue = tuple(
+            NewDelivery(new.id, new.provider, kind, self.drivers[new.provider].delivery_payload(kind, new),
+                        f"{new.id}:{kind}", now)
+            for kind in capabilities.deferred.get(event, ())
+        )
+        yield _write(Commit(tx.id, tx.version, events=(entry,), snapshot=new, intent=intent,
+                            command=command, enqueue=enqueue))
+        return new
+
+    def _expire(self, tx: Transaction, now: datetime, capabilities: Capabilities) -> Command:
+        step = decide(tx, "expire", now, capabilities.timers)
+        return (yield from self._commit_transition(tx, step.event, step.target, step.changes, now,
+                                                  capabilities))
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def get(self, tx_id: str) -> Command:
+        return (yield from self._load(tx_id))
+
+    def history(self, tx_id: str) -> Command:
+        yield from self._load(tx_id)
+        return (yield StoreOp("journal", (tx_id,)))
+
+    def allowed_events(self, tx_id: str) -> Command:
+        tx = yield from self._load(tx_id)
+        if tx.pending is not None:
+            return [tx.pending]  # only its retry (or recover) may act
+        supported = self._capabilities(tx.provider).supported
+        return [event for event in machine.allowed_events(tx, self.clock.now()) if event in supported]
+
+    # --- sweeps ----------------------------------------------------------------------------------
+
+    def expire_due(self, batch: int = 500) -> Command:
+        """Expire every overdue transaction; safe to run in several processes at once."""
+        expired = 0
+        while True:
+            now = self.clock.now()
+            due = yield StoreOp("due_for_expiry", (now, batch))
+            for tx_id in due:
+                tx = yield _load(tx_id)
+                if tx is None or not machine.is_overdue(tx, now):
+                    continue
+                try:
+                    yield from self._expire(tx, now, self._capabilities(tx.provider))
+                    expired += 1
+                except EngineError:
+                    pass  # another sweeper or a command got there first
+            if len(due) < batch:
+                return expired
+
+    def recover(self, batch: int = 100) -> Command:
+        """Re-drive every in-doubt side effect whose lease is free; returns how many settled."""
+        settled = 0
+        now = self.clock.now()
+        for tx_id in (yield StoreOp("intents_to_recover", (now, batch))):
+            tx = yield _load(tx_id)
+            intent = yield StoreOp("load_intent", (tx_id,))
+            if tx is None or intent is None or tx.pending != intent.event:
+                continue
+            try:
+                yield from self._take_over(tx, intent, now)
+                settled += 1
+            except ProviderRejected:
+                settled += 1  # definitely refused: no longer in doubt
+            except (OutcomeUnknown, TransactionInDoubt, EngineError):
+                pass
+        return settled
+
+    def deliver_pending(self, batch: int = 100) -> Command:
+        """Send due deliveries; reschedule failures with backoff; park the hopeless as dead."""
+        now = self.clock.now()
+        claimed = yield StoreOp("claim_deliveries", (now, now + self.delivery_lease, batch))
+        delivered = 0
+        for group in _batches(claimed, self.capabilities):
+            capabilities = self.capabilities.get(group[0].provider)
+            try:
+                if capabilities is None:
+                    raise ValidationError(f"no driver configured for {group[0].provider}")
+                yield ProviderOp(group[0].provider, "deliver", (tuple(group),))
+            except (ProviderRejected, ValidationError) as refusal:
+                settlements = [DeliverySettlement(d.id, DEAD, error=str(refusal)) for d in group]
+            except OutcomeUnknown as unknown:
+                settlements = [self._retry_later(d, capabilities, now, str(unknown)) for d in group]
+            else:
+                settlements = [DeliverySettlement(d.id, DELIVERED) for d in group]
+                delivered += len(group)
+            yield StoreOp("settle_deliveries", (settlements, self.clock.now()))
+        return delivered
+
+    def _retry_later(self, delivery: Delivery, capabilities: Capabilities, now: datetime,
+                     error: str) -> DeliverySettlement:
+        schedule = capabilities.delivery_schedule
+        if delivery.attempts >= len(schedule):
+            return DeliverySettlement(delivery.id, DEAD, error=error)
+        delay = schedule[delivery.attempts] * (1 + self.rng.uniform(0, 0.2))  # jitter spreads retries
+        return DeliverySettlement(delivery.id, PENDING, next_attempt_at=now + delay, error=error)
+
+
+# --- pure helpers ----------------------------------------------------------------------------------
+
+
+def _new_tx_id() -> str:
+    return f"tx_{uuid.uuid4().hex}"
+
+
+def _params(event: str, items: Sequence[LineItem] | None, comment: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if event == "update":
+        if isinstance(items, (str, bytes)) or items is None:
+            raise ValidationError("update needs a sequence of LineItem")
+        items = list(items)
+        if not items or not all(isinstance(item, LineItem) for item in items):
+            raise ValidationError("update needs at least one LineItem, and only LineItems")
+        params["items"] = [encode_line(PricedLine.unpriced(item)) for item in items]
+    elif items is not None:
+        raise ValidationError(f"{event} takes no items")
+    if comment is not None:
+        if event != "refund":
+            raise ValidationError(f"{event} takes no comment")
+        if not isinstance(comment, str) or len(comment) > MAX_COMMENT_LENGTH:
+            raise ValidationError(f"comment must be a string of at most {MAX_COMMENT_LENGTH} characters")
+        params["comment"] = comment
+    return params
+
+
+def _check_currency(items: Sequence[LineItem], tx: Transaction) -> None:
+    for item in items:
+        if item.currency != tx.currency:
+            raise ValidationError(f"item {item.name!r} is in {item.currency}, the transaction in {tx.currency}",
+                                  tx_id=tx.id, state=tx.state, event="update")
+
+
+def _new_items(tx: Transaction, params: Mapping[str, Any]) -> tuple[LineItem, ...]:
+    return tuple(decode_line(line, tx.currency).item for line in params["items"])
+
+
+def _driver_args(tx: Transaction, intent: Intent) -> tuple:
+    if intent.event == "update":
+        return (tx, _new_items(tx, intent.params), intent.idempotency_key)
+    if intent.event == "refund":
+        return (tx, intent.idempotency_key, intent.params.get("comment"))
+    return (tx, intent.idempotency_key)
+
+
+def _local_effect(tx: Transaction, event: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    if event == "update":  # no provider call: the new lines carry no discount and no credits
+        return {"items": tx.items + tuple(PricedLine.unpriced(item) for item in _new_items(tx, params))}
+    return {}
+
+
+def _check_quote(quote: Any, gross_minor: int, provider: str) -> None:
+    if not isinstance(quote, Quote):
+        raise ProtocolError(f"the driver returned {type(quote).__name__}, not a Quote", provider=provider)
+    priced = sum(line.gross.amount_minor for line in quote.lines)
+    if priced != gross_minor:
+        raise ProtocolError(f"the provider priced a basket of {priced}, not the {gross_minor} sent",
+                            provider=provider)
+
+
+def _remote_effect(tx: Transaction, event: str, result: Any, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The snapshot fields a provider's answer sets."""
+    if event == "update":
+        added = sum(line["unit_price"] * line["quantity"] for line in params["items"])
+        _check_quote(result, tx.gross.amount_minor + added, tx.provider)
+    elif not isinstance(result, Outcome):
+        raise ProtocolError(f"the driver returned {type(result).__name__}, not an Outcome", provider=tx.provider)
+    fields: dict[str, Any] = {}
+    if isinstance(result, Quote):
+        fields["items"] = result.lines
+    if result.provider_ref is not None and result.provider_ref != tx.provider_ref:
+        fields["provider_ref"] = result.provider_ref
+    if result.receipt:
+        fields["receipt"] = result.receipt
+    if result.details:
+        fields["details"] = {**tx.details, **result.details}
+    return fields
+
+
+def _batches(deliveries: Sequence[Delivery], capabilities: Mapping[str, Capabilities]) -> list[list[Delivery]]:
+    groups: dict[tuple[str, str], list[list[Delivery]]] = {}
+    for delivery in deliveries:
+        size = capabilities[delivery.provider].delivery_batch if delivery.provider in capabilities else 1
+        chunks = groups.setdefault((delivery.provider, delivery.kind), [[]])
+        if len(chunks[-1]) >= size:
+            chunks.append([])
+        chunks[-1].append(delivery)
+    return [chunk for chunks in groups.values() for chunk in chunks if chunk]

@@ -1,0 +1,306 @@
+"""Provider drivers: the side effects of the lifecycle, written once, sans-IO.
+
+A driver maps one lifecycle event onto its provider's HTTP API.  Every operation is a
+generator (an ``Exchange``): it yields ``httpx.Request`` objects, receives the
+``httpx.Response`` for each, and finally returns a ``Quote`` or ``Outcome``, or raises
+``ProviderRejected`` (a definite "no") or ``ProtocolError`` (an answer we cannot trust,
+so the outcome is unknown).  ``HttpDriver.run`` drives an exchange with a sync
+``httpx.Client``, ``HttpDriver.arun`` with an ``httpx.AsyncClient``; the protocol code
+is the same generator either way.  Transport failures (timeouts, refused or dropped
+connections) are thrown into the generator, so a driver may retry a request it knows to
+be safe; if it does not handle them they become ``OutcomeUnknown``.
+
+The engine owns the lifecycle: it decides, claims the side effect durably, calls the
+driver, and records the outcome.  A driver never touches the store or the clock, and
+declares what it can do in ``Capabilities``:
+
+- ``remote``: events that call the provider before the transition commits;
+- ``local``: events the engine performs without a call (``begin_payment`` everywhere);
+- ``deferred``: events whose commit enqueues deliveries (Rekonect's purchase submit)
+  sent later by ``engine.deliver_pending()`` with ``delivery_schedule``;
+- ``timers``: the provider's ``TimerPolicy`` (the POS may override it).
+
+An event in neither ``remote`` nor ``local`` is unsupported: the engine raises
+``UnsupportedOperation`` before any call.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Generator, Mapping
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import attrs
+import httpx
+
+from .errors import OutcomeUnknown, ProtocolError, ProviderRejected, ValidationError
+from .machine import EVENTS, TimerPolicy
+from .models import Basket, LineItem, Outcome, Quote, Transaction
+from .secret import Secret
+
+T = TypeVar("T")
+Exchange = Generator[httpx.Request, httpx.Response, T]
+
+#: Retry delays for deferred deliveries: two quick retries near the purchase time,
+#: then later in the day (Rekonect's guidance; a sane default for everyone).
+DEFAULT_DELIVERY_SCHEDULE: tuple[timedelta, ...] = (
+    timedelta(seconds=5),
+    timedelta(seconds=30),
+    timedelta(minutes=15),
+    timedelta(hours=1),
+    timedelta(hours=4),
+)
+
+
+def _events(value) -> frozenset[str]:
+    events = frozenset(value)
+    unknown = events - set(EVENTS)
+    if unknown:
+        raise ValueError(f"unknown lifecycle events: {sorted(unknown)}")
+    return events
+
+
+def _deferred(value: Mapping[str, Any]) -> Mapping[str, tuple[str, ...]]:
+    return {event: tuple(kinds) for event, kinds in dict(value).items()}
+
+
+@attrs.frozen
+class Capabilities:
+    remote: frozenset[str] = attrs.field(converter=_events)
+    local: frozenset[str] = attrs.field(converter=_events, default=frozenset({"begin_payment"}))
+    deferred: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict, converter=_deferred)
+    timers: TimerPolicy = attrs.field(factory=TimerPolicy)
+    payment_types: frozenset[str] = attrs.field(
+        default=frozenset({"SPLIT_PAYMENT"}), converter=frozenset
+    )
+    delivery_schedule: tuple[timedelta, ...] = DEFAULT_DELIVERY_SCHEDULE
+    #: how many queued deliveries one ``deliver`` exchange may carry (Forloy sync: 100)
+    delivery_batch: int = 1
+
+    def __attrs_post_init__(self) -> None:
+        both = self.remote & self.local
+        if both:
+            raise ValueError(f"events both remote and local: {sorted(both)}")
+        stray = set(self.deferred) - self.supported
+        if stray:
+            raise ValueError(f"deferred deliveries for unsupported events: {sorted(stray)}")
+
+    @property
+    def supported(self) -> frozenset[str]:
+        # ``expire`` is decided by the engine's clock; every provider supports it.
+        return self.remote | self.local | {"expire"}
+
+    def with_timers(self, timers: TimerPolicy | None) -> Capabilities:
+        return self if timers is None else attrs.evolve(self, timers=timers)
+
+
+@attrs.frozen
+class PreviewRequest:
+    """Everything a driver may need to price a basket.  The customer key is a Secret."""
+
+    tx_id: str
+    basket: Basket
+    customer_token: Secret | None
+    payment_type: str
+    idempotency_key: str
+    now: datetime
+
+
+@attrs.frozen
+class Delivery:
+    """A queued, guaranteed delivery: the payload was built when the transition committed."""
+
+    id: int
+    tx_id: str
+    provider: str
+    kind: str
+    payload: Mapping[str, Any]
+    idempotency_key: str
+    attempts: int = 0
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(url: str) -> str:
+    """TLS always, except towards this machine (sandboxes served on loopback)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return url.rstrip("/")
+    if parts.scheme == "http" and is_loopback(parts.hostname):
+        return url.rstrip("/")
+    raise ValidationError(f"base_url must be https:// (plain http only on loopback): {url!r}")
+
+
+class ProviderDriver:
+    """The interface the engine calls.  Subclass ``HttpDriver`` for an HTTP provider."""
+
+    name: str
+    capabilities: Capabilities
+
+    def preview(self, request: PreviewRequest) -> Exchange[Quote]:
+        raise NotImplementedError
+
+    def update(self, tx: Transaction, items: tuple[LineItem, ...], key: str) -> Exchange[Quote]:
+        """Price ``items`` added to ``tx``; return the whole basket's new quote."""
+        raise NotImplementedError
+
+    def finalize(self, tx: Transaction, key: str) -> Exchange[Outcome]:
+        raise NotImplementedError
+
+    def cancel(self, tx: Transaction, key: str) -> Exchange[Outcome]:
+        raise NotImplementedError
+
+    def refund(self, tx: Transaction, key: str, comment: str | None) -> Exchange[Outcome]:
+        raise NotImplementedError
+
+    def delivery_payload(self, kind: str, tx: Transaction) -> Mapping[str, Any]:
+        """Build a deferred delivery's payload at commit time (JSON-safe, no secrets)."""
+        raise NotImplementedError
+
+    def deliver(self, deliveries: tuple[Delivery, ...]) -> Exchange[None]:
+        """Send up to ``capabilities.delivery_batch`` queued deliveries of one kind."""
+        raise NotImplementedError
+
+    def run(self, exchange: Exchange[T]) -> T:
+        raise NotImplementedError
+
+    async def arun(self, exchange: Exchange[T]) -> T:
+        raise NotImplementedError
+
+
+class HttpDriver(ProviderDriver):
+    """Runs exchanges over httpx.  Subclasses write the protocol as generators.
+
+    ``transport`` / ``async_transport`` let tests (and the demo) plug a sandbox in
+    without a network: ``sandbox.transport()`` serves both clients in-process.
+    """
+
+    default_base_url: str = ""
+    timeout = httpx.Timeout(10.0, connect=5.0)
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        async_transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> None:
+        self.base_url = check_base_url(base_url or self.default_base_url)
+        if timeout is not None:
+            self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self._transport = transport
+        # A MockTransport serves both kinds of client; use it for async too by default.
+        self._async_transport = async_transport or (
+            transport if isinstance(transport, httpx.AsyncBaseTransport) else None
+        )
+        self._client: httpx.Client | None = None
+        self._aclient: httpx.AsyncClient | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    # --- helpers for subclasses ---
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> httpx.Request:
+        return httpx.Request(
+            method, f"{self.base_url}{path}", json=json, headers=headers, params=params
+        )
+
+    def unknown(self, message: str) -> ProtocolError:
+        return ProtocolError(message, provider=self.name)
+
+    def rejected(self, code: str, message: str, retry_after: float | None = None) -> ProviderRejected:
+        return ProviderRejected(message, code=str(code), retry_after=retry_after, provider=self.name)
+
+    def json_of(self, response: httpx.Response) -> Any:
+        """The body as JSON, or ``ProtocolError``: HTML error pages, truncated JSON."""
+        try:
+            return response.json()
+        except ValueError:
+            raise self.unknown(
+                f"HTTP {response.status_code} with a body that is not JSON"
+                f" ({response.headers.get('content-type', 'no content type')})"
+            ) from None
+
+    # --- running exchanges ---
+
+    def _sync_client(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(transport=self._transport, timeout=self.timeout)
+        return self._client
+
+    def _async_client(self) -> httpx.AsyncClient:
+        if self._aclient is None:
+            self._aclient = httpx.AsyncClient(transport=self._async_transport, timeout=self.timeout)
+        return self._aclient
+
+    def _transport_failure(self, request: httpx.Request, error: httpx.TransportError) -> OutcomeUnknown:
+        # The path only: queries and headers may carry credentials.
+        return OutcomeUnknown(
+            f"{request.method} {request.url.path} failed: {type(error).__name__}",
+            provider=self.name,
+        )
+
+    def run(self, exchange: Exchange[T]) -> T:
+        client = self._sync_client()
+        try:
+            request = next(exchange)
+            while True:
+                try:
+                    response = client.send(request)
+                except httpx.TransportError as error:
+                    failure = self._transport_failure(request, error)
+                    request = exchange.throw(failure)
+                    continue
+                request = exchange.send(response)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            exchange.close()
+
+    async def arun(self, exchange: Exchange[T]) -> T:
+        client = self._async_client()
+        try:
+            request = next(exchange)
+            while True:
+                try:
+                    response = await client.send(request)
+                except httpx.TransportError as error:
+                    failure = self._transport_failure(request, error)
+                    request = exchange.throw(failure)
+                    continue
+                request = exchange.send(response)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            exchange.close()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def aclose(self) -> None:
+        if self._aclient is not None:
+            await self._aclient.aclose()
+            self._aclient = None

@@ -1,0 +1,303 @@
+"""Immutable value types: what a POS hands in and what it gets back.
+
+Every class validates at construction, so an invalid basket, a priced line whose parts
+do not add up, or a snapshot with mixed currencies cannot exist.  Validation failures
+are ``ValidationError`` (a ``ValueError``), raised before anything reaches a provider.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+
+from .errors import ValidationError
+from .money import Money
+
+MAX_LINES = 1000
+MAX_QUANTITY = 1_000_000
+MAX_NAME_LENGTH = 200
+
+
+def _fail(message: str) -> None:
+    raise ValidationError(message)
+
+
+def _check_name(instance, attribute, value) -> None:
+    if not isinstance(value, str) or not value.strip():
+        _fail(f"{attribute.name} must be a non-empty string")
+    if len(value) > MAX_NAME_LENGTH:
+        _fail(f"{attribute.name} is longer than {MAX_NAME_LENGTH} characters")
+    if any(ord(ch) < 32 for ch in value):
+        _fail(f"{attribute.name} contains control characters")
+
+
+def _check_product_id(instance, attribute, value) -> None:
+    if value is not None and (not isinstance(value, str) or not value or len(value) > 255):
+        _fail("product_id must be None or a non-empty string of at most 255 characters")
+
+
+def _check_quantity(instance, attribute, value) -> None:
+    if type(value) is not int:
+        _fail(f"quantity must be an int, got {type(value).__name__}")
+    if not 0 < value <= MAX_QUANTITY:
+        _fail(f"quantity must be between 1 and {MAX_QUANTITY}, got {value}")
+
+
+def _check_unit_price(instance, attribute, value) -> None:
+    if not isinstance(value, Money):
+        _fail("unit_price must be Money")
+    if value.amount_minor < 0:
+        _fail("unit_price cannot be negative")
+
+
+def _vat(value: Any) -> Decimal:
+    if isinstance(value, (bool, float)) or not isinstance(value, (int, Decimal, str)):
+        _fail(f"vat_percent must be an int or a decimal string, got {type(value).__name__}")
+    try:
+        vat = Decimal(value)
+    except ArithmeticError:
+        _fail(f"vat_percent {value!r} is not a number")
+    if not vat.is_finite() or not 0 <= vat <= 100:
+        _fail(f"vat_percent must be between 0 and 100, got {value!r}")
+    return vat.normalize() if vat != vat.to_integral_value() else Decimal(int(vat))
+
+
+@attrs.frozen
+class LineItem:
+    """One basket line as the POS rings it up."""
+
+    product_id: str | None = attrs.field(validator=_check_product_id)
+    name: str = attrs.field(validator=_check_name)
+    quantity: int = attrs.field(validator=_check_quantity)
+    unit_price: Money = attrs.field(validator=_check_unit_price)
+    vat_percent: Decimal = attrs.field(converter=_vat)
+
+    @property
+    def gross(self) -> Money:
+        return self.unit_price * self.quantity
+
+    @property
+    def currency(self) -> str:
+        return self.unit_price.currency
+
+
+def _one_currency(items: Iterable[LineItem]) -> str:
+    currencies = {item.currency for item in items}
+    if len(currencies) > 1:
+        _fail(f"a basket must be in one currency, got {sorted(currencies)}")
+    return currencies.pop()
+
+
+def _line_items(value: Any) -> tuple[LineItem, ...]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        _fail("items must be a sequence of LineItem")
+    items = tuple(value)
+    if not items:
+        _fail("a basket needs at least one line")
+    if len(items) > MAX_LINES:
+        _fail(f"a basket holds at most {MAX_LINES} lines")
+    if not all(isinstance(item, LineItem) for item in items):
+        _fail("every basket line must be a LineItem")
+    return items
+
+
+@attrs.frozen
+class Basket:
+    """A non-empty sequence of ``LineItem`` in one currency."""
+
+    items: tuple[LineItem, ...] = attrs.field(converter=_line_items)
+    currency: str = attrs.field(init=False)
+
+    @currency.default
+    def _currency(self) -> str:
+        return _one_currency(self.items)
+
+    @property
+    def gross(self) -> Money:
+        return sum((item.gross for item in self.items), Money.zero(self.currency))
+
+
+@attrs.frozen
+class PricedLine:
+    """A basket line after the provider priced it.
+
+    ``gross == discount + credits + outstanding`` always holds: the provider's answer
+    is rejected as a protocol error otherwise, never stored.
+    """
+
+    item: LineItem
+    discount: Money
+    credits: Money
+    outstanding: Money
+
+    def __attrs_post_init__(self) -> None:
+        parts = (self.discount, self.credits, self.outstanding)
+        if any(part.currency != self.item.currency for part in parts):
+            _fail(f"line {self.item.name!r} mixes currencies")
+        if any(part.amount_minor < 0 for part in parts):
+            _fail(f"line {self.item.name!r} has a negative discount, credit or balance")
+        if self.discount + self.credits + self.outstanding != self.item.gross:
+            _fail(
+                f"line {self.item.name!r}: discount {self.discount} + credits {self.credits}"
+                f" + outstanding {self.outstanding} != gross {self.item.gross}"
+            )
+
+    @classmethod
+    def unpriced(cls, item: LineItem) -> PricedLine:
+        """A line the POS pays in full (a fee, a tip): no discount, no credits."""
+        zero = Money.zero(item.currency)
+        return cls(item, discount=zero, credits=zero, outstanding=item.gross)
+
+    # The POS prints these; delegating keeps call sites short (line.name, line.gross).
+    @property
+    def product_id(self) -> str | None:
+        return self.item.product_id
+
+    @property
+    def name(self) -> str:
+        return self.item.name
+
+    @property
+    def quantity(self) -> int:
+        return self.item.quantity
+
+    @property
+    def unit_price(self) -> Money:
+        return self.item.unit_price
+
+    @property
+    def vat_percent(self) -> Decimal:
+        return self.item.vat_percent
+
+    @property
+    def gross(self) -> Money:
+        return self.item.gross
+
+
+RECEIPT_LINE_KINDS = ("separator", "textline", "name-value", "space")
+
+
+@attrs.frozen
+class ReceiptLine:
+    """A line the provider asks the POS to print (secuconnect's ``receipt[]``)."""
+
+    kind: str = attrs.field(validator=attrs.validators.in_(RECEIPT_LINE_KINDS))
+    text: str = ""
+    name: str = ""
+    value: str = ""
+    decoration: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+
+    def render(self, width: int = 40) -> str:
+        if self.kind == "separator":
+            caption = f" {self.text} " if self.text else ""
+            return caption.center(width, "-")
+        if self.kind == "space":
+            return ""
+        if self.kind == "name-value":
+            return f"{self.name}{self.value}"
+        return self.text.upper() if "important" in self.decoration else self.text
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value or {}))
+
+
+@attrs.frozen
+class Quote:
+    """What a provider answered to a preview or an update: the priced basket."""
+
+    lines: tuple[PricedLine, ...] = attrs.field(converter=tuple)
+    provider_ref: str | None = None
+    receipt: tuple[ReceiptLine, ...] = attrs.field(default=(), converter=tuple)
+    # Provider facts worth keeping on the snapshot (secuconnect missing_sum, Forloy card
+    # type...).  Never secrets: drivers decide what goes here.
+    details: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.lines:
+            _fail("a quote needs at least one line")
+        _one_currency(line.item for line in self.lines)
+
+
+@attrs.frozen
+class Outcome:
+    """What a provider answered to finalize, cancel or refund."""
+
+    provider_ref: str | None = None
+    receipt: tuple[ReceiptLine, ...] = attrs.field(default=(), converter=tuple)
+    details: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+
+
+def _sum(lines: tuple[PricedLine, ...], part: str, currency: str) -> Money:
+    return sum((getattr(line, part) for line in lines), Money.zero(currency))
+
+
+@attrs.frozen(kw_only=True)
+class Transaction:
+    """An immutable snapshot of one payment, rebuilt exactly by replaying its journal.
+
+    ``pending`` names the event whose provider call is in flight or in doubt; while it
+    is set, only that event's retry or ``recover()`` may act on the transaction.
+    """
+
+    id: str
+    provider: str
+    state: str
+    items: tuple[PricedLine, ...] = attrs.field(converter=tuple)
+    currency: str
+    payment_type: str | None = None
+    expires_at: datetime | None = None
+    refund_deadline: datetime | None = None
+    finalized_at: datetime | None = None
+    provider_ref: str | None = None
+    receipt: tuple[ReceiptLine, ...] = attrs.field(default=(), converter=tuple)
+    details: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+    pending: str | None = None
+    version: int = 0
+    created_at: datetime
+    updated_at: datetime
+
+    def __attrs_post_init__(self) -> None:
+        if any(line.item.currency != self.currency for line in self.items):
+            _fail(f"transaction {self.id} mixes currencies")
+
+    @property
+    def gross(self) -> Money:
+        return _sum(self.items, "gross", self.currency)
+
+    @property
+    def total_discount(self) -> Money:
+        return _sum(self.items, "discount", self.currency)
+
+    @property
+    def total_credits(self) -> Money:
+        return _sum(self.items, "credits", self.currency)
+
+    @property
+    def outstanding(self) -> Money:
+        return _sum(self.items, "outstanding", self.currency)
+
+    @property
+    def in_doubt(self) -> bool:
+        return self.pending is not None
+
+
+@attrs.frozen
+class Event:
+    """One journal entry.  ``seq`` is the snapshot version the entry produces.
+
+    ``kind`` is ``transition`` (a state change, with the fields it set), ``attempt``
+    (a provider call was claimed), ``rejected`` (the provider refused; state unchanged)
+    or ``unknown`` (the call's outcome could not be learned; still in doubt).
+    """
+
+    tx_id: str
+    seq: int
+    kind: str
+    at: datetime
+    data: Mapping[str, Any] = attrs.field(converter=_frozen_mapping)

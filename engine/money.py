@@ -1,0 +1,152 @@
+"""Money as integer minor units of an ISO 4217 currency.
+
+Floats never enter: they cannot hold 0.1 exactly, and a payment engine that rounds
+silently loses or invents money.  ``Money.of("3.49", "EUR")`` parses a decimal string
+and refuses anything finer than the currency's exponent instead of rounding it.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+import attrs
+
+from .errors import ValidationError
+
+# ISO 4217 active codes with their minor-unit exponent.  Most currencies use 2; the
+# exceptions are listed explicitly so a reader can check them against the standard.
+_EXPONENT_0 = {
+    "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI",
+    "VND", "VUV", "XAF", "XOF", "XPF",
+}
+_EXPONENT_3 = {"BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"}
+_EXPONENT_4 = {"CLF", "UYW"}
+_EXPONENT_2 = {
+    "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD",
+    "BDT", "BGN", "BMD", "BND", "BOB", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD",
+    "CDF", "CHF", "CNY", "COP", "CRC", "CUP", "CVE", "CZK", "DKK", "DOP", "DZD", "EGP",
+    "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL", "GHS", "GIP", "GMD", "GTQ", "GYD",
+    "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR", "IRR", "JMD", "KES", "KGS", "KHR",
+    "KPW", "KYD", "KZT", "LAK", "LBP", "LKR", "LRD", "LSL", "MAD", "MDL", "MGA", "MKD",
+    "MMK", "MNT", "MOP", "MRU", "MUR", "MVR", "MWK", "MXN", "MYR", "MZN", "NAD", "NGN",
+    "NIO", "NOK", "NPR", "NZD", "PAB", "PEN", "PGK", "PHP", "PKR", "PLN", "QAR", "RON",
+    "RSD", "RUB", "SAR", "SBD", "SCR", "SDG", "SEK", "SGD", "SHP", "SLE", "SOS", "SRD",
+    "SSP", "STN", "SVC", "SYP", "SZL", "THB", "TJS", "TMT", "TOP", "TRY", "TTD", "TWD",
+    "TZS", "UAH", "USD", "UYU", "UZS", "VES", "WST", "XCD", "YER", "ZAR", "ZMW", "ZWG",
+}
+
+CURRENCY_EXPONENTS: dict[str, int] = {
+    **{code: 2 for code in _EXPONENT_2},
+    **{code: 0 for code in _EXPONENT_0},
+    **{code: 3 for code in _EXPONENT_3},
+    **{code: 4 for code in _EXPONENT_4},
+}
+
+
+def currency_exponent(currency: str) -> int:
+    try:
+        return CURRENCY_EXPONENTS[currency]
+    except (KeyError, TypeError):
+        raise ValidationError(f"unknown ISO 4217 currency {currency!r}") from None
+
+
+def _check_amount(instance, attribute, value) -> None:
+    # bool is an int subclass; True euros is a bug, not an amount.
+    if type(value) is not int:
+        raise ValidationError(
+            f"Money.amount_minor must be an int of minor units, got {type(value).__name__}"
+        )
+
+
+def _check_currency(instance, attribute, value) -> None:
+    currency_exponent(value)
+
+
+@attrs.frozen(order=False)
+class Money:
+    """An amount in integer minor units (cents, fillér) of one ISO 4217 currency."""
+
+    amount_minor: int = attrs.field(validator=_check_amount)
+    currency: str = attrs.field(validator=_check_currency)
+
+    @classmethod
+    def of(cls, amount: str | Decimal | int, currency: str) -> Money:
+        """Parse a decimal amount in major units: ``Money.of("3.49", "EUR")``.
+
+        Refuses floats and anything finer than the currency allows; never rounds.
+        """
+        if isinstance(amount, bool) or isinstance(amount, float):
+            raise ValidationError(
+                f"Money.of needs a decimal string, Decimal or int, not {type(amount).__name__}"
+            )
+        exponent = currency_exponent(currency)
+        try:
+            value = Decimal(amount) if not isinstance(amount, Decimal) else amount
+        except (InvalidOperation, TypeError, ValueError):
+            raise ValidationError(f"{amount!r} is not a decimal amount") from None
+        if not value.is_finite():
+            raise ValidationError(f"{amount!r} is not a finite amount")
+        minor = value.scaleb(exponent)
+        if minor != minor.to_integral_value():
+            raise ValidationError(
+                f"{amount!r} has more decimals than {currency} allows ({exponent})"
+            )
+        return cls(int(minor), currency)
+
+    @classmethod
+    def zero(cls, currency: str) -> Money:
+        return cls(0, currency)
+
+    @property
+    def exponent(self) -> int:
+        return CURRENCY_EXPONENTS[self.currency]
+
+    def to_decimal(self) -> Decimal:
+        """The amount in major units, exactly."""
+        return Decimal(self.amount_minor).scaleb(-self.exponent)
+
+    def _same_currency(self, other: Money) -> None:
+        if not isinstance(other, Money):
+            raise TypeError(f"cannot combine Money with {type(other).__name__}")
+        if other.currency != self.currency:
+            raise ValidationError(f"cannot mix {self.currency} and {other.currency}")
+
+    def __add__(self, other: Money) -> Money:
+        self._same_currency(other)
+        return Money(self.amount_minor + other.amount_minor, self.currency)
+
+    def __sub__(self, other: Money) -> Money:
+        self._same_currency(other)
+        return Money(self.amount_minor - other.amount_minor, self.currency)
+
+    def __mul__(self, factor: int) -> Money:
+        if type(factor) is not int:
+            raise TypeError("Money can only be multiplied by an int")
+        return Money(self.amount_minor * factor, self.currency)
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> Money:
+        return Money(-self.amount_minor, self.currency)
+
+    def __lt__(self, other: Money) -> bool:
+        self._same_currency(other)
+        return self.amount_minor < other.amount_minor
+
+    def __le__(self, other: Money) -> bool:
+        self._same_currency(other)
+        return self.amount_minor <= other.amount_minor
+
+    def __gt__(self, other: Money) -> bool:
+        self._same_currency(other)
+        return self.amount_minor > other.amount_minor
+
+    def __ge__(self, other: Money) -> bool:
+        self._same_currency(other)
+        return self.amount_minor >= other.amount_minor
+
+    def __bool__(self) -> bool:
+        return self.amount_minor != 0
+
+    def __str__(self) -> str:
+        return f"{self.to_decimal():.{self.exponent}f} {self.currency}"

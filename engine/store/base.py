@@ -1,0 +1,158 @@
+"""What the engine asks of a store, and the records it writes.
+
+A store does no deciding.  The core hands it a ``Commit``: everything one transition
+(or one claim, or one outcome) changes, to be written in ONE database transaction:
+
+- the snapshot, compare-and-swapped on ``version`` (``ConcurrentModification`` if it
+  moved), plus the journal events that produce it (append-only);
+- the side-effect intent: put (claimed, leased), taken over (a retry claims a free
+  lease), released (outcome unknown, lease freed for a retry), or dropped (settled);
+- deliveries to enqueue in the outbox (guaranteed delivery);
+- the idempotency record of the command that caused it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+import attrs
+
+from ..drivers import Delivery
+from ..models import Event, Transaction
+
+# intent operations
+PUT, TAKE, RELEASE, DROP = "put", "take", "release", "drop"
+
+# command record statuses
+IN_FLIGHT, DONE, REJECTED = "in_flight", "done", "rejected"
+
+# delivery statuses
+PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+
+
+@attrs.frozen
+class Intent:
+    """A side effect claimed durably before its provider call.
+
+    ``changes`` are the transition's effects decided at claim time (encoded), so a
+    recovery commits exactly what was decided, whenever it learns the outcome.
+    """
+
+    tx_id: str
+    event: str
+    idempotency_key: str
+    params: Mapping[str, Any]
+    changes: Mapping[str, Any]
+    attempts: int = 1
+    lease_until: datetime | None = None
+    last_error: str | None = None
+
+
+@attrs.frozen
+class IntentOp:
+    op: str  # PUT, TAKE, RELEASE, DROP
+    intent: Intent | None = None  # for PUT
+    now: datetime | None = None  # for TAKE: a lease is free when it ended before now
+    lease_until: datetime | None = None  # for PUT and TAKE
+    error: str | None = None  # for RELEASE
+
+
+@attrs.frozen
+class CommandRecord:
+    """What an idempotency key was used for, and what came of it."""
+
+    key: str
+    command: str
+    fingerprint: str
+    tx_id: str
+    status: str
+    version: int | None = None
+    code: str | None = None
+    message: str | None = None
+    lease_until: datetime | None = None
+
+
+@attrs.frozen
+class CommandOp:
+    record: CommandRecord
+    insert: bool = False  # a new key: conflicts raise instead of overwriting
+    take_lease_at: datetime | None = None  # a retry claims an in-flight record's free lease
+
+
+@attrs.frozen
+class NewDelivery:
+    tx_id: str
+    provider: str
+    kind: str
+    payload: Mapping[str, Any]
+    idempotency_key: str
+    due_at: datetime
+
+
+@attrs.frozen
+class Commit:
+    tx_id: str
+    expected_version: int  # 0 creates the transaction
+    events: tuple[Event, ...] = ()
+    snapshot: Transaction | None = None
+    intent: IntentOp | None = None
+    command: CommandOp | None = None
+    enqueue: tuple[NewDelivery, ...] = ()
+
+
+@attrs.frozen
+class DeliveryRecord:
+    """A row of the outbox, as operators and tests see it."""
+
+    id: int
+    tx_id: str
+    provider: str
+    kind: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+@attrs.frozen
+class DeliverySettlement:
+    id: int
+    status: str  # DELIVERED, PENDING (retry at ``next_attempt_at``) or DEAD
+    next_attempt_at: datetime | None = None
+    error: str | None = None
+
+
+class Store(Protocol):
+    """The engine's persistence.  Every method is one database transaction."""
+
+    def load(self, tx_id: str) -> Transaction | None: ...
+
+    def load_intent(self, tx_id: str) -> Intent | None: ...
+
+    def load_command(self, key: str) -> CommandRecord | None: ...
+
+    def journal(self, tx_id: str) -> list[Event]: ...
+
+    def write(self, commit: Commit) -> None: ...
+
+    def due_for_expiry(self, now: datetime, limit: int) -> list[str]: ...
+
+    def intents_to_recover(self, now: datetime, limit: int) -> list[str]: ...
+
+    def claim_deliveries(self, now: datetime, lease_until: datetime, limit: int) -> list[Delivery]: ...
+
+    def settle_deliveries(self, settlements: Sequence[DeliverySettlement], now: datetime) -> None: ...
+
+    def deliveries(self, tx_id: str | None = None, status: str | None = None) -> list[DeliveryRecord]: ...
+
+    def retry_delivery(self, delivery_id: int, now: datetime) -> bool: ...
+
+    def transaction_ids(self) -> list[str]: ...
+
+    def keyed_hash_key(self) -> bytes: ...
+
+    def close(self) -> None: ...

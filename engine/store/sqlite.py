@@ -1,0 +1,421 @@
+"""The embedded default store: one SQLite file, safe across threads and processes.
+
+WAL lets readers proceed while one writer commits; ``synchronous=FULL`` makes every
+commit durable before we call a provider on the strength of it.  Writers take the
+lock up front (``BEGIN IMMEDIATE``) so two processes racing on one transaction
+serialize on the database instead of failing half-way, and the compare-and-swap on
+``version`` picks the winner.  Each thread gets its own connection.
+
+Times are stored twice where they are queried: as ISO text inside the JSON snapshot,
+and as integer microseconds since the epoch in indexed columns.  The expiry sweep uses
+a partial index over active, non-pending rows ordered by deadline, so its cost grows
+with the number due, not the number stored.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+
+from ..codec import decode_transaction, dumps, encode_transaction, loads
+from ..drivers import Delivery
+from ..errors import ConcurrentModification, IdempotencyConflict, TransactionInDoubt
+from ..machine import ACTIVE
+from ..models import Event
+from .base import (
+    DEAD,
+    DELIVERED,
+    DROP,
+    PENDING,
+    PUT,
+    RELEASE,
+    TAKE,
+    CommandOp,
+    CommandRecord,
+    Commit,
+    DeliveryRecord,
+    DeliverySettlement,
+    Intent,
+    IntentOp,
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_ACTIVE_SQL = ", ".join(f"'{state}'" for state in sorted(ACTIVE))
+
+
+def to_us(value: datetime | None) -> int | None:
+    if value is None:
+        return None
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_us(value: int | None) -> datetime | None:
+    if value is None:
+        return None
+    return _EPOCH + timedelta(microseconds=value)
+
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the lifecycle tables
+    f"""
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE transactions (
+        id TEXT PRIMARY KEY,
+        provider TEXT NOT NULL,
+        state TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        expires_at INTEGER,
+        refund_deadline INTEGER,
+        pending TEXT,
+        snapshot TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX transactions_due ON transactions (expires_at)
+        WHERE state IN ({_ACTIVE_SQL}) AND pending IS NULL;
+    CREATE TABLE journal (
+        tx_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (tx_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TRIGGER journal_is_append_only_update BEFORE UPDATE ON journal
+        BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;
+    CREATE TRIGGER journal_is_append_only_delete BEFORE DELETE ON journal
+        BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;
+    CREATE TABLE intents (
+        tx_id TEXT PRIMARY KEY,
+        event TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        params TEXT NOT NULL,
+        changes TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        lease_until INTEGER,
+        last_error TEXT
+    );
+    CREATE INDEX intents_by_lease ON intents (lease_until);
+    CREATE TABLE commands (
+        key TEXT PRIMARY KEY,
+        command TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        tx_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        version INTEGER,
+        code TEXT,
+        message TEXT,
+        lease_until INTEGER
+    );
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        tx_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL UNIQUE,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER,
+        lease_until INTEGER,
+        last_error TEXT,
+        created_at INTEGER NOT NULL,
+        delivered_at INTEGER
+    );
+    CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX outbox_by_tx ON outbox (tx_id);
+    """,
+)
+
+
+class SQLiteStore:
+    def __init__(self, path: str, *, busy_timeout_ms: int = 30_000) -> None:
+        if path in ("", ":memory:"):
+            raise ValueError("the SQLite store needs a file: an in-memory database is not durable")
+        self.path = os.path.abspath(path)
+        self._busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._migrate()
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    # --- connections and transactions ---
+
+    def _connection(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False,
+                timeout=self._busy_timeout_ms / 1000,
+            )
+            connection.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = FULL")
+            connection.execute("PRAGMA foreign_keys = ON")
+            self._local.connection = connection
+            with self._connections_lock:
+                self._connections.append(connection)
+        return connection
+
+    def _write_transaction(self):
+        return _Immediate(self._connection())
+
+    def _migrate(self) -> None:
+        with self._write_transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+            current = row[0] or 0
+            for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+                for statement in _statements(script):
+                    db.execute(statement)
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+            if db.execute("SELECT 1 FROM meta WHERE key = 'hash_key'").fetchone() is None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('hash_key', ?)", (secrets.token_hex(32),))
+
+    @property
+    def schema_version(self) -> int:
+        return self._connection().execute("SELECT max(version) FROM schema_version").fetchone()[0]
+
+    def keyed_hash_key(self) -> bytes:
+        row = self._connection().execute("SELECT value FROM meta WHERE key = 'hash_key'").fetchone()
+        return bytes.fromhex(row[0])
+
+    # --- reads ---
+
+    def load(self, tx_id: str):
+        row = self._connection().execute(
+            "SELECT snapshot FROM transactions WHERE id = ?", (tx_id,)
+        ).fetchone()
+        return None if row is None else decode_transaction(loads(row[0]))
+
+    def load_intent(self, tx_id: str) -> Intent | None:
+        row = self._connection().execute(
+            "SELECT tx_id, event, idempotency_key, params, changes, attempts, lease_until, last_error"
+            " FROM intents WHERE tx_id = ?", (tx_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return Intent(row[0], row[1], row[2], loads(row[3]), loads(row[4]), row[5], from_us(row[6]), row[7])
+
+    def load_command(self, key: str) -> CommandRecord | None:
+        row = self._connection().execute(
+            "SELECT key, command, fingerprint, tx_id, status, version, code, message, lease_until"
+            " FROM commands WHERE key = ?", (key,),
+        ).fetchone()
+        if row is None:
+            return None
+        return CommandRecord(*row[:8], lease_until=from_us(row[8]))
+
+    def journal(self, tx_id: str) -> list[Event]:
+        rows = self._connection().execute(
+            "SELECT seq, kind, at, data FROM journal WHERE tx_id = ? ORDER BY seq", (tx_id,)
+        ).fetchall()
+        return [Event(tx_id, seq, kind, from_us(at), loads(data)) for seq, kind, at, data in rows]
+
+    def transaction_ids(self) -> list[str]:
+        return [row[0] for row in self._connection().execute("SELECT id FROM transactions ORDER BY id")]
+
+    def due_for_expiry(self, now: datetime, limit: int) -> list[str]:
+        rows = self._connection().execute(
+            "SELECT id FROM transactions INDEXED BY transactions_due"
+            f" WHERE state IN ({_ACTIVE_SQL}) AND pending IS NULL AND expires_at <= ?"
+            " ORDER BY expires_at LIMIT ?",
+            (to_us(now), limit),
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    def intents_to_recover(self, now: datetime, limit: int) -> list[str]:
+        rows = self._connection().execute(
+            "SELECT tx_id FROM intents WHERE lease_until IS NULL OR lease_until <= ?"
+            " ORDER BY lease_until LIMIT ?",
+            (to_us(now), limit),
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    # --- the one write path of the lifecycle ---
+
+    def write(self, commit: Commit) -> None:
+        with self._write_transaction() as db:
+            if commit.command is not None:
+                self._write_command(db, commit.command)
+            if commit.snapshot is not None:
+                self._swap_snapshot(db, commit)
+            if commit.events:
+                db.executemany(
+                    "INSERT INTO journal (tx_id, seq, kind, at, data) VALUES (?, ?, ?, ?, ?)",
+                    [(e.tx_id, e.seq, e.kind, to_us(e.at), dumps(dict(e.data))) for e in commit.events],
+                )
+            if commit.intent is not None:
+                self._write_intent(db, commit.tx_id, commit.intent)
+            if commit.enqueue:
+                db.executemany(
+                    "INSERT INTO outbox (tx_id, provider, kind, payload, idempotency_key, status,"
+                    " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(d.tx_id, d.provider, d.kind, dumps(dict(d.payload)), d.idempotency_key,
+                      PENDING, to_us(d.due_at), to_us(d.due_at)) for d in commit.enqueue],
+                )
+
+    def _swap_snapshot(self, db: sqlite3.Connection, commit: Commit) -> None:
+        tx = commit.snapshot
+        values = (tx.state, tx.version, to_us(tx.expires_at), to_us(tx.refund_deadline), tx.pending,
+                  dumps(encode_transaction(tx)), to_us(tx.updated_at))
+        if commit.expected_version == 0:
+            try:
+                db.execute(
+                    "INSERT INTO transactions (state, version, expires_at, refund_deadline, pending,"
+                    " snapshot, updated_at, id, provider, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    values + (tx.id, tx.provider, to_us(tx.created_at)),
+                )
+            except sqlite3.IntegrityError:
+                raise ConcurrentModification("the transaction already exists", tx_id=tx.id) from None
+            return
+        swapped = db.execute(
+            "UPDATE transactions SET state = ?, version = ?, expires_at = ?, refund_deadline = ?,"
+            " pending = ?, snapshot = ?, updated_at = ? WHERE id = ? AND version = ?",
+            values + (tx.id, commit.expected_version),
+        ).rowcount
+        if swapped != 1:
+            raise ConcurrentModification(
+                f"expected version {commit.expected_version}; another caller changed it first",
+                tx_id=tx.id, state=tx.state,
+            )
+
+    def _write_intent(self, db: sqlite3.Connection, tx_id: str, op: IntentOp) -> None:
+        if op.op == PUT:
+            intent = op.intent
+            db.execute(
+                "INSERT INTO intents (tx_id, event, idempotency_key, params, changes, attempts,"
+                " lease_until) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (tx_id, intent.event, intent.idempotency_key, dumps(dict(intent.params)),
+                 dumps(dict(intent.changes)), intent.attempts, to_us(op.lease_until)),
+            )
+        elif op.op == TAKE:
+            taken = db.execute(
+                "UPDATE intents SET lease_until = ?, attempts = attempts + 1"
+                " WHERE tx_id = ? AND (lease_until IS NULL OR lease_until <= ?)",
+                (to_us(op.lease_until), tx_id, to_us(op.now)),
+            ).rowcount
+            if taken != 1:
+                raise TransactionInDoubt("its provider call is in flight in another process", tx_id=tx_id)
+        elif op.op == RELEASE:
+            db.execute("UPDATE intents SET lease_until = NULL, last_error = ? WHERE tx_id = ?",
+                       (op.error, tx_id))
+        elif op.op == DROP:
+            db.execute("DELETE FROM intents WHERE tx_id = ?", (tx_id,))
+        else:
+            raise ValueError(f"unknown intent operation {op.op!r}")
+
+    def _write_command(self, db: sqlite3.Connection, op: CommandOp) -> None:
+        record = op.record
+        if op.insert:
+            existing = db.execute("SELECT fingerprint FROM commands WHERE key = ?", (record.key,)).fetchone()
+            if existing is not None:
+                if existing[0] != record.fingerprint:
+                    raise IdempotencyConflict("the idempotency key was used for another command")
+                raise ConcurrentModification("the same command is running elsewhere", tx_id=record.tx_id)
+            db.execute(
+                "INSERT INTO commands (key, command, fingerprint, tx_id, status, version, code, message,"
+                " lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.key, record.command, record.fingerprint, record.tx_id, record.status,
+                 record.version, record.code, record.message, to_us(record.lease_until)),
+            )
+            return
+        condition, extra = "", ()
+        if op.take_lease_at is not None:
+            condition, extra = " AND (lease_until IS NULL OR lease_until <= ?)", (to_us(op.take_lease_at),)
+        updated = db.execute(
+            "UPDATE commands SET status = ?, version = ?, code = ?, message = ?, lease_until = ?"
+            " WHERE key = ?" + condition,
+            (record.status, record.version, record.code, record.message, to_us(record.lease_until),
+             record.key) + extra,
+        ).rowcount
+        if updated != 1:
+            raise TransactionInDoubt("the same command is in flight in another process", tx_id=record.tx_id)
+
+    # --- the outbox ---
+
+    def claim_deliveries(self, now: datetime, lease_until: datetime, limit: int) -> list[Delivery]:
+        with self._write_transaction() as db:
+            rows = db.execute(
+                "SELECT id, tx_id, provider, kind, payload, idempotency_key, attempts FROM outbox"
+                " WHERE status = 'pending' AND next_attempt_at <= ?"
+                " AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at, id LIMIT ?",
+                (to_us(now), to_us(now), limit),
+            ).fetchall()
+            db.executemany("UPDATE outbox SET lease_until = ? WHERE id = ?",
+                           [(to_us(lease_until), row[0]) for row in rows])
+        return [Delivery(id=r[0], tx_id=r[1], provider=r[2], kind=r[3], payload=loads(r[4]),
+                         idempotency_key=r[5], attempts=r[6]) for r in rows]
+
+    def settle_deliveries(self, settlements: Sequence[DeliverySettlement], now: datetime) -> None:
+        with self._write_transaction() as db:
+            db.executemany(
+                "UPDATE outbox SET status = ?, attempts = attempts + 1, next_attempt_at = ?,"
+                " last_error = coalesce(?, last_error), lease_until = NULL,"
+                " delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END WHERE id = ?",
+                [(s.status, to_us(s.next_attempt_at), s.error, s.status, to_us(now), s.id)
+                 for s in settlements],
+            )
+
+    def deliveries(self, tx_id: str | None = None, status: str | None = None) -> list[DeliveryRecord]:
+        rows = self._connection().execute(
+            "SELECT id, tx_id, provider, kind, status, attempts, next_attempt_at, last_error,"
+            " created_at, delivered_at FROM outbox"
+            " WHERE (? IS NULL OR tx_id = ?) AND (? IS NULL OR status = ?) ORDER BY id",
+            (tx_id, tx_id, status, status),
+        ).fetchall()
+        return [DeliveryRecord(r[0], r[1], r[2], r[3], r[4], r[5], from_us(r[6]), r[7], from_us(r[8]),
+                               from_us(r[9])) for r in rows]
+
+    def retry_delivery(self, delivery_id: int, now: datetime) -> bool:
+        with self._write_transaction() as db:
+            return db.execute(
+                "UPDATE outbox SET status = 'pending', next_attempt_at = ?, lease_until = NULL"
+                " WHERE id = ? AND status = 'dead'", (to_us(now), delivery_id),
+            ).rowcount == 1
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+
+class _Immediate:
+    """``with`` block that is one write transaction, taking the write lock up front."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.connection.execute("BEGIN IMMEDIATE")
+        return self.connection
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.connection.execute("COMMIT")
+        else:
+            self.connection.execute("ROLLBACK")
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies whole."""
+    statements, buffer = [], []
+    for line in script.strip().splitlines():
+        buffer.append(line)
+        text = "\n".join(buffer).strip()
+        if text.endswith(";") and sqlite3.complete_statement(text):
+            statements.append(text)
+            buffer = []
+    if "\n".join(buffer).strip():
+        statements.append("\n".join(buffer))
+    return statements

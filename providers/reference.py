@@ -1,0 +1,344 @@
+"""The reference provider: a small loyalty API for proving the core before the real four.
+
+It has what the core needs exercising and nothing provider-specific: a wallet per
+customer key, percentage discounts on eligible products, previews that expire, a refund
+window, idempotent commits, a guaranteed "receipt" delivery after finalize, and every
+fault from ``providers.sandbox.Fault``.
+
+Wire protocol (JSON, integer minor units, header ``X-Api-Key`` on every call)::
+
+    POST /previews                {customer, payment_type, currency, items[]}  Idempotency-Key
+    POST /previews/{id}/items     {items[]}        -> the whole priced basket, deadline moved
+    POST /previews/{id}/finalize                   -> deducts credits (once)
+    POST /previews/{id}/cancel
+    POST /previews/{id}/refund    {comment}        -> returns credits (once, within the window)
+    POST /receipts                {transaction, total, credits}  Idempotency-Key
+
+Errors are ``{"error": {"code", "message"}}`` with a 4xx status; 5xx means "unknown".
+
+Fidelity note: this provider is ours; nothing here is assumed about a third party.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import attrs
+import httpx
+
+from engine.clock import Clock
+from engine.drivers import Capabilities, Delivery, Exchange, HttpDriver, PreviewRequest
+from engine.machine import TimerPolicy
+from engine.models import LineItem, Outcome, PricedLine, Quote, Transaction
+from engine.money import Money
+from engine.secret import Secret
+
+from .sandbox import BadRequest, Sandbox, SandboxRequest, SandboxResponse, route
+
+HOST = "reference.sandbox.invalid"
+TIMERS = TimerPolicy()
+
+
+# --- the driver ---------------------------------------------------------------------------
+
+
+class ReferenceDriver(HttpDriver):
+    name = "reference"
+    default_base_url = f"https://{HOST}"
+    capabilities = Capabilities(
+        remote={"preview", "update", "finalize", "cancel", "refund"},
+        local={"begin_payment"},
+        deferred={"finalize": ("receipt",)},
+        timers=TIMERS,
+    )
+
+    def __init__(self, *, api_key: str | Secret, **http) -> None:
+        super().__init__(**http)
+        self._api_key = Secret(api_key)
+
+    def _post(self, path: str, body: Any = None, idempotency_key: str | None = None) -> httpx.Request:
+        headers = {"X-Api-Key": self._api_key.reveal()}
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        return self.request("POST", path, json=body or {}, headers=headers)
+
+    def _answer(self, response: httpx.Response) -> dict[str, Any]:
+        if response.status_code >= 500:
+            raise self.unknown(f"HTTP {response.status_code} from the provider")
+        body = self.json_of(response)
+        if response.status_code >= 400:
+            error = body.get("error") if isinstance(body, dict) else None
+            if not isinstance(error, dict) or "code" not in error:
+                raise self.unknown(f"HTTP {response.status_code} without an error code")
+            raise self.rejected(error["code"], error.get("message", ""))
+        if not isinstance(body, dict):
+            raise self.unknown("the answer is not a JSON object")
+        return body
+
+    def _quote(self, body: dict[str, Any], currency: str) -> Quote:
+        try:
+            lines = [
+                PricedLine(
+                    item=LineItem(
+                        product_id=line.get("product_id"),
+                        name=line["name"],
+                        quantity=line["quantity"],
+                        unit_price=Money(line["unit_price"], currency),
+                        vat_percent=str(line["vat"]),
+                    ),
+                    discount=Money(line["discount"], currency),
+                    credits=Money(line["credits"], currency),
+                    outstanding=Money(line["outstanding"], currency),
+                )
+                for line in body["items"]
+            ]
+            return Quote(lines=lines, provider_ref=body["id"])
+        except (KeyError, TypeError, ValueError) as broken:
+            # includes ValidationError: a quote whose parts do not add up is not stored
+            raise self.unknown(f"unusable quote: {broken}") from None
+
+    @staticmethod
+    def _items(items) -> list[dict[str, Any]]:
+        return [
+            {
+                "product_id": item.product_id,
+                "name": item.name,
+                "quantity": item.quantity,
+                "unit_price": item.unit_price.amount_minor,
+                "vat": str(item.vat_percent),
+            }
+            for item in items
+        ]
+
+    def preview(self, request: PreviewRequest) -> Exchange[Quote]:
+        body = {
+            "customer": request.customer_token.reveal() if request.customer_token else None,
+            "payment_type": request.payment_type,
+            "currency": request.basket.currency,
+            "items": self._items(request.basket.items),
+        }
+        response = yield self._post("/previews", body, request.idempotency_key)
+        return self._quote(self._answer(response), request.basket.currency)
+
+    def update(self, tx: Transaction, items: tuple[LineItem, ...], key: str) -> Exchange[Quote]:
+        response = yield self._post(f"/previews/{tx.provider_ref}/items", {"items": self._items(items)}, key)
+        return self._quote(self._answer(response), tx.currency)
+
+    def _commit(self, tx: Transaction, action: str, key: str, body: Any = None) -> Exchange[Outcome]:
+        response = yield self._post(f"/previews/{tx.provider_ref}/{action}", body, key)
+        answer = self._answer(response)
+        return Outcome(provider_ref=answer.get("id"), details={f"{action}_status": answer.get("status")})
+
+    def finalize(self, tx: Transaction, key: str) -> Exchange[Outcome]:
+        return (yield from self._commit(tx, "finalize", key))
+
+    def cancel(self, tx: Transaction, key: str) -> Exchange[Outcome]:
+        return (yield from self._commit(tx, "cancel", key))
+
+    def refund(self, tx: Transaction, key: str, comment: str | None) -> Exchange[Outcome]:
+        return (yield from self._commit(tx, "refund", key, {"comment": comment}))
+
+    def delivery_payload(self, kind: str, tx: Transaction) -> Mapping[str, Any]:
+        return {
+            "transaction": tx.provider_ref,
+            "total": tx.gross.amount_minor,
+            "credits": tx.total_credits.amount_minor,
+        }
+
+    def deliver(self, deliveries: tuple[Delivery, ...]) -> Exchange[None]:
+        for delivery in deliveries:
+            response = yield self._post("/receipts", dict(delivery.payload), delivery.idempotency_key)
+            self._answer(response)
+
+
+# --- the sandbox ----------------------------------------------------------------------------
+
+
+@attrs.define
+class _Preview:
+    id: str
+    customer: str | None
+    currency: str
+    lines: list[dict[str, Any]]
+    expires_at: Any
+    status: str = "open"  # open, finalized, cancelled, refunded
+    finalized_at: Any = None
+
+
+class ReferenceSandbox(Sandbox):
+    """Wallets, discounts, expiring previews and a receipt ledger."""
+
+    name = "reference"
+    host = HOST
+    api_key = "ref-test-key"
+
+    def __init__(self, clock: Clock | None = None, *, timers: TimerPolicy = TIMERS) -> None:
+        super().__init__(clock)
+        self.timers = timers
+        self.wallets: dict[str, int] = {}
+        self.opening_balances: dict[str, int] = {}
+        self.discounts: dict[str, int] = {}  # product_id -> percent
+        self.previews: dict[str, _Preview] = {}
+        self.receipts: dict[str, int] = {}  # transaction -> times delivered
+        self.commits: list[tuple[str, str]] = []  # (preview id, action) that changed money
+        self._replays: dict[str, SandboxResponse] = {}
+        self._ids = itertools.count(1)
+
+    # --- set-up and inspection, for tests and the demo ---
+
+    def open_wallet(self, customer: str, balance: int) -> None:
+        self.wallets[customer] = balance
+        self.opening_balances[customer] = balance
+
+    def set_discount(self, product_id: str, percent: int) -> None:
+        self.discounts[product_id] = percent
+
+    def balance(self, customer: str) -> int:
+        return self.wallets[customer]
+
+    # --- protocol ---
+
+    def error(self, status: int, code: str, message: str, **extra: Any) -> SandboxResponse:
+        return SandboxResponse.json(status, {"error": {"code": code, "message": message}})
+
+    def authorize(self, request: SandboxRequest, operation: str) -> SandboxResponse | None:
+        if request.header("x-api-key") != self.api_key:
+            return self.error(401, "UNAUTHORIZED", "unknown API key")
+        return None
+
+    def _replayed(self, request: SandboxRequest, operation: str, produce) -> SandboxResponse:
+        key = request.header("idempotency-key")
+        if key and (operation, key) in self._replays:
+            return self._replays[(operation, key)]
+        response = produce()
+        if key and response.status < 500:
+            self._replays[(operation, key)] = response
+        return response
+
+    def _priced(self, items: list[dict[str, Any]], customer: str | None, discounted: bool) -> list[dict[str, Any]]:
+        available = self.wallets.get(customer, 0) if customer else 0
+        lines = []
+        for item in items:
+            try:
+                gross = int(item["unit_price"]) * int(item["quantity"])
+                Decimal(str(item["vat"]))
+                name = str(item["name"])
+            except (KeyError, TypeError, ValueError, ArithmeticError):
+                raise BadRequest("each item needs name, quantity, unit_price and vat") from None
+            percent = self.discounts.get(item.get("product_id"), 0) if discounted else 0
+            discount = gross * percent // 100
+            credits = min(available, gross - discount) if discounted else 0
+            available -= credits
+            lines.append({**item, "name": name, "discount": discount, "credits": credits,
+                          "outstanding": gross - discount - credits})
+        return lines
+
+    def _view(self, preview: _Preview) -> SandboxResponse:
+        return SandboxResponse.json(200, {"id": preview.id, "status": preview.status,
+                                          "expires_at": preview.expires_at.isoformat(),
+                                          "items": preview.lines})
+
+    def _open(self, preview_id: str) -> _Preview:
+        preview = self.previews.get(preview_id)
+        if preview is None:
+            raise BadRequest(f"no preview {preview_id}", 404, "NOT_FOUND")
+        return preview
+
+    @route("POST", "/previews", "preview")
+    def create_preview(self, request: SandboxRequest) -> SandboxResponse:
+        def produce() -> SandboxResponse:
+            body = request.json()
+            customer = body.get("customer")
+            if customer is not None and customer not in self.wallets:
+                return self.error(404, "UNKNOWN_CUSTOMER", "this customer key is not enrolled")
+            items = body.get("items")
+            if not isinstance(items, list) or not items:
+                raise BadRequest("items must be a non-empty list")
+            preview = _Preview(
+                id=f"pv_{next(self._ids)}", customer=customer, currency=body.get("currency"),
+                lines=self._priced(items, customer, discounted=True),
+                expires_at=self.clock.now() + self.timers.preview_ttl,
+            )
+            self.previews[preview.id] = preview
+            return self._view(preview)
+
+        return self._replayed(request, "preview", produce)
+
+    @route("POST", "/previews/{preview_id}/items", "update")
+    def add_items(self, request: SandboxRequest, preview_id: str) -> SandboxResponse:
+        preview = self._open(preview_id)
+        if preview.status != "open":
+            return self.error(409, "NOT_OPEN", f"the preview is {preview.status}")
+        if self.clock.now() >= preview.expires_at:
+            return self.error(410, "PREVIEW_EXPIRED", "the preview has expired")
+
+        def produce() -> SandboxResponse:
+            preview.lines.extend(self._priced(request.json().get("items") or [], None, discounted=False))
+            preview.expires_at += self.timers.update_extension
+            return self._view(preview)
+
+        return self._replayed(request, "update", produce)
+
+    @route("POST", "/previews/{preview_id}/finalize", "finalize")
+    def finalize(self, request: SandboxRequest, preview_id: str) -> SandboxResponse:
+        preview = self._open(preview_id)
+        if preview.status == "finalized":
+            return self._view(preview)  # idempotent: a retry learns the same answer
+        if preview.status != "open":
+            return self.error(409, "NOT_OPEN", f"the preview is {preview.status}")
+        if self.clock.now() >= preview.expires_at:
+            return self.error(410, "PREVIEW_EXPIRED", "the preview has expired")
+        credits = sum(line["credits"] for line in preview.lines)
+        if credits and self.wallets.get(preview.customer, 0) < credits:
+            return self.error(409, "INSUFFICIENT_CREDIT", "the wallet no longer covers these credits")
+        if credits:
+            self.wallets[preview.customer] -= credits
+        preview.status, preview.finalized_at = "finalized", self.clock.now()
+        self.commits.append((preview.id, "finalize"))
+        return self._view(preview)
+
+    @route("POST", "/previews/{preview_id}/cancel", "cancel")
+    def cancel(self, request: SandboxRequest, preview_id: str) -> SandboxResponse:
+        preview = self._open(preview_id)
+        if preview.status in ("finalized", "refunded"):
+            return self.error(409, "ALREADY_FINALIZED", "a finalized preview is refunded, not cancelled")
+        preview.status = "cancelled"
+        return self._view(preview)
+
+    @route("POST", "/previews/{preview_id}/refund", "refund")
+    def refund(self, request: SandboxRequest, preview_id: str) -> SandboxResponse:
+        preview = self._open(preview_id)
+        if preview.status == "refunded":
+            return self._view(preview)
+        if preview.status != "finalized":
+            return self.error(409, "NOT_FINALIZED", f"the preview is {preview.status}")
+        if self.clock.now() >= preview.finalized_at + self.timers.refund_window:
+            return self.error(409, "REFUND_WINDOW_CLOSED", "refunds are only possible for 24 hours")
+        credits = sum(line["credits"] for line in preview.lines)
+        if credits:
+            self.wallets[preview.customer] += credits
+        preview.status = "refunded"
+        self.commits.append((preview.id, "refund"))
+        return self._view(preview)
+
+    @route("POST", "/receipts", "receipt")
+    def receipt(self, request: SandboxRequest) -> SandboxResponse:
+        def produce() -> SandboxResponse:
+            transaction = request.json().get("transaction")
+            if transaction not in self.previews:
+                raise BadRequest(f"no transaction {transaction}", 404, "NOT_FOUND")
+            self.receipts[transaction] = self.receipts.get(transaction, 0) + 1
+            return SandboxResponse.json(200, {"received": transaction})
+
+        return self._replayed(request, "receipt", produce)
+
+
+def reference_pair(clock: Clock, *, timeout: timedelta | None = None) -> tuple[ReferenceSandbox, ReferenceDriver]:
+    """A sandbox and a driver wired to it in-process: the core tests' usual set-up."""
+    sandbox = ReferenceSandbox(clock)
+    driver = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    return sandbox, driver
