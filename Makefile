@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine (Python 3.11 with pip):
+#   make demo   - a POS session against the embedded sandboxes, SQLite default
+#   make test   - the whole test suite (hypothesis "ci" profile)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench diagrams fuzz clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/txengine demo
+
+test: $(STAMP)
+	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	HYPOTHESIS_PROFILE=dev $(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python bench/transition.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,97 @@
+"""Shared fixtures: a fake clock, a fresh SQLite file, the reference provider."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from engine import Basket, Engine, FakeClock, LineItem, Money
+from providers.reference import ReferenceDriver, ReferenceSandbox
+
+settings.register_profile("dev", max_examples=25, deadline=None)
+settings.register_profile(
+    "ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("fuzz", max_examples=5000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+CUSTOMER = "5ccd7850844b415091071c027930101f"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def db_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'txengine.db'}"
+
+
+@pytest.fixture
+def sandbox(clock) -> ReferenceSandbox:
+    sandbox = ReferenceSandbox(clock)
+    sandbox.open_wallet(CUSTOMER, 800)
+    sandbox.set_discount("beer", 40)
+    return sandbox
+
+
+@pytest.fixture
+def driver(sandbox) -> ReferenceDriver:
+    return ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+
+
+@pytest.fixture
+def engine(db_url, driver, clock):
+    with Engine.open(db_url, providers={"reference": driver}, clock=clock) as engine:
+        yield engine
+
+
+@pytest.fixture
+def basket() -> Basket:
+    return Basket([LineItem("beer", "Draft Beer 0.5L", 3, Money(500, "EUR"), 27)])
+
+
+def tip(amount_minor: int = 100) -> LineItem:
+    return LineItem(None, "Tip", 1, Money(amount_minor, "EUR"), 0)
+
+
+class BlockingView:
+    """Runs an AsyncEngine's coroutines on one private event loop, so every lifecycle test
+    runs against both facades with the same assertions."""
+
+    def __init__(self, async_engine) -> None:
+        import asyncio
+
+        self._engine = async_engine
+        self._runner = asyncio.Runner()
+
+    def __getattr__(self, name):
+        attribute = getattr(self._engine, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            return self._runner.run(attribute(*args, **kwargs))
+
+        return call
+
+    def close(self) -> None:
+        self._runner.run(self._engine.aclose())
+        self._runner.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def pos(request, db_url, driver, clock):
+    """The engine a POS would use, once blocking and once asyncio."""
+    from engine import AsyncEngine
+
+    if request.param == "sync":
+        with Engine.open(db_url, providers={"reference": driver}, clock=clock) as engine:
+            yield engine
+    else:
+        view = BlockingView(AsyncEngine.open(db_url, providers={"reference": driver}, clock=clock))
+        yield view
+        view.close()

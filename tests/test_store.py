@@ -1,0 +1,99 @@
+"""The SQLite store: durability settings, migrations, the append-only journal, exact replay,
+and an expiry sweep whose cost follows the number due."""
+
+import sqlite3
+from datetime import timedelta
+
+import pytest
+
+from engine import Engine
+from engine.journal import replay
+from engine.store.sqlite import MIGRATIONS, SQLiteStore
+
+from .conftest import CUSTOMER, tip
+
+
+def raw(engine):
+    return sqlite3.connect(engine.store.path)
+
+
+def test_wal_and_full_synchronous_on_every_connection(engine):
+    connection = engine.store._connection()
+    assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_migrations_are_versioned_and_run_once(tmp_path):
+    path = str(tmp_path / "m.db")
+    store = SQLiteStore(path)
+    assert store.schema_version == len(MIGRATIONS)
+    key = store.keyed_hash_key()
+    store.close()
+    again = SQLiteStore(path)
+    assert again.schema_version == len(MIGRATIONS)
+    assert again.keyed_hash_key() == key, "reopening keeps the keyed-hash key"
+    assert raw_count(path, "SELECT count(*) FROM schema_version") == len(MIGRATIONS)
+
+
+def raw_count(path, sql):
+    with sqlite3.connect(path) as connection:
+        return connection.execute(sql).fetchone()[0]
+
+
+def test_an_in_memory_database_is_refused():
+    with pytest.raises(ValueError, match="durable"):
+        SQLiteStore(":memory:")
+
+
+def test_the_journal_is_append_only(engine, basket):
+    tx = engine.preview("reference", basket, customer_token=CUSTOMER)
+    with raw(engine) as connection:
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            connection.execute("UPDATE journal SET kind = 'x' WHERE tx_id = ?", (tx.id,))
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            connection.execute("DELETE FROM journal WHERE tx_id = ?", (tx.id,))
+
+
+def test_replaying_the_journal_rebuilds_every_stored_snapshot(engine, basket, clock, sandbox):
+    sandbox.open_wallet("other", 50)
+    finished = engine.refund(engine.finalize(engine.preview("reference", basket, customer_token=CUSTOMER).id).id)
+    updated = engine.update(engine.preview("reference", basket, customer_token="other").id, [tip()])
+    engine.begin_payment(updated.id)
+    engine.cancel(engine.preview("reference", basket).id)
+    engine.preview("reference", basket)
+    clock.advance(minutes=10)
+    engine.expire_due()
+    ids = engine.store.transaction_ids()
+    assert len(ids) == 4
+    assert finished.id in ids
+    for tx_id in ids:
+        stored = engine.store.load(tx_id)
+        assert replay(engine.store.journal(tx_id)) == stored
+        assert stored.version == len(engine.store.journal(tx_id))
+
+
+def test_the_expiry_sweep_reads_the_deadline_index(engine):
+    plan = engine.store._connection().execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM transactions INDEXED BY transactions_due"
+        " WHERE state IN ('payment_pending', 'previewed', 'updated') AND pending IS NULL"
+        " AND expires_at <= 0 ORDER BY expires_at LIMIT 10"
+    ).fetchall()
+    assert any("transactions_due" in row[-1] for row in plan)
+    assert not any("TEMP B-TREE" in row[-1] for row in plan), "no sort: the index is the order"
+
+
+def test_the_sweep_visits_only_due_rows(engine, basket, clock):
+    """Thousands stored, a handful due: the sweep's reads follow the due count."""
+    store = engine.store
+    stored = [engine.preview("reference", basket).id for _ in range(40)]
+    clock.advance(minutes=9)
+    due_later = [engine.preview("reference", basket).id for _ in range(3)]
+    for tx_id in stored:
+        engine.finalize(tx_id)  # finalized rows leave the partial index
+    loads = []
+    original = store.load
+    store.load = lambda tx_id: loads.append(tx_id) or original(tx_id)
+    clock.advance(minutes=10)
+    assert engine.expire_due() == 3
+    assert sorted(loads) == sorted(due_later)
+    store.load = original
