@@ -142,6 +142,9 @@ class SQLiteStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
+        self._recent: dict[str, object] = {}
+        self._recent_lock = threading.Lock()
+        self._recent_size = 4096
         self._migrate()
 
     def __repr__(self) -> str:
@@ -194,7 +197,22 @@ class SQLiteStore:
         row = self._connection().execute(
             "SELECT snapshot FROM transactions WHERE id = ?", (tx_id,)
         ).fetchone()
-        return None if row is None else decode_transaction(loads(row[0]))
+        return None if row is None else self._decoded(row[0])
+
+    def _decoded(self, text: str):
+        # Snapshots are immutable and their JSON names their version, so the text we
+        # wrote (or last read) maps to one Transaction: skip re-validating it.
+        tx = self._recent.get(text)
+        if tx is None:
+            tx = decode_transaction(loads(text))
+            self._remember(text, tx)
+        return tx
+
+    def _remember(self, text: str, tx) -> None:
+        with self._recent_lock:
+            if len(self._recent) >= self._recent_size:
+                self._recent.pop(next(iter(self._recent)))
+            self._recent[text] = tx
 
     def load_intent(self, tx_id: str) -> Intent | None:
         row = self._connection().execute(
@@ -248,10 +266,10 @@ class SQLiteStore:
                 self._write_command(db, commit.command)
             if commit.snapshot is not None:
                 self._swap_snapshot(db, commit)
-            if commit.events:
-                db.executemany(
+            for event in commit.events:
+                db.execute(
                     "INSERT INTO journal (tx_id, seq, kind, at, data) VALUES (?, ?, ?, ?, ?)",
-                    [(e.tx_id, e.seq, e.kind, to_us(e.at), dumps(dict(e.data))) for e in commit.events],
+                    (event.tx_id, event.seq, event.kind, to_us(event.at), dumps(dict(event.data))),
                 )
             if commit.intent is not None:
                 self._write_intent(db, commit.tx_id, commit.intent)
@@ -265,8 +283,9 @@ class SQLiteStore:
 
     def _swap_snapshot(self, db: sqlite3.Connection, commit: Commit) -> None:
         tx = commit.snapshot
+        text = dumps(encode_transaction(tx))
         values = (tx.state, tx.version, to_us(tx.expires_at), to_us(tx.refund_deadline), tx.pending,
-                  dumps(encode_transaction(tx)), to_us(tx.updated_at))
+                  text, to_us(tx.updated_at))
         if commit.expected_version == 0:
             try:
                 db.execute(
@@ -276,15 +295,19 @@ class SQLiteStore:
                 )
             except sqlite3.IntegrityError:
                 raise ConcurrentModification("the transaction already exists", tx_id=tx.id) from None
-            return
+        else:
+            self._swap(db, commit.expected_version, tx, values)
+        self._remember(text, tx)  # a rolled-back write leaves a harmless, unread entry
+
+    def _swap(self, db: sqlite3.Connection, expected_version: int, tx, values: tuple) -> None:
         swapped = db.execute(
             "UPDATE transactions SET state = ?, version = ?, expires_at = ?, refund_deadline = ?,"
             " pending = ?, snapshot = ?, updated_at = ? WHERE id = ? AND version = ?",
-            values + (tx.id, commit.expected_version),
+            values + (tx.id, expected_version),
         ).rowcount
         if swapped != 1:
             raise ConcurrentModification(
-                f"expected version {commit.expected_version}; another caller changed it first",
+                f"expected version {expected_version}; another caller changed it first",
                 tx_id=tx.id, state=tx.state,
             )
 
