@@ -38,9 +38,11 @@ class AsyncEngine(_Facade):
     async def _perform(self, op: StoreOp | ProviderOp) -> Any:
         if isinstance(op, StoreOp):
             return await asyncio.to_thread(getattr(self.store, op.method), *op.args)
+        if not op.needs_io:
+            return op.result
         driver = self.core.drivers[op.provider]
         try:
-            return await driver.arun(getattr(driver, op.operation)(*op.args))
+            return await driver.arun(op.exchange, op.first)
         except Exception as error:
             raise driver_failure(op, error) from None
 

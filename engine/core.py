@@ -85,9 +85,17 @@ class StoreOp:
 
 @attrs.frozen
 class ProviderOp:
+    """Run a driver exchange the core already built (and primed: see ``Core._prepare``)."""
+
     provider: str
     operation: str
-    args: tuple = ()
+    exchange: Any = None  # the generator, positioned at its first request
+    first: Any = None  # that first httpx.Request
+    result: Any = None  # the answer, when the exchange needed no request at all
+
+    @property
+    def needs_io(self) -> bool:
+        return self.exchange is not None
 
 
 Command = Generator[StoreOp | ProviderOp, Any, Any]
@@ -179,6 +187,20 @@ class Core:
         key = yield from self._keyed_hash_key()
         return hmac.new(key, dumps(list(parts)).encode(), hashlib.sha256).hexdigest()
 
+    def _prepare(self, provider: str, operation: str, *args: Any) -> ProviderOp:
+        """Build a driver exchange up to its first request, in pure code.
+
+        Drivers validate while building (amounts their wire cannot carry, malformed
+        customer keys), so a ``ValidationError`` surfaces here, before anything is
+        claimed or sent, and leaves nothing in doubt.
+        """
+        exchange = getattr(self.drivers[provider], operation)(*args)
+        try:
+            first = next(exchange)
+        except StopIteration as done:
+            return ProviderOp(provider, operation, result=done.value)
+        return ProviderOp(provider, operation, exchange=exchange, first=first)
+
     def _load(self, tx_id: str) -> Command:
         tx = yield _load(_check_tx_id(tx_id))
         if tx is None:
@@ -238,12 +260,12 @@ class Core:
                 return replayed
             record = attrs.evolve(record, lease_until=lease_until)
             claim = CommandOp(record, take_lease_at=now)
-        yield _write(Commit(record.tx_id, 0, command=claim))
-
         step = decide(None, "preview", now, capabilities.timers)
-        request = PreviewRequest(record.tx_id, basket, token, payment_type, key, now)
+        call = self._prepare(provider, "preview",
+                             PreviewRequest(record.tx_id, basket, token, payment_type, key, now))
+        yield _write(Commit(record.tx_id, 0, command=claim))
         try:
-            quote = yield ProviderOp(provider, "preview", (request,))
+            quote = yield call
             _check_quote(quote, basket.gross.amount_minor, provider)
         except ProviderRejected as refusal:
             settled = attrs.evolve(record, status=REJECTED, code=refusal.code,
@@ -319,6 +341,7 @@ class Core:
             tx_id=tx.id, event=event, idempotency_key=key or f"auto:{tx.id}:{event}:{tx.version + 1}",
             params=params, changes=encode_fields(step.changes),
         )
+        call = self._prepare(tx.provider, event, *_driver_args(tx, intent))
         attempt = journal.note_event(tx, now, journal.ATTEMPT, event=event, attempt=1)
         claimed = journal.apply(tx, attempt)
         record = CommandRecord(intent.idempotency_key, event, fingerprint, tx.id, IN_FLIGHT)
@@ -327,7 +350,7 @@ class Core:
             intent=IntentOp(PUT, intent, lease_until=now + self.intent_lease),
             command=CommandOp(record, insert=True),
         ))
-        return (yield from self._settle(claimed, intent))
+        return (yield from self._settle(claimed, intent, call))
 
     def _resume(self, tx: Transaction, event: str, key: str | None, now: datetime) -> Command:
         """Re-send the in-doubt side effect, if this command is its retry."""
@@ -339,20 +362,21 @@ class Core:
         return (yield from self._take_over(tx, intent, now))
 
     def _take_over(self, tx: Transaction, intent: Intent, now: datetime) -> Command:
+        call = self._prepare(tx.provider, intent.event, *_driver_args(tx, intent))
         attempt = journal.note_event(tx, now, journal.ATTEMPT, event=intent.event,
                                      attempt=intent.attempts + 1)
         claimed = journal.apply(tx, attempt)
         yield _write(Commit(tx.id, tx.version, events=(attempt,), snapshot=claimed,
                             intent=IntentOp(TAKE, now=now, lease_until=now + self.intent_lease)))
-        return (yield from self._settle(claimed, intent))
+        return (yield from self._settle(claimed, intent, call))
 
-    def _settle(self, tx: Transaction, intent: Intent) -> Command:
-        """Call the provider for a claimed intent and commit whatever it answers."""
+    def _settle(self, tx: Transaction, intent: Intent, call: ProviderOp) -> Command:
+        """Run the provider call of a claimed intent and commit whatever it answers."""
         event = intent.event
         # Settling updates the record the claim inserted; its fingerprint is not rewritten.
         record = CommandRecord(intent.idempotency_key, event, "", tx.id, IN_FLIGHT)
         try:
-            result = yield ProviderOp(tx.provider, event, _driver_args(tx, intent))
+            result = yield call
             fields = _remote_effect(tx, event, result, intent.params)
         except ProviderRejected as refusal:
             note = journal.note_event(tx, self.clock.now(), journal.REJECTED, event=event,
@@ -458,14 +482,16 @@ class Core:
             try:
                 if capabilities is None:
                     raise ValidationError(f"no driver configured for {group[0].provider}")
-                yield ProviderOp(group[0].provider, "deliver", (tuple(group),))
+                refused = (yield self._prepare(group[0].provider, "deliver", tuple(group))) or {}
             except (ProviderRejected, ValidationError) as refusal:
                 settlements = [DeliverySettlement(d.id, DEAD, error=str(refusal)) for d in group]
             except OutcomeUnknown as unknown:
                 settlements = [self._retry_later(d, capabilities, now, str(unknown)) for d in group]
             else:
-                settlements = [DeliverySettlement(d.id, DELIVERED) for d in group]
-                delivered += len(group)
+                # A batch may be refused in part: the driver names the refused deliveries.
+                settlements = [DeliverySettlement(d.id, DEAD, error=str(refused[d.id])) if d.id in refused
+                               else DeliverySettlement(d.id, DELIVERED) for d in group]
+                delivered += len(group) - len(refused)
             yield StoreOp("settle_deliveries", (settlements, self.clock.now()))
         return delivered
 

@@ -168,14 +168,20 @@ class ProviderDriver:
         """Build a deferred delivery's payload at commit time (JSON-safe, no secrets)."""
         raise NotImplementedError
 
-    def deliver(self, deliveries: tuple[Delivery, ...]) -> Exchange[None]:
-        """Send up to ``capabilities.delivery_batch`` queued deliveries of one kind."""
+    def deliver(self, deliveries: tuple[Delivery, ...]) -> Exchange[Mapping[int, ProviderRejected] | None]:
+        """Send up to ``capabilities.delivery_batch`` queued deliveries of one kind.
+
+        Return None when all were accepted; a batch the provider accepts in part returns
+        ``{delivery.id: ProviderRejected}`` for the refused ones (they are parked as dead,
+        the rest marked delivered).  Raise to fail the whole batch.
+        """
         raise NotImplementedError
 
-    def run(self, exchange: Exchange[T]) -> T:
+    def run(self, exchange: Exchange[T], first: httpx.Request | None = None) -> T:
+        """Drive ``exchange`` to its result; ``first`` is its first request if already built."""
         raise NotImplementedError
 
-    async def arun(self, exchange: Exchange[T]) -> T:
+    async def arun(self, exchange: Exchange[T], first: httpx.Request | None = None) -> T:
         raise NotImplementedError
 
 
@@ -261,35 +267,42 @@ class HttpDriver(ProviderDriver):
             provider=self.name,
         )
 
-    def run(self, exchange: Exchange[T]) -> T:
+    def _advance(self, exchange: Exchange[T], response: httpx.Response | None = None,
+                 failure: OutcomeUnknown | None = None) -> httpx.Request:
+        """Feed one answer (or transport failure) to the exchange; get its next request."""
+        try:
+            return exchange.throw(failure) if failure is not None else exchange.send(response)
+        except ValidationError as late:
+            # A request already went out: refusing now cannot undo what the provider did.
+            raise self.unknown(f"the driver gave up after sending a request: {late.detail}") from None
+
+    def run(self, exchange: Exchange[T], first: httpx.Request | None = None) -> T:
         client = self._sync_client()
         try:
-            request = next(exchange)
+            request = first if first is not None else next(exchange)
             while True:
                 try:
                     response = client.send(request)
                 except httpx.TransportError as error:
-                    failure = self._transport_failure(request, error)
-                    request = exchange.throw(failure)
-                    continue
-                request = exchange.send(response)
+                    request = self._advance(exchange, failure=self._transport_failure(request, error))
+                else:
+                    request = self._advance(exchange, response)
         except StopIteration as stop:
             return stop.value
         finally:
             exchange.close()
 
-    async def arun(self, exchange: Exchange[T]) -> T:
+    async def arun(self, exchange: Exchange[T], first: httpx.Request | None = None) -> T:
         client = self._async_client()
         try:
-            request = next(exchange)
+            request = first if first is not None else next(exchange)
             while True:
                 try:
                     response = await client.send(request)
                 except httpx.TransportError as error:
-                    failure = self._transport_failure(request, error)
-                    request = exchange.throw(failure)
-                    continue
-                request = exchange.send(response)
+                    request = self._advance(exchange, failure=self._transport_failure(request, error))
+                else:
+                    request = self._advance(exchange, response)
         except StopIteration as stop:
             return stop.value
         finally:

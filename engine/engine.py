@@ -87,9 +87,11 @@ class Engine(_Facade):
     def _perform(self, op: StoreOp | ProviderOp) -> Any:
         if isinstance(op, StoreOp):
             return getattr(self.store, op.method)(*op.args)
+        if not op.needs_io:
+            return op.result
         driver = self.core.drivers[op.provider]
         try:
-            return driver.run(getattr(driver, op.operation)(*op.args))
+            return driver.run(op.exchange, op.first)
         except Exception as error:
             raise driver_failure(op, error) from None
 

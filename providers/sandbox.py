@@ -26,7 +26,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import attrs
 import httpx
@@ -302,7 +302,8 @@ class ServedSandbox:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        # keep the sandbox's own path prefix (Forloy lives under /api/v1)
+        return f"http://{self.host}:{self.port}{urlsplit(self.sandbox.base_url).path.rstrip('/')}"
 
 
 def _free_port(host: str) -> int:

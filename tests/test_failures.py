@@ -107,18 +107,34 @@ class TestUnknownOutcomes:
         assert tx.state == "previewed"
         assert len(sandbox.previews) == 1
 
-    def test_a_crashing_driver_is_an_unknown_outcome_without_its_message(self, pos, basket, driver, monkeypatch):
+    def test_a_driver_crashing_after_it_sent_is_an_unknown_outcome_without_its_message(
+            self, pos, basket, driver, monkeypatch):
         tx = pos.preview("reference", basket, customer_token=CUSTOMER)
 
-        def explode(*args):
+        def explode(tx, key):
+            yield driver._post(f"/previews/{tx.provider_ref}/finalize", idempotency_key=key)
             raise RuntimeError(f"boom with {CUSTOMER}")
-            yield  # pragma: no cover
 
         monkeypatch.setattr(driver, "finalize", explode)
         with pytest.raises(OutcomeUnknown) as raised:
             pos.finalize(tx.id)
         assert CUSTOMER not in str(raised.value)
         assert "RuntimeError" in str(raised.value)
+        assert pos.get(tx.id).pending == "finalize", "the request went out: only recovery may settle it"
+
+    def test_a_driver_refusing_input_while_building_leaves_nothing_claimed(self, pos, basket, driver, monkeypatch):
+        from engine.errors import ValidationError
+
+        tx = pos.preview("reference", basket, customer_token=CUSTOMER)
+
+        def refuse(tx, key):
+            raise ValidationError("this provider cannot carry that amount")
+            yield  # pragma: no cover  (a generator that refuses while building)
+
+        monkeypatch.setattr(driver, "finalize", refuse)
+        with pytest.raises(ValidationError, match="cannot carry"):
+            pos.finalize(tx.id)
+        assert pos.get(tx.id) == tx, "no attempt journaled, nothing pending"
 
 
 def crash_at(engine, command, stop):

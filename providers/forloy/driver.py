@@ -738,12 +738,13 @@ class ForloyDriver(HttpDriver):
         fields["client_timestamp"] = wire_timestamp(tx.finalized_at or tx.updated_at)
         return fields
 
-    def deliver(self, deliveries: tuple[Delivery, ...]) -> Exchange[None]:
+    def deliver(self, deliveries: tuple[Delivery, ...]) -> Exchange[Mapping[int, ProviderRejected] | None]:
         """Send queued records as one ``/transactions/sync`` batch.
 
-        The batch succeeds only if every record was accepted (a replayed key counts);
-        otherwise the first refusal is raised for the whole batch, and a later retry
-        re-sends it: the accepted records replay by their keys, nothing doubles.
+        Forloy answers per record, so a batch is settled per record too: the refused ones
+        come back as ``{delivery.id: ProviderRejected}`` (the engine parks them as dead,
+        visible with Forloy's code) and the rest are delivered.  A replayed key counts as
+        accepted, so re-sending a batch never doubles a record.
         """
         if not deliveries:
             return None
@@ -758,7 +759,7 @@ class ForloyDriver(HttpDriver):
         if not isinstance(results, list):
             raise self.unknown(f"the sync answer lacks {ASSUMED_SYNC_RESULTS_FIELD}")
         by_key = {r.get("idempotency_key"): r for r in results if isinstance(r, dict)}
-        refusals: list[tuple[Delivery, Mapping[str, Any]]] = []
+        refused: dict[int, ProviderRejected] = {}
         for delivery in deliveries:
             result = by_key.get(delivery.idempotency_key)
             if result is None:
@@ -768,15 +769,9 @@ class ForloyDriver(HttpDriver):
             error = result.get("error")
             if result.get("success") is not False or not isinstance(error, dict) or not error.get("code"):
                 raise self.unknown(f"the sync answer for {delivery.tx_id} is neither success nor error")
-            refusals.append((delivery, error))
-        if refusals:
-            first, error = refusals[0]
-            raise self.rejected(
-                str(error["code"]),
-                f"{len(refusals)} of {len(deliveries)} synced records refused; first"
-                f" {first.tx_id}: {error.get('message') or error['code']}",
-            )
-        return None
+            refused[delivery.id] = self.rejected(
+                str(error["code"]), f"{delivery.tx_id}: {error.get('message') or error['code']}")
+        return refused or None
 
     # --- beyond the lifecycle: what a POS also shows the customer ---
 

@@ -362,12 +362,6 @@ async def test_a_session_through_the_async_engine_over_a_loopback_socket(db_url,
     assert sandbox.wallet_balance(WALLET) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: a ValidationError the driver raises while building the update exchange"
-    " (before any request) leaves the claimed intent in doubt; the engine should drop the"
-    " intent (or build the exchange before claiming) and re-raise ValidationError",
-)
 def test_a_fractional_tip_is_refused_and_the_transaction_stays_usable(engine, sandbox):
     from engine.errors import ValidationError
 

@@ -220,6 +220,19 @@ class TestOffline:
         assert row.status == "dead" and "COOLDOWN_ACTIVE" in row.last_error
         assert pos.deliveries(first.id)[0].status == "delivered"
 
+    def test_a_batch_refused_in_part_settles_each_record_on_its_own(self, offline, clock):
+        sandbox, pos = offline
+        card = sandbox.add_punch_card()
+        first = pos.finalize(pos.preview("forloy", COFFEE, customer_token=card.barcode_value).id)
+        clock.advance(seconds=30)  # inside the punch cooldown: Forloy refuses the second record
+        second = pos.finalize(pos.preview("forloy", COFFEE, customer_token=card.barcode_value).id)
+        assert pos.deliver_pending() == 1, "one sync batch: one accepted, one refused"
+        syncs = [r for r in sandbox.requests if r.path.endswith("/transactions/sync")]
+        assert len(syncs) == 1
+        assert pos.deliveries(first.id)[0].status == "delivered"
+        [refused] = pos.deliveries(second.id)
+        assert refused.status == "dead" and "COOLDOWN_ACTIVE" in refused.last_error
+
 
 async def test_the_async_engine_runs_the_same_session(clock, db_url):
     sandbox, driver = forloy_pair(clock)
