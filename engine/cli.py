@@ -41,6 +41,11 @@ def cmd_sandbox_serve(args) -> int:
     from providers.sandbox import serve
 
     sandbox = load_sandbox_class(args.name)()
+    # An empty sandbox can only refuse: seed the accounts its docs' examples use.
+    for seed in ("seed_demo", "seed_worked_example"):
+        if hasattr(sandbox, seed):
+            getattr(sandbox, seed)()
+            break
     with serve(sandbox, host=args.host, port=args.port) as served:
         print(f"{args.name} sandbox listening on {served.base_url} (Ctrl-C to stop)", flush=True)
         try:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from .clock import FakeClock
 from .engine import Engine
+from .errors import ProviderRejected, UnsupportedOperation
 from .journal import replay
 from .models import Basket, LineItem, Transaction
 from .money import Money
@@ -76,23 +77,137 @@ def reference_sessions(engine: Engine, sandbox, clock: FakeClock, say: Narrator)
     say.write(f"    wallet untouched: {eur(sandbox.balance(customer))}")
 
 
-def run(db_path: str | None = None, write: Callable[[str], None] = print) -> int:
-    from providers.reference import ReferenceDriver, ReferenceSandbox
+def cheers_sessions(engine: Engine, sandbox, clock: FakeClock, say: Narrator) -> None:
+    from providers.cheers import sandbox as cheers
 
-    directory = None
+    sandbox.seed_worked_example()
+    huf = lambda units: Money(units * 100, "HUF")  # noqa: E731  (Cheers speaks whole forints)
+    beers = Basket([LineItem(cheers.WORKED_EXAMPLE_PRODUCT_ID, "Draft Beer 0.5L", 3, huf(500), 27)])
+    wallet = cheers.WORKED_EXAMPLE_WALLET
+
+    say.title(f"Session 4 (Cheers Loyalty): the guide's worked example; wallet {sandbox.wallet_balance(wallet)} credits")
+    tx = say.step("preview", engine.preview("cheers", beers, customer_token=cheers.WORKED_EXAMPLE_TRANSACTION_KEY,
+                                            idempotency_key="a7e454c6-17ab-4fee-b823-c595bf3adb4a"),
+                  show_lines=True)
+    tx = say.step("update", engine.update(tx.id, [LineItem(None, "Service fee", 1, huf(9), 27),
+                                                  LineItem(None, "Tip", 1, huf(100), 0)]), show_lines=True)
+    tx = say.step("begin_payment", engine.begin_payment(tx.id))
+    tx = say.step("finalize", engine.finalize(tx.id))
+    say.write(f"    wallet now {sandbox.wallet_balance(wallet)} credits")
+    tx = say.step("refund", engine.refund(tx.id, comment="Customer returned the order"))
+    say.write(f"    wallet back to {sandbox.wallet_balance(wallet)} credits")
+
+    say.title("Session 5 (Cheers Loyalty): paying all in credits, with too few; the POS falls back")
+    key = sandbox.issue_transaction_key(wallet)
+    try:
+        engine.preview("cheers", Basket([LineItem(None, "Tasting menu", 1, huf(5000), 27)]),
+                       customer_token=key, payment_type="CREDIT")
+    except ProviderRejected as refused:
+        say.write(f"    preview refused: {refused.code}: {refused.provider_message}")
+    tx = say.step("preview", engine.preview("cheers", Basket([LineItem(None, "Tasting menu", 1, huf(5000), 27)]),
+                                            customer_token=key, payment_type="EXTERNAL_PAYMENT"))
+    say.step("cancel", engine.cancel(tx.id))
+
+
+def rekonect_sessions(engine: Engine, sandbox, clock: FakeClock, say: Narrator) -> None:
+    member = sandbox.seed_demo()
+    eur = lambda minor: Money(minor, "EUR")  # noqa: E731
+    breakfast = Basket([LineItem("COFFEE", "Flat white", 1, eur(350), 10),
+                        LineItem("PASTRY", "Croissant", 2, eur(250), 10)])
+    say.title("Session 6 (Rekonect): a member pays part with points and credit; the purchase is submitted")
+    tx = say.step("preview", engine.preview("rekonect", breakfast, customer_token=member.phone_number),
+                  show_lines=True)
+    tx = say.step("finalize", engine.finalize(tx.id))
+    say.write(f"    guaranteed deliveries queued: {[d.kind for d in engine.deliveries(tx.id)]}")
+    say.write(f"    delivered now: {engine.deliver_pending()}")
+    say.title("Session 7 (Rekonect): a walk-in customer, no membership: submitted all the same")
+    tx = say.step("preview", engine.preview("rekonect", breakfast))
+    tx = say.step("begin_payment", engine.begin_payment(tx.id))
+    tx = say.step("finalize", engine.finalize(tx.id))
+    say.write(f"    delivered now: {engine.deliver_pending()}")
+
+
+def forloy_sessions(engine: Engine, sandbox, clock: FakeClock, say: Narrator) -> None:
+    eur = lambda amount: Money.of(amount, "EUR")  # noqa: E731
+    card = sandbox.add_discount_card(discount_rate="0.10")
+    lunch = Basket([LineItem("latte", "Latte", 2, eur("3.90"), 7), LineItem("cake", "Carrot cake", 1, eur("4.20"), 7)])
+    say.title("Session 8 (Forloy): a discount card, recorded at finalize; refunds are not offered")
+    tx = say.step("preview", engine.preview("forloy", lunch, customer_token=card.qr_code_data), show_lines=True)
+    tx = say.step("finalize", engine.finalize(tx.id))
+    try:
+        engine.refund(tx.id)
+    except UnsupportedOperation as refused:
+        say.write(f"    refund: {refused.detail}")
+
+
+def secuconnect_sessions(engine: Engine, sandbox, clock: FakeClock, say: Narrator) -> None:
+    from providers.secuconnect import sandbox as secu
+
+    eur = lambda minor: Money(minor, "EUR")  # noqa: E731
+    bakery = Basket([LineItem("30037", "Sandwich Romano", 1, eur(349), 7),
+                     LineItem("30200", "Fruit salad, small bowl", 1, eur(249), 7),
+                     LineItem("51", "Water, mildly sprinkling, 0.25 ltr.", 2, eur(99), 19)])
+    say.title("Session 9 (secuconnect): the customer card covers the seed's basket; a receipt to print")
+    tx = say.step("preview", engine.preview("secuconnect", bakery, customer_token=secu.DEMO_CARD_NUMBER),
+                  show_lines=True)
+    tx = say.step("finalize", engine.finalize(tx.id))
+    say.receipt(tx)
+    tx = say.step("refund", engine.refund(tx.id))
+    say.receipt(tx)
+
+
+def demo_pairs(clock: FakeClock) -> dict[str, tuple]:
+    """Every provider's sandbox, in-process, and its driver wired to it."""
+    from providers.cheers import CheersDriver, CheersSandbox
+    from providers.cheers.sandbox import DEFAULT_API_KEY
+    from providers.forloy.sandbox import forloy_pair
+    from providers.reference import ReferenceDriver, ReferenceSandbox
+    from providers.rekonect.sandbox import rekonect_pair
+    from providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
+    from providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+
+    reference = ReferenceSandbox(clock)
+    cheers = CheersSandbox(clock)
+    secuconnect = SecuconnectSandbox(clock)
+    return {
+        "reference": (reference, ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=reference.transport())),
+        "cheers": (cheers, CheersDriver(api_key=DEFAULT_API_KEY, transport=cheers.transport())),
+        "rekonect": rekonect_pair(clock),
+        "forloy": forloy_pair(clock),
+        "secuconnect": (secuconnect, SecuconnectDriver(client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET,
+                                                       clock=clock, transport=secuconnect.transport())),
+    }
+
+
+SESSIONS = {
+    "reference": reference_sessions,
+    "cheers": cheers_sessions,
+    "rekonect": rekonect_sessions,
+    "forloy": forloy_sessions,
+    "secuconnect": secuconnect_sessions,
+}
+
+
+def run_sessions(engine: Engine, pairs: dict[str, tuple], clock: FakeClock, write: Callable[[str], None]) -> bool:
+    """Every provider's sessions on ``engine``; True when replay rebuilds every snapshot."""
+    say = Narrator(engine, write)
+    for name, session in SESSIONS.items():
+        session(engine, pairs[name][0], clock, say)
+    ids = engine.store.transaction_ids()
+    exact = all(replay(engine.store.journal(i)) == engine.store.load(i) for i in ids)
+    write("")
+    write(f"{len(ids)} transactions stored; journal replay rebuilds every snapshot: {'yes' if exact else 'NO'}")
+    return exact
+
+
+def run(db_path: str | None = None, write: Callable[[str], None] = print) -> int:
     if db_path is None:
-        directory = tempfile.mkdtemp(prefix="txengine-demo-")
-        db_path = os.path.join(directory, "txengine.db")
+        db_path = os.path.join(tempfile.mkdtemp(prefix="txengine-demo-"), "txengine.db")
     clock = FakeClock()
-    sandbox = ReferenceSandbox(clock)
-    driver = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    pairs = demo_pairs(clock)
     write(f"txengine demo: a POS session on SQLite ({db_path}), time on a fake clock")
-    with Engine.open(f"sqlite:///{db_path}", providers={"reference": driver}, clock=clock) as engine:
-        say = Narrator(engine, write)
-        reference_sessions(engine, sandbox, clock, say)
-        ids = engine.store.transaction_ids()
-        exact = all(replay(engine.store.journal(i)) == engine.store.load(i) for i in ids)
-        write("")
-        write(f"{len(ids)} transactions stored; journal replay rebuilds every snapshot: {'yes' if exact else 'NO'}")
-        write(f"inspect one: txengine show {ids[0]} --db {db_path}")
+    with Engine.open(f"sqlite:///{db_path}", providers={name: pair[1] for name, pair in pairs.items()},
+                     clock=clock) as engine:
+        exact = run_sessions(engine, pairs, clock, write)
+        write(f"inspect one: txengine show {engine.store.transaction_ids()[0]} --db {db_path}")
     return 0 if exact else 1
