@@ -26,5 +26,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/transition.py
 
+# diagrams/: Mermaid, DOT and SVG of the lifecycle and of each provider, generated from
+# engine/machine.py and the drivers.  SVG needs Graphviz: installed with apt-get when
+# `dot` is missing and we are root, otherwise the command says what to install.
+diagrams: $(STAMP)
+	$(BIN)/python -m engine.diagrams --write diagrams --install-dot
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

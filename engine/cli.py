@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
     serve.set_defaults(run=cmd_sandbox_serve)
+
+    from .diagrams import add_arguments as diagram_arguments
+
+    diagram_arguments(commands.add_parser(
+        "diagram", help="state diagrams: the lifecycle, a provider's, a transaction's path"))
     return parser
 
 

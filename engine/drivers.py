@@ -147,6 +147,9 @@ class ProviderDriver:
 
     name: str
     capabilities: Capabilities
+    #: the provider call behind each remote event and delivery kind, as the diagrams label
+    #: it ("POST /v1/.../refund"); documentation only, never used to build requests
+    calls: Mapping[str, str] = {}
 
     def preview(self, request: PreviewRequest) -> Exchange[Quote]:
         raise NotImplementedError

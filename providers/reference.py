@@ -55,6 +55,15 @@ class ReferenceDriver(HttpDriver):
         deferred={"finalize": ("receipt",)},
         timers=TIMERS,
     )
+    #: the HTTP call behind each remote event and deferred delivery (for the diagrams)
+    calls: Mapping[str, str] = {
+        "preview": "POST /previews",
+        "update": "POST /previews/{id}/items",
+        "finalize": "POST /previews/{id}/finalize",
+        "cancel": "POST /previews/{id}/cancel",
+        "refund": "POST /previews/{id}/refund",
+        "receipt": "POST /receipts",
+    }
 
     def __init__(self, *, api_key: str | Secret, **http) -> None:
         super().__init__(**http)

@@ -321,6 +321,15 @@ class CheersDriver(HttpDriver):
         timers=TIMERS,
         payment_types=PAYMENT_TYPES,
     )
+    #: the HTTP call behind each remote event and deferred delivery (for the diagrams)
+    calls: Mapping[str, str] = {
+        "preview": f"POST {PREVIEW_PATH}",
+        "update": "POST " + UPDATE_PATH.format(transaction_id="{id}"),
+        "finalize": "POST " + FINALIZE_PATH.format(transaction_id="{id}"),
+        "cancel": "POST " + CANCEL_PATH.format(transaction_id="{id}"),
+        "refund": "POST " + REFUND_PATH.format(transaction_id="{id}"),
+        "release": "POST " + CANCEL_PATH.format(transaction_id="{id}"),
+    }
 
     def __init__(
         self,

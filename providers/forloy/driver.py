@@ -329,6 +329,12 @@ class ForloyDriver(HttpDriver):
     name = "forloy"
     default_base_url = DEFAULT_BASE_URL
     capabilities = ONLINE_CAPABILITIES
+    #: the HTTP call behind each remote event and deferred delivery (for the diagrams)
+    calls: Mapping[str, str] = {
+        "preview": f"POST {API_PREFIX}/cards/lookup",
+        "finalize": f"POST {API_PREFIX}/transactions/record",
+        RECORD_DELIVERY: f"POST {API_PREFIX}/transactions/sync (up to {SYNC_BATCH_LIMIT} a batch)",
+    }
 
     def __init__(
         self,

@@ -275,6 +275,14 @@ class RekonectDriver(HttpDriver):
         delivery_schedule=DELIVERY_SCHEDULE,
         delivery_batch=1,
     )
+    #: the HTTP calls behind each remote event and deferred delivery (for the diagrams)
+    calls: Mapping[str, str] = {
+        "preview": f"{ASSUMED_METHOD} {MEMBER_DETAILS_PATH} (member, then benefits)",
+        "finalize": f"{ASSUMED_METHOD} {PAYMENT_PATH} (pay) when points or credit are used",
+        "refund": f"{ASSUMED_METHOD} {TRANSACTION_PATH} (submit, cancel)"
+                  f" + {ASSUMED_METHOD} {PAYMENT_PATH} (cancel) when paid",
+        "submit": f"{ASSUMED_METHOD} {TRANSACTION_PATH} (submit)",
+    }
 
     def __init__(
         self,

@@ -224,6 +224,15 @@ class SecuconnectDriver(HttpDriver):
         timers=TIMERS,
         payment_types={SPLIT_PAYMENT, EXTERNAL_PAYMENT},
     )
+    #: the HTTP calls behind each remote event and deferred delivery (for the diagrams)
+    calls: Mapping[str, str] = {
+        "preview": f"POST {TRANSACTIONS_PATH} + POST {TRANSACTIONS_PATH}/{{id}}/preTransaction",
+        "update": f"PUT {TRANSACTIONS_PATH}/{{id}} + POST {TRANSACTIONS_PATH}/{{id}}/preTransaction",
+        "finalize": f"GET {TRANSACTIONS_PATH}/{{id}} + POST {TRANSACTIONS_PATH}/{{id}}/start/loyalty or /start/cash",
+        "cancel": f"POST {TRANSACTIONS_PATH}/{{id}}/abort",
+        "refund": f"POST {TRANSACTIONS_PATH}/{{id}}/cancel",
+        "release": f"POST {TRANSACTIONS_PATH}/{{id}}/abort",
+    }
 
     def __init__(
         self,
