@@ -25,6 +25,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/transition.py
+	$(BIN)/python bench/delivery.py
 
 # diagrams/: Mermaid, DOT and SVG of the lifecycle and of each provider, generated from
 # engine/machine.py and the drivers.  SVG needs Graphviz: installed with apt-get when

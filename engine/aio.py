@@ -11,11 +11,10 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-from .core import Command, ProviderOp, StoreOp
+from .core import Command, NotStarted, ParallelOp, ProviderOp, StoreOp
 from .engine import _Facade, driver_failure
-from .models import Basket, Event, LineItem, Transaction
+from .models import Basket, DeliveryRecord, Event, LineItem, Transaction
 from .secret import Secret
-from .store.base import DeliveryRecord
 
 
 class AsyncEngine(_Facade):
@@ -35,9 +34,11 @@ class AsyncEngine(_Facade):
             except Exception as failure:  # handed back to the command to decide
                 error = failure
 
-    async def _perform(self, op: StoreOp | ProviderOp) -> Any:
+    async def _perform(self, op: StoreOp | ProviderOp | ParallelOp) -> Any:
         if isinstance(op, StoreOp):
             return await asyncio.to_thread(getattr(self.store, op.method), *op.args)
+        if isinstance(op, ParallelOp):
+            return await self._perform_parallel(op)
         if not op.needs_io:
             return op.result
         driver = self.core.drivers[op.provider]
@@ -45,6 +46,21 @@ class AsyncEngine(_Facade):
             return await driver.arun(op.exchange, op.first)
         except Exception as error:
             raise driver_failure(op, error) from None
+
+    async def _perform_parallel(self, op: ParallelOp) -> list[Any]:
+        """Each call as a task, at most ``op.limit`` at once; every outcome returned, none raised."""
+        slots = asyncio.Semaphore(op.limit)
+
+        async def attempt(call: ProviderOp) -> Any:
+            async with slots:
+                if not self._may_start(op):
+                    return NotStarted()
+                try:
+                    return await self._perform(call)
+                except Exception as failure:
+                    return failure
+
+        return list(await asyncio.gather(*(attempt(call) for call in op.calls)))
 
     async def preview(self, provider: str, basket: Basket | Iterable[LineItem], *,
                       customer_token: str | Secret | None = None, idempotency_key: str | None = None,
@@ -81,14 +97,19 @@ class AsyncEngine(_Facade):
     async def expire_due(self) -> int:
         return await self._run(self.core.expire_due())
 
-    async def recover(self) -> int:
-        return await self._run(self.core.recover())
+    async def recover(self, *, limit: int = 100) -> int:
+        """Re-drive up to ``limit`` in-doubt side effects; returns how many settled."""
+        return await self._run(self.core.recover(batch=limit))
 
-    async def deliver_pending(self) -> int:
-        return await self._run(self.core.deliver_pending())
+    async def deliver_pending(self, *, max_rounds: int | None = None) -> int:
+        return await self._run(self.core.deliver_pending(max_rounds=max_rounds))
 
     async def deliveries(self, tx_id: str | None = None, status: str | None = None) -> list[DeliveryRecord]:
         return await asyncio.to_thread(self.store.deliveries, tx_id, status)
+
+    async def retry_delivery(self, delivery_id: int) -> bool:
+        """Re-queue a dead delivery now (an operator's decision); False if it is not dead."""
+        return await asyncio.to_thread(self.store.retry_delivery, delivery_id, self.clock.now())
 
     async def aclose(self) -> None:
         for driver in self.core.drivers.values():

@@ -28,8 +28,15 @@ def cmd_show(args) -> int:
         print(f"no transaction {args.tx_id} in {args.db}", file=sys.stderr)
         return 1
     print(describe(tx, store.journal(args.tx_id)))
+    intent = store.load_intent(args.tx_id) if tx.pending else None
+    if intent is not None:
+        print(f"  in doubt: {intent.event} under key {intent.idempotency_key!r}, {intent.attempts} attempt(s)"
+              + (f", last error: {intent.last_error}" if intent.last_error else "")
+              + (f"; leased until {intent.lease_until:%H:%M:%S}" if intent.lease_until else
+                 f"; recover() re-sends it from {intent.retry_at:%H:%M:%S}" if intent.retry_at else ""))
     for row in store.deliveries(args.tx_id):
         print(f"  delivery #{row.id} {row.kind}: {row.status}, {row.attempts} attempt(s)"
+              + (f", next attempt {row.next_attempt_at:%Y-%m-%d %H:%M:%S}" if row.status == "pending" else "")
               + (f", last error: {row.last_error}" if row.last_error else ""))
     return 0
 
@@ -80,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     diagram_arguments(commands.add_parser(
         "diagram", help="state diagrams: the lifecycle, a provider's, a transaction's path"))
+
+    from .worker import register_commands  # worker, workers, outbox
+
+    register_commands(commands)
     return parser
 
 

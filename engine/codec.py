@@ -107,7 +107,9 @@ def decode_fields(data: Mapping[str, Any], currency: str) -> dict[str, Any]:
 
 
 def encode_transaction(tx: Transaction) -> dict[str, Any]:
-    return encode_fields({field.name: getattr(tx, field.name) for field in attrs.fields(Transaction)})
+    # Fields marked ``stored: False`` (the outbox view ``deliveries``) are read, not kept.
+    return encode_fields({field.name: getattr(tx, field.name) for field in attrs.fields(Transaction)
+                          if field.metadata.get("stored", True)})
 
 
 def decode_transaction(data: Mapping[str, Any]) -> Transaction:

@@ -22,6 +22,13 @@ written exactly once, here:
    outcome: the transition (with any guaranteed deliveries enqueued in the same
    database transaction), a ``rejected`` note, or an ``unknown`` note that leaves the
    intent in doubt for ``recover()``.
+
+Guaranteed deliveries are drained in rounds: claim a batch of due outbox rows under a
+lease, prepare one exchange per provider batch, yield them together as a
+``ParallelOp`` (the runner sends them concurrently, at most ``delivery_concurrency`` at
+a time, and answers each one's result or exception), then settle the round in one
+write.  A runner starts no send once half the lease is spent, so a slow round never
+overlaps another worker's re-claim of the same rows.
 """
 
 from __future__ import annotations
@@ -85,12 +92,15 @@ class StoreOp:
 
 @attrs.frozen
 class ProviderOp:
-    """Run a driver exchange the core already built (and primed: see ``Core._prepare``)."""
+    """Run a driver exchange the core already built (and primed: see ``Core._prepare``).
+
+    A lifecycle call is primed before its claim, so input the driver refuses is refused
+    before anything is in doubt; a delivery's is left for the runner to start."""
 
     provider: str
     operation: str
-    exchange: Any = None  # the generator, positioned at its first request
-    first: Any = None  # that first httpx.Request
+    exchange: Any = None  # the generator, positioned at its first request when ``first`` is set
+    first: Any = None  # that first httpx.Request (None: the runner starts the exchange)
     result: Any = None  # the answer, when the exchange needed no request at all
 
     @property
@@ -98,7 +108,34 @@ class ProviderOp:
         return self.exchange is not None
 
 
-Command = Generator[StoreOp | ProviderOp, Any, Any]
+@attrs.frozen
+class ParallelOp:
+    """Run several prepared exchanges at once, at most ``limit`` in flight.
+
+    The runner answers a list aligned with ``calls``: each call's result, or the
+    exception it raised (mapped as for a single ``ProviderOp``), or ``NotStarted()`` for
+    a call it did not begin because ``start_by`` had passed on the engine's clock or the
+    engine was told to stop sending.  It never raises for a single call's failure.
+    """
+
+    calls: tuple[ProviderOp, ...]
+    limit: int
+    start_by: datetime | None = None
+
+
+class NotStarted(Exception):
+    """A call of a ``ParallelOp`` that was never sent: nothing happened at the provider."""
+
+
+Command = Generator[StoreOp | ProviderOp | ParallelOp, Any, Any]
+
+#: How long recover() waits before re-sending an intent whose last attempt's outcome was
+#: unknown, by the number of attempts made: the first re-send is immediate, then it
+#: backs off so a provider outage is not hammered.  A POS retrying the command itself
+#: is never held back.
+RECOVERY_BACKOFF: tuple[timedelta, ...] = (
+    timedelta(0), timedelta(seconds=5), timedelta(seconds=30), timedelta(minutes=2), timedelta(minutes=10),
+)
 
 MAX_KEY_LENGTH = 255
 MAX_COMMENT_LENGTH = 500
@@ -149,6 +186,8 @@ class Core:
         timers: Mapping[str, TimerPolicy] | None = None,
         intent_lease: timedelta = timedelta(seconds=60),
         delivery_lease: timedelta = timedelta(seconds=60),
+        delivery_concurrency: int = 8,
+        delivery_round: int = 100,
         rng: random.Random | None = None,
     ) -> None:
         if not drivers:
@@ -162,8 +201,14 @@ class Core:
             for name, driver in drivers.items()
         }
         self.clock = clock
+        if not isinstance(delivery_concurrency, int) or delivery_concurrency < 1:
+            raise ValidationError("delivery_concurrency must be a positive integer")
+        if not isinstance(delivery_round, int) or delivery_round < 1:
+            raise ValidationError("delivery_round must be a positive integer")
         self.intent_lease = intent_lease
         self.delivery_lease = delivery_lease
+        self.delivery_concurrency = delivery_concurrency
+        self.delivery_round = delivery_round
         self.rng = rng or random.Random()
         self._hash_key: bytes | None = None
 
@@ -350,7 +395,7 @@ class Core:
             intent=IntentOp(PUT, intent, lease_until=now + self.intent_lease),
             command=CommandOp(record, insert=True),
         ))
-        return (yield from self._settle(claimed, intent, call))
+        return (yield from self._settle(claimed, intent, call, attempt=1))
 
     def _resume(self, tx: Transaction, event: str, key: str | None, now: datetime) -> Command:
         """Re-send the in-doubt side effect, if this command is its retry."""
@@ -368,9 +413,9 @@ class Core:
         claimed = journal.apply(tx, attempt)
         yield _write(Commit(tx.id, tx.version, events=(attempt,), snapshot=claimed,
                             intent=IntentOp(TAKE, now=now, lease_until=now + self.intent_lease)))
-        return (yield from self._settle(claimed, intent, call))
+        return (yield from self._settle(claimed, intent, call, attempt=intent.attempts + 1))
 
-    def _settle(self, tx: Transaction, intent: Intent, call: ProviderOp) -> Command:
+    def _settle(self, tx: Transaction, intent: Intent, call: ProviderOp, *, attempt: int) -> Command:
         """Run the provider call of a claimed intent and commit whatever it answers."""
         event = intent.event
         # Settling updates the record the claim inserted; its fingerprint is not rewritten.
@@ -387,9 +432,11 @@ class Core:
                                 intent=IntentOp(DROP), command=CommandOp(rejected)))
             raise _in_context(refusal, tx, event) from None
         except OutcomeUnknown as unknown:
-            note = journal.note_event(tx, self.clock.now(), journal.UNKNOWN, event=event, error=unknown.detail)
+            now = self.clock.now()
+            note = journal.note_event(tx, now, journal.UNKNOWN, event=event, error=unknown.detail)
+            backoff = RECOVERY_BACKOFF[min(attempt, len(RECOVERY_BACKOFF)) - 1]
             yield _write(Commit(tx.id, tx.version, events=(note,), snapshot=journal.apply(tx, note),
-                                intent=IntentOp(RELEASE, error=unknown.detail)))
+                                intent=IntentOp(RELEASE, error=unknown.detail, retry_at=now + backoff)))
             raise _in_context(unknown, tx, event) from None
         fields = {**decode_fields(intent.changes, tx.currency), **fields}
         target = machine.TABLE[(tx.state, event)].target
@@ -411,6 +458,8 @@ class Core:
         )
         yield _write(Commit(tx.id, tx.version, events=(entry,), snapshot=new, intent=intent,
                             command=command, enqueue=enqueue))
+        if enqueue:  # show the caller what it just queued (one indexed read, only then)
+            return attrs.evolve(new, deliveries=(yield StoreOp("deliveries", (new.id,))))
         return new
 
     def _expire(self, tx: Transaction, now: datetime, capabilities: Capabilities) -> Command:
@@ -421,7 +470,10 @@ class Core:
     # --- reads ---------------------------------------------------------------------------------
 
     def get(self, tx_id: str) -> Command:
-        return (yield from self._load(tx_id))
+        """The snapshot, with its guaranteed deliveries' progress read from the outbox."""
+        tx = yield from self._load(tx_id)
+        deliveries = yield StoreOp("deliveries", (tx.id,))
+        return attrs.evolve(tx, deliveries=deliveries) if deliveries else tx
 
     def history(self, tx_id: str) -> Command:
         yield from self._load(tx_id)
@@ -455,13 +507,19 @@ class Core:
                 return expired
 
     def recover(self, batch: int = 100) -> Command:
-        """Re-drive every in-doubt side effect whose lease is free; returns how many settled."""
+        """Re-drive every in-doubt side effect whose lease is free; returns how many settled.
+
+        Each is re-sent under its original idempotency key, through the driver's own
+        operation (a driver whose provider has a status query reads it first), and the
+        transaction lands where the provider's answer puts it.  One whose provider is not
+        configured in this engine is left for an engine that has it.
+        """
         settled = 0
         now = self.clock.now()
         for tx_id in (yield StoreOp("intents_to_recover", (now, batch))):
             tx = yield _load(tx_id)
             intent = yield StoreOp("load_intent", (tx_id,))
-            if tx is None or intent is None or tx.pending != intent.event:
+            if tx is None or intent is None or tx.pending != intent.event or tx.provider not in self.drivers:
                 continue
             try:
                 yield from self._take_over(tx, intent, now)
@@ -472,28 +530,76 @@ class Core:
                 pass
         return settled
 
-    def deliver_pending(self, batch: int = 100) -> Command:
-        """Send due deliveries; reschedule failures with backoff; park the hopeless as dead."""
-        now = self.clock.now()
-        claimed = yield StoreOp("claim_deliveries", (now, now + self.delivery_lease, batch))
-        delivered = 0
-        for group in _batches(claimed, self.capabilities):
-            capabilities = self.capabilities.get(group[0].provider)
-            try:
-                if capabilities is None:
-                    raise ValidationError(f"no driver configured for {group[0].provider}")
-                refused = (yield self._prepare(group[0].provider, "deliver", tuple(group))) or {}
-            except (ProviderRejected, ValidationError) as refusal:
-                settlements = [DeliverySettlement(d.id, DEAD, error=str(refusal)) for d in group]
-            except OutcomeUnknown as unknown:
-                settlements = [self._retry_later(d, capabilities, now, str(unknown)) for d in group]
-            else:
-                # A batch may be refused in part: the driver names the refused deliveries.
-                settlements = [DeliverySettlement(d.id, DEAD, error=str(refused[d.id])) if d.id in refused
-                               else DeliverySettlement(d.id, DELIVERED) for d in group]
-                delivered += len(group) - len(refused)
-            yield StoreOp("settle_deliveries", (settlements, self.clock.now()))
+    def deliver_pending(self, batch: int | None = None, max_rounds: int | None = None) -> Command:
+        """Send due deliveries; reschedule failures with backoff; park the hopeless as dead.
+
+        Works in rounds of up to ``batch`` deliveries (default ``delivery_round``) until
+        nothing is due or ``max_rounds`` ran; returns how many were delivered.
+        """
+        size = batch or self.delivery_round
+        delivered, rounds = 0, 0
+        while max_rounds is None or rounds < max_rounds:
+            rounds += 1
+            now = self.clock.now()
+            owner = secrets.token_hex(8)  # this round's lease: only its holder settles
+            claimed = yield StoreOp("claim_deliveries", (now, now + self.delivery_lease, size, owner))
+            if not claimed:
+                break
+            settlements = yield from self._deliver_round(claimed, now)
+            yield StoreOp("settle_deliveries", (settlements, self.clock.now(), owner))
+            delivered += sum(1 for settlement in settlements if settlement.status == DELIVERED)
+            if len(claimed) < size or not all(settlement.attempted for settlement in settlements):
+                break  # drained, or the runner stopped starting sends: leave the rest for later
         return delivered
+
+    def _deliver_round(self, claimed: Sequence[Delivery], now: datetime) -> Command:
+        """Send one round of claimed deliveries concurrently; what to settle for each."""
+        settlements: list[DeliverySettlement] = []
+        calls: list[ProviderOp] = []
+        sent: list[list[Delivery]] = []
+        for group in _batches(claimed, self.capabilities):
+            try:
+                calls.append(self._prepare_delivery(group))
+                sent.append(group)
+            except EngineError as refusal:
+                settlements += [DeliverySettlement(d.id, DEAD, error=str(refusal)) for d in group]
+        if calls:
+            # Start nothing once half the lease is spent: a send begun later could still
+            # be in flight when another worker re-claims the rows after the lease.
+            results = yield ParallelOp(tuple(calls), self.delivery_concurrency,
+                                       start_by=now + self.delivery_lease / 2)
+            settled_at = self.clock.now()
+            for group, result in zip(sent, results):
+                settlements += self._settlements(group, result, settled_at)
+        return settlements
+
+    def _prepare_delivery(self, group: list[Delivery]) -> ProviderOp:
+        """The delivery's exchange, not yet primed: its first request is built by the runner,
+        concurrently with the other sends (the rows are claimed already, so a refusal while
+        building parks them exactly as one while sending would)."""
+        provider = group[0].provider
+        if provider not in self.drivers:
+            raise ValidationError(f"no driver configured for {provider}")
+        try:
+            return ProviderOp(provider, "deliver", exchange=self.drivers[provider].deliver(tuple(group)))
+        except EngineError:
+            raise
+        except Exception as bug:  # a driver that cannot build the request will not next time
+            raise ProtocolError(f"the {provider} driver failed building deliver: {type(bug).__name__}",
+                                provider=provider) from None
+
+    def _settlements(self, group: list[Delivery], result: Any, now: datetime) -> list[DeliverySettlement]:
+        if isinstance(result, NotStarted):
+            return [DeliverySettlement(d.id, PENDING, attempted=False) for d in group]
+        if isinstance(result, (ProviderRejected, ValidationError, UnsupportedOperation)):
+            return [DeliverySettlement(d.id, DEAD, error=str(result)) for d in group]
+        if isinstance(result, Exception):  # unknown outcome: send again later (same key)
+            capabilities = self.capabilities[group[0].provider]
+            return [self._retry_later(d, capabilities, now, str(result)) for d in group]
+        # A batch may be refused in part: the driver names the refused deliveries.
+        refused = result or {}
+        return [DeliverySettlement(d.id, DEAD, error=str(refused[d.id])) if d.id in refused
+                else DeliverySettlement(d.id, DELIVERED) for d in group]
 
     def _retry_later(self, delivery: Delivery, capabilities: Capabilities, now: datetime,
                      error: str) -> DeliverySettlement:

@@ -8,19 +8,20 @@ lives in ``engine.core`` and ``engine.machine``; ``AsyncEngine`` shares all of i
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
 from .clock import Clock, SystemClock
-from .core import Command, Core, ProviderOp, StoreOp
+from .core import Command, Core, NotStarted, ParallelOp, ProviderOp, StoreOp
 from .drivers import ProviderDriver
 from .errors import EngineError, ProtocolError
 from .machine import TimerPolicy
-from .models import Basket, Event, LineItem, Transaction
+from .models import Basket, DeliveryRecord, Event, LineItem, Transaction
 from .secret import Secret
 from .store import Store, open_store
-from .store.base import DeliveryRecord
 
 
 def driver_failure(op: ProviderOp, error: Exception) -> Exception:
@@ -43,12 +44,18 @@ class _Facade:
         timers: Mapping[str, TimerPolicy] | None = None,
         intent_lease: timedelta = timedelta(seconds=60),
         delivery_lease: timedelta = timedelta(seconds=60),
+        delivery_concurrency: int = 8,
+        delivery_round: int = 100,
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self.clock = clock or SystemClock()
         self.core = Core(providers, self.clock, timers=timers, intent_lease=intent_lease,
-                         delivery_lease=delivery_lease, rng=rng)
+                         delivery_lease=delivery_lease, delivery_concurrency=delivery_concurrency,
+                         delivery_round=delivery_round, rng=rng)
+        self._stop_sending = threading.Event()
+        self._pool: ThreadPoolExecutor | None = None  # the sync engine's delivery senders
+        self._pool_lock = threading.Lock()
 
     @classmethod
     def open(cls, url: str, providers: Mapping[str, ProviderDriver], clock: Clock | None = None, **options: Any):
@@ -61,6 +68,14 @@ class _Facade:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.store!r}, providers={sorted(self.core.drivers)})"
+
+    def stop_sending(self) -> None:
+        """Start no further delivery sends (a worker shutting down): a round in progress
+        lets its in-flight sends finish and releases what it claimed but had not sent."""
+        self._stop_sending.set()
+
+    def _may_start(self, op: ParallelOp) -> bool:
+        return not self._stop_sending.is_set() and (op.start_by is None or self.clock.now() < op.start_by)
 
     # Each public command is a generator from the core; the subclasses run it.
     def _preview(self, provider, basket, customer_token, idempotency_key, payment_type) -> Command:
@@ -84,9 +99,11 @@ class Engine(_Facade):
             except Exception as failure:  # handed back to the command to decide
                 error = failure
 
-    def _perform(self, op: StoreOp | ProviderOp) -> Any:
+    def _perform(self, op: StoreOp | ProviderOp | ParallelOp) -> Any:
         if isinstance(op, StoreOp):
             return getattr(self.store, op.method)(*op.args)
+        if isinstance(op, ParallelOp):
+            return self._perform_parallel(op)
         if not op.needs_io:
             return op.result
         driver = self.core.drivers[op.provider]
@@ -94,6 +111,24 @@ class Engine(_Facade):
             return driver.run(op.exchange, op.first)
         except Exception as error:
             raise driver_failure(op, error) from None
+
+    def _perform_parallel(self, op: ParallelOp) -> list[Any]:
+        """Each call on a bounded thread pool; every outcome returned, none raised."""
+
+        def attempt(call: ProviderOp) -> Any:
+            if not self._may_start(op):
+                return NotStarted()
+            try:
+                return self._perform(call)
+            except Exception as failure:
+                return failure
+
+        if op.limit == 1 or len(op.calls) == 1:
+            return [attempt(call) for call in op.calls]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.core.delivery_concurrency, thread_name_prefix="txengine-send")
+        return list(self._pool.map(attempt, op.calls))
 
     def preview(self, provider: str, basket: Basket | Iterable[LineItem], *,
                 customer_token: str | Secret | None = None, idempotency_key: str | None = None,
@@ -127,16 +162,24 @@ class Engine(_Facade):
     def expire_due(self) -> int:
         return self._run(self.core.expire_due())
 
-    def recover(self) -> int:
-        return self._run(self.core.recover())
+    def recover(self, *, limit: int = 100) -> int:
+        """Re-drive up to ``limit`` in-doubt side effects; returns how many settled."""
+        return self._run(self.core.recover(batch=limit))
 
-    def deliver_pending(self) -> int:
-        return self._run(self.core.deliver_pending())
+    def deliver_pending(self, *, max_rounds: int | None = None) -> int:
+        return self._run(self.core.deliver_pending(max_rounds=max_rounds))
 
     def deliveries(self, tx_id: str | None = None, status: str | None = None) -> list[DeliveryRecord]:
         return self.store.deliveries(tx_id, status)
 
+    def retry_delivery(self, delivery_id: int) -> bool:
+        """Re-queue a dead delivery now (an operator's decision); False if it is not dead."""
+        return self.store.retry_delivery(delivery_id, self.clock.now())
+
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         for driver in self.core.drivers.values():
             close = getattr(driver, "close", None)
             if close is not None:

@@ -237,6 +237,27 @@ def _sum(lines: tuple[PricedLine, ...], part: str, currency: str) -> Money:
     return sum((getattr(line, part) for line in lines), Money.zero(currency))
 
 
+@attrs.frozen
+class DeliveryRecord:
+    """One guaranteed delivery of a transaction (an outbox row), as operators and POS see it.
+
+    ``status`` is ``pending`` (due at ``next_attempt_at``, ``last_error`` says why the last
+    attempt failed), ``delivered`` or ``dead`` (parked after its retry schedule ran out or
+    a definite refusal: visible, never dropped; an operator re-queues it).
+    """
+
+    id: int
+    tx_id: str
+    provider: str
+    kind: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
 @attrs.frozen(kw_only=True)
 class Transaction:
     """An immutable snapshot of one payment, rebuilt exactly by replaying its journal.
@@ -261,6 +282,12 @@ class Transaction:
     version: int = 0
     created_at: datetime
     updated_at: datetime
+    # The outbox rows of this transaction (guaranteed deliveries and their progress), as
+    # of when the snapshot was served.  Read from the outbox, never stored in the
+    # snapshot nor the journal, and left out of equality so a replay equals the stored
+    # snapshot whatever the deliveries have done since.
+    deliveries: tuple[DeliveryRecord, ...] = attrs.field(
+        default=(), converter=tuple, eq=False, metadata={"stored": False})
 
     def __attrs_post_init__(self) -> None:
         if any(line.item.currency != self.currency for line in self.items):

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import attrs
 
 from ..drivers import Delivery
-from ..models import Event, Transaction
+from ..models import DeliveryRecord, Event, Transaction
 
 # intent operations
 PUT, TAKE, RELEASE, DROP = "put", "take", "release", "drop"
@@ -48,6 +48,7 @@ class Intent:
     attempts: int = 1
     lease_until: datetime | None = None
     last_error: str | None = None
+    retry_at: datetime | None = None  # when recover() may re-send it (a retry by the POS may at once)
 
 
 @attrs.frozen
@@ -57,6 +58,7 @@ class IntentOp:
     now: datetime | None = None  # for TAKE: a lease is free when it ended before now
     lease_until: datetime | None = None  # for PUT and TAKE
     error: str | None = None  # for RELEASE
+    retry_at: datetime | None = None  # for RELEASE: recover() backs off until then
 
 
 @attrs.frozen
@@ -103,27 +105,34 @@ class Commit:
 
 
 @attrs.frozen
-class DeliveryRecord:
-    """A row of the outbox, as operators and tests see it."""
+class DeliverySettlement:
+    """What came of one claimed delivery.
+
+    ``status`` is DELIVERED, PENDING (retry at ``next_attempt_at``) or DEAD.  A delivery
+    claimed but never sent (its round ran out of lease, or the worker is shutting down)
+    is released with ``attempted=False``: lease freed, attempts and due time unchanged.
+    """
 
     id: int
-    tx_id: str
-    provider: str
-    kind: str
     status: str
-    attempts: int
-    next_attempt_at: datetime | None
-    last_error: str | None
-    created_at: datetime
-    delivered_at: datetime | None
+    next_attempt_at: datetime | None = None
+    error: str | None = None
+    attempted: bool = True
 
 
 @attrs.frozen
-class DeliverySettlement:
-    id: int
-    status: str  # DELIVERED, PENDING (retry at ``next_attempt_at``) or DEAD
-    next_attempt_at: datetime | None = None
-    error: str | None = None
+class WorkerRecord:
+    """A background worker's heartbeat row: what an operator checks to see it is alive."""
+
+    id: str
+    host: str
+    pid: int
+    status: str  # running or stopped
+    started_at: datetime
+    heartbeat_at: datetime
+    stopped_at: datetime | None = None
+    iterations: int = 0
+    totals: Mapping[str, int] = attrs.field(factory=dict)
 
 
 class Store(Protocol):
@@ -143,13 +152,30 @@ class Store(Protocol):
 
     def intents_to_recover(self, now: datetime, limit: int) -> list[str]: ...
 
-    def claim_deliveries(self, now: datetime, lease_until: datetime, limit: int) -> list[Delivery]: ...
+    def claim_deliveries(self, now: datetime, lease_until: datetime, limit: int,
+                         owner: str | None = None) -> list[Delivery]:
+        """Lease up to ``limit`` due deliveries to ``owner``; nobody else gets them until
+        ``lease_until`` (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, the write lock here)."""
 
-    def settle_deliveries(self, settlements: Sequence[DeliverySettlement], now: datetime) -> None: ...
+    def settle_deliveries(self, settlements: Sequence[DeliverySettlement], now: datetime,
+                          owner: str | None = None) -> int:
+        """Record outcomes of deliveries ``owner`` still holds; returns how many it held."""
 
-    def deliveries(self, tx_id: str | None = None, status: str | None = None) -> list[DeliveryRecord]: ...
+    def deliveries(self, tx_id: str | None = None, status: str | None = None,
+                   limit: int | None = None) -> list[DeliveryRecord]: ...
 
     def retry_delivery(self, delivery_id: int, now: datetime) -> bool: ...
+
+    def retry_dead_deliveries(self, now: datetime) -> int: ...
+
+    def backlog(self, now: datetime) -> Mapping[str, int]:
+        """What waits: deliveries ``pending`` and ``dead``, transactions ``in_doubt``, and
+        ``stuck`` (in doubt with no live lease: nobody is working on them right now)."""
+
+    def beat(self, worker: WorkerRecord) -> None:
+        """Insert or update a worker's heartbeat row."""
+
+    def workers(self) -> list[WorkerRecord]: ...
 
     def transaction_ids(self) -> list[str]: ...
 

@@ -41,6 +41,7 @@ from .base import (
     DeliverySettlement,
     Intent,
     IntentOp,
+    WorkerRecord,
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -130,6 +131,25 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE status = 'pending';
     CREATE INDEX outbox_by_tx ON outbox (tx_id);
     """,
+    # 2: who holds a delivery's lease (a stale holder cannot settle what another
+    # re-claimed), when recover() may re-send an in-doubt intent (backoff while a
+    # provider is down), dead deliveries found without a scan, and worker heartbeats
+    """
+    ALTER TABLE outbox ADD COLUMN lease_owner TEXT;
+    ALTER TABLE intents ADD COLUMN retry_at INTEGER;
+    CREATE INDEX outbox_dead ON outbox (id) WHERE status = 'dead';
+    CREATE TABLE workers (
+        id TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        heartbeat_at INTEGER NOT NULL,
+        stopped_at INTEGER,
+        iterations INTEGER NOT NULL,
+        totals TEXT NOT NULL
+    );
+    """,
 )
 
 
@@ -216,12 +236,13 @@ class SQLiteStore:
 
     def load_intent(self, tx_id: str) -> Intent | None:
         row = self._connection().execute(
-            "SELECT tx_id, event, idempotency_key, params, changes, attempts, lease_until, last_error"
-            " FROM intents WHERE tx_id = ?", (tx_id,),
+            "SELECT tx_id, event, idempotency_key, params, changes, attempts, lease_until, last_error,"
+            " retry_at FROM intents WHERE tx_id = ?", (tx_id,),
         ).fetchone()
         if row is None:
             return None
-        return Intent(row[0], row[1], row[2], loads(row[3]), loads(row[4]), row[5], from_us(row[6]), row[7])
+        return Intent(row[0], row[1], row[2], loads(row[3]), loads(row[4]), row[5], from_us(row[6]), row[7],
+                      from_us(row[8]))
 
     def load_command(self, key: str) -> CommandRecord | None:
         row = self._connection().execute(
@@ -252,9 +273,9 @@ class SQLiteStore:
 
     def intents_to_recover(self, now: datetime, limit: int) -> list[str]:
         rows = self._connection().execute(
-            "SELECT tx_id FROM intents WHERE lease_until IS NULL OR lease_until <= ?"
-            " ORDER BY lease_until LIMIT ?",
-            (to_us(now), limit),
+            "SELECT tx_id FROM intents WHERE (lease_until IS NULL OR lease_until <= ?)"
+            " AND (retry_at IS NULL OR retry_at <= ?) ORDER BY lease_until LIMIT ?",
+            (to_us(now), to_us(now), limit),
         ).fetchall()
         return [row[0] for row in rows]
 
@@ -329,8 +350,8 @@ class SQLiteStore:
             if taken != 1:
                 raise TransactionInDoubt("its provider call is in flight in another process", tx_id=tx_id)
         elif op.op == RELEASE:
-            db.execute("UPDATE intents SET lease_until = NULL, last_error = ? WHERE tx_id = ?",
-                       (op.error, tx_id))
+            db.execute("UPDATE intents SET lease_until = NULL, last_error = ?, retry_at = ? WHERE tx_id = ?",
+                       (op.error, to_us(op.retry_at), tx_id))
         elif op.op == DROP:
             db.execute("DELETE FROM intents WHERE tx_id = ?", (tx_id,))
         else:
@@ -365,45 +386,106 @@ class SQLiteStore:
 
     # --- the outbox ---
 
-    def claim_deliveries(self, now: datetime, lease_until: datetime, limit: int) -> list[Delivery]:
+    def claim_deliveries(self, now: datetime, lease_until: datetime, limit: int,
+                         owner: str | None = None) -> list[Delivery]:
         with self._write_transaction() as db:
             rows = db.execute(
                 "SELECT id, tx_id, provider, kind, payload, idempotency_key, attempts FROM outbox"
-                " WHERE status = 'pending' AND next_attempt_at <= ?"
+                " INDEXED BY outbox_due WHERE status = 'pending' AND next_attempt_at <= ?"
                 " AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at, id LIMIT ?",
                 (to_us(now), to_us(now), limit),
             ).fetchall()
-            db.executemany("UPDATE outbox SET lease_until = ? WHERE id = ?",
-                           [(to_us(lease_until), row[0]) for row in rows])
+            db.executemany("UPDATE outbox SET lease_until = ?, lease_owner = ? WHERE id = ?",
+                           [(to_us(lease_until), owner, row[0]) for row in rows])
         return [Delivery(id=r[0], tx_id=r[1], provider=r[2], kind=r[3], payload=loads(r[4]),
                          idempotency_key=r[5], attempts=r[6]) for r in rows]
 
-    def settle_deliveries(self, settlements: Sequence[DeliverySettlement], now: datetime) -> None:
+    def settle_deliveries(self, settlements: Sequence[DeliverySettlement], now: datetime,
+                          owner: str | None = None) -> int:
+        # Only the lease holder settles: a worker whose lease ran out and was re-claimed
+        # by another must not overwrite that worker's outcome.
         with self._write_transaction() as db:
-            db.executemany(
-                "UPDATE outbox SET status = ?, attempts = attempts + 1, next_attempt_at = ?,"
-                " last_error = coalesce(?, last_error), lease_until = NULL,"
-                " delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END WHERE id = ?",
-                [(s.status, to_us(s.next_attempt_at), s.error, s.status, to_us(now), s.id)
-                 for s in settlements],
+            cursor = db.executemany(
+                "UPDATE outbox SET status = ?, attempts = attempts + ?,"
+                " next_attempt_at = CASE WHEN ? THEN ? ELSE next_attempt_at END,"
+                " last_error = coalesce(?, last_error), lease_until = NULL, lease_owner = NULL,"
+                " delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END"
+                " WHERE id = ? AND (? IS NULL OR lease_owner = ?)",
+                [(s.status, int(s.attempted), s.attempted, to_us(s.next_attempt_at), s.error, s.status,
+                  to_us(now), s.id, owner, owner) for s in settlements],
             )
+            return cursor.rowcount
 
-    def deliveries(self, tx_id: str | None = None, status: str | None = None) -> list[DeliveryRecord]:
+    _DELIVERY_COLUMNS = ("SELECT id, tx_id, provider, kind, status, attempts, next_attempt_at, last_error,"
+                         " created_at, delivered_at FROM outbox")
+
+    def deliveries(self, tx_id: str | None = None, status: str | None = None,
+                   limit: int | None = None) -> list[DeliveryRecord]:
+        conditions, values = [], []
+        if tx_id is not None:
+            conditions.append("tx_id = ?")
+            values.append(tx_id)
+        if status is not None:
+            conditions.append("status = ?")
+            values.append(status)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         rows = self._connection().execute(
-            "SELECT id, tx_id, provider, kind, status, attempts, next_attempt_at, last_error,"
-            " created_at, delivered_at FROM outbox"
-            " WHERE (? IS NULL OR tx_id = ?) AND (? IS NULL OR status = ?) ORDER BY id",
-            (tx_id, tx_id, status, status),
+            f"{self._DELIVERY_COLUMNS}{where} ORDER BY id LIMIT ?", (*values, -1 if limit is None else limit),
         ).fetchall()
         return [DeliveryRecord(r[0], r[1], r[2], r[3], r[4], r[5], from_us(r[6]), r[7], from_us(r[8]),
                                from_us(r[9])) for r in rows]
 
+    def backlog(self, now: datetime) -> dict[str, int]:
+        db = self._connection()
+        in_doubt, stuck = db.execute(
+            "SELECT count(*), count(*) FILTER (WHERE lease_until IS NULL OR lease_until <= ?) FROM intents",
+            (to_us(now),),
+        ).fetchone()
+        return {
+            PENDING: db.execute("SELECT count(*) FROM outbox INDEXED BY outbox_due"
+                                " WHERE status = 'pending'").fetchone()[0],
+            DEAD: db.execute("SELECT count(*) FROM outbox INDEXED BY outbox_dead"
+                             " WHERE status = 'dead'").fetchone()[0],
+            "in_doubt": in_doubt,
+            "stuck": stuck,
+        }
+
     def retry_delivery(self, delivery_id: int, now: datetime) -> bool:
         with self._write_transaction() as db:
             return db.execute(
-                "UPDATE outbox SET status = 'pending', next_attempt_at = ?, lease_until = NULL"
-                " WHERE id = ? AND status = 'dead'", (to_us(now), delivery_id),
+                "UPDATE outbox SET status = 'pending', next_attempt_at = ?, lease_until = NULL,"
+                " lease_owner = NULL WHERE id = ? AND status = 'dead'", (to_us(now), delivery_id),
             ).rowcount == 1
+
+    def retry_dead_deliveries(self, now: datetime) -> int:
+        with self._write_transaction() as db:
+            return db.execute(
+                "UPDATE outbox SET status = 'pending', next_attempt_at = ?, lease_until = NULL,"
+                " lease_owner = NULL WHERE status = 'dead'", (to_us(now),),
+            ).rowcount
+
+    # --- workers ---
+
+    def beat(self, worker: WorkerRecord) -> None:
+        with self._write_transaction() as db:
+            db.execute(
+                "INSERT INTO workers (id, host, pid, status, started_at, heartbeat_at, stopped_at,"
+                " iterations, totals) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                " status = excluded.status, heartbeat_at = excluded.heartbeat_at,"
+                " stopped_at = excluded.stopped_at, iterations = excluded.iterations,"
+                " totals = excluded.totals",
+                (worker.id, worker.host, worker.pid, worker.status, to_us(worker.started_at),
+                 to_us(worker.heartbeat_at), to_us(worker.stopped_at), worker.iterations,
+                 dumps(dict(worker.totals))),
+            )
+
+    def workers(self) -> list[WorkerRecord]:
+        rows = self._connection().execute(
+            "SELECT id, host, pid, status, started_at, heartbeat_at, stopped_at, iterations, totals"
+            " FROM workers ORDER BY heartbeat_at DESC"
+        ).fetchall()
+        return [WorkerRecord(r[0], r[1], r[2], r[3], from_us(r[4]), from_us(r[5]), from_us(r[6]), r[7],
+                             loads(r[8])) for r in rows]
 
     def close(self) -> None:
         with self._connections_lock:

@@ -54,7 +54,8 @@ ASSUMED (no public source states it; each is one policy constant below, tested a
 - ``ASSUMED_REPLAYED_COMMANDS``: finalize, cancel and refund repeated on a transaction
   already in that state answer the same result, so retrying after a lost answer is
   safe.  Should Cheers answer an ``..._ALREADY_<STATE>`` error instead, the driver reads
-  that as the success it is (``ALREADY_DONE``).  Only the preview's replay is documented;
+  that as the success it is (``ALREADY_DONE``), and a 4xx whose code it cannot read
+  as an unknown outcome (it might be that answer).  Only the preview's replay is documented;
 - ``ASSUMED_COMMAND_ANSWER``: finalize, cancel and refund answer the transaction in the
   preview's shape (the guide says the POS then has everything to print the receipt);
   an empty 2xx body is accepted too; a body for another transaction, or a finalize or
@@ -188,6 +189,10 @@ ASSUMED_DEFAULT_REFUND_COMMENT = "Refunded at the point of sale"
 
 #: Immediate re-sends after a transport failure, for calls that are safe to repeat.
 TRANSPORT_RETRIES = 1
+
+#: The code of a 4xx whose body names none (``HTTP_403``).  For finalize, cancel and
+#: refund it is an unknown outcome, not a refusal: it might hide an ``ALREADY_...`` answer.
+UNREADABLE_CODE_PREFIX = "HTTP_"
 
 #: Our own code (not Cheers'): an update re-sent after a lost answer landed twice.
 UPDATE_APPLIED_TWICE = "UPDATE_APPLIED_TWICE"
@@ -422,6 +427,10 @@ class CheersDriver(HttpDriver):
         try:
             answer = yield from self._call(path, body, retries=retries)
         except ProviderRejected as refused:
+            if refused.code.startswith(UNREADABLE_CODE_PREFIX):
+                # A refusal whose code we cannot read may be the "already done" answer to a
+                # retry: unknown, so recovery asks again rather than settling it as refused.
+                raise self.unknown(f"{operation}: HTTP error without a readable code ({refused.code})") from None
             if refused.code not in ALREADY_DONE[operation]:
                 raise
             # Cheers already holds the state we asked for (a retry after a lost answer,
@@ -526,7 +535,7 @@ class CheersDriver(HttpDriver):
         code = body.get(code_field) if isinstance(body, dict) else None
         provider_message = body.get(message_field) if isinstance(body, dict) else None
         if not isinstance(code, str) or not code.strip():
-            code = f"HTTP_{response.status_code}"
+            code = f"{UNREADABLE_CODE_PREFIX}{response.status_code}"
         if code in CASHIER_MESSAGES:
             return code, CASHIER_MESSAGES[code]
         if isinstance(provider_message, str) and provider_message.strip():
