@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-from .core import Command, NotStarted, ParallelOp, ProviderOp, StoreOp
+from .core import Command, NotStarted, Steps, ParallelOp, ProviderOp, StoreOp
 from .engine import _Facade, driver_failure
 from .models import Basket, DeliveryRecord, Event, LineItem, Transaction
 from .secret import Secret
@@ -21,18 +21,13 @@ class AsyncEngine(_Facade):
     """The asyncio engine: every command is a coroutine."""
 
     async def _run(self, command: Command) -> Any:
-        result: Any = None
-        error: BaseException | None = None
-        while True:
+        steps = Steps(command)
+        for op in steps:
             try:
-                op = command.throw(error) if error is not None else command.send(result)
-            except StopIteration as done:
-                return done.value
-            result, error = None, None
-            try:
-                result = await self._perform(op)
-            except Exception as failure:  # handed back to the command to decide
-                error = failure
+                steps.answer(await self._perform(op))
+            except Exception as failure:
+                steps.fail(failure)
+        return steps.value
 
     async def _perform(self, op: StoreOp | ProviderOp | ParallelOp) -> Any:
         if isinstance(op, StoreOp):

@@ -129,6 +129,40 @@ class NotStarted(Exception):
 
 Command = Generator[StoreOp | ProviderOp | ParallelOp, Any, Any]
 
+
+class Steps:
+    """Iterates a command's operations; the runner answers each with its outcome.
+
+    ``for op in steps: steps.answer(perform(op))`` (or ``steps.fail(error)``) drives a
+    command to its end; its return value is then ``steps.value``.  The sync and async
+    runners differ only in how they perform an operation.
+    """
+
+    def __init__(self, command: Command) -> None:
+        self._command = command
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self.value: Any = None
+
+    def __iter__(self) -> Steps:
+        return self
+
+    def __next__(self) -> StoreOp | ProviderOp | ParallelOp:
+        result, error = self._result, self._error
+        self._result = self._error = None
+        try:
+            return self._command.throw(error) if error is not None else self._command.send(result)
+        except StopIteration as done:
+            self.value = done.value
+            raise
+
+    def answer(self, result: Any) -> None:
+        self._result = result
+
+    def fail(self, error: BaseException) -> None:
+        """Hand the failure back to the command: it decides what it means."""
+        self._error = error
+
 #: How long recover() waits before re-sending an intent whose last attempt's outcome was
 #: unknown, by the number of attempts made: the first re-send is immediate, then it
 #: backs off so a provider outage is not hammered.  A POS retrying the command itself

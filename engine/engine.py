@@ -7,18 +7,15 @@ lives in ``engine.core`` and ``engine.machine``; ``AsyncEngine`` shares all of i
 
 from __future__ import annotations
 
-import random
 import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from typing import Any
 
 from .clock import Clock, SystemClock
-from .core import Command, Core, NotStarted, ParallelOp, ProviderOp, StoreOp
+from .core import Command, Core, NotStarted, ParallelOp, ProviderOp, StoreOp, Steps
 from .drivers import ProviderDriver
 from .errors import EngineError, ProtocolError
-from .machine import TimerPolicy
 from .models import Basket, DeliveryRecord, Event, LineItem, Transaction
 from .secret import Secret
 from .store import Store, open_store
@@ -40,19 +37,13 @@ class _Facade:
         store: Store,
         providers: Mapping[str, ProviderDriver],
         clock: Clock | None = None,
-        *,
-        timers: Mapping[str, TimerPolicy] | None = None,
-        intent_lease: timedelta = timedelta(seconds=60),
-        delivery_lease: timedelta = timedelta(seconds=60),
-        delivery_concurrency: int = 8,
-        delivery_round: int = 100,
-        rng: random.Random | None = None,
+        **options: Any,
     ) -> None:
+        """``options`` configure the core: ``timers``, ``intent_lease``, ``delivery_lease``,
+        ``delivery_concurrency``, ``delivery_round``, ``rng`` (see ``engine.core.Core``)."""
         self.store = store
         self.clock = clock or SystemClock()
-        self.core = Core(providers, self.clock, timers=timers, intent_lease=intent_lease,
-                         delivery_lease=delivery_lease, delivery_concurrency=delivery_concurrency,
-                         delivery_round=delivery_round, rng=rng)
+        self.core = Core(providers, self.clock, **options)
         self._stop_sending = threading.Event()
         self._pool: ThreadPoolExecutor | None = None  # the sync engine's delivery senders
         self._pool_lock = threading.Lock()
@@ -86,18 +77,13 @@ class Engine(_Facade):
     """The synchronous engine."""
 
     def _run(self, command: Command) -> Any:
-        result: Any = None
-        error: BaseException | None = None
-        while True:
+        steps = Steps(command)
+        for op in steps:
             try:
-                op = command.throw(error) if error is not None else command.send(result)
-            except StopIteration as done:
-                return done.value
-            result, error = None, None
-            try:
-                result = self._perform(op)
-            except Exception as failure:  # handed back to the command to decide
-                error = failure
+                steps.answer(self._perform(op))
+            except Exception as failure:
+                steps.fail(failure)
+        return steps.value
 
     def _perform(self, op: StoreOp | ProviderOp | ParallelOp) -> Any:
         if isinstance(op, StoreOp):
