@@ -20,6 +20,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q
 
+# Long property exploration (the fuzz profile); its example database is .hypothesis-fuzz/
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_property_lifecycle.py tests/test_property_values.py
+
 test-fast: $(STAMP)
 	HYPOTHESIS_PROFILE=dev $(BIN)/python -m pytest -q -m "not slow"
 

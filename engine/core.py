@@ -61,7 +61,7 @@ from .errors import (
     ValidationError,
 )
 from .machine import TimerPolicy, decide
-from .models import Basket, Event, LineItem, Outcome, PricedLine, Quote, Transaction
+from .models import MAX_LINES, Basket, Event, LineItem, Outcome, PricedLine, Quote, Transaction
 from .secret import Secret, as_secret
 from .store.base import (
     DEAD,
@@ -383,6 +383,9 @@ class Core:
         tx = yield from self._load(tx_id)
         if items is not None:
             _check_currency(items, tx)
+            if len(tx.items) + len(params["items"]) > MAX_LINES:
+                raise ValidationError(f"a transaction holds at most {MAX_LINES} lines",
+                                      tx_id=tx.id, state=tx.state, event=event)
         capabilities = self._capabilities(tx.provider)
         remote = event in capabilities.remote
         # Only a key (the caller's, or the intent's own) is bound to the parameters.
@@ -404,6 +407,8 @@ class Core:
         if machine.is_overdue(tx, now):
             expired = yield from self._expire(tx, now, capabilities)
             raise machine.preview_expired(expired, event, now)
+        if (tx.state, event) not in machine.TABLE:
+            decide(tx, event, now, capabilities.timers)  # the lifecycle refuses first: IllegalTransition
         if event not in capabilities.supported:
             raise UnsupportedOperation(
                 f"{tx.provider} does not support {event}", tx_id=tx.id, state=tx.state, event=event)

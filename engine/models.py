@@ -27,9 +27,18 @@ def _fail(message: str) -> None:
     raise ValidationError(message)
 
 
+def _check_encodable(attribute, value: str) -> None:
+    # Lone surrogates are valid str but not text: no provider, file or header can carry them.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        _fail(f"{attribute.name} is not valid Unicode text")
+
+
 def _check_name(instance, attribute, value) -> None:
     if not isinstance(value, str) or not value.strip():
         _fail(f"{attribute.name} must be a non-empty string")
+    _check_encodable(attribute, value)
     if len(value) > MAX_NAME_LENGTH:
         _fail(f"{attribute.name} is longer than {MAX_NAME_LENGTH} characters")
     if any(ord(ch) < 32 for ch in value):
@@ -39,6 +48,8 @@ def _check_name(instance, attribute, value) -> None:
 def _check_product_id(instance, attribute, value) -> None:
     if value is not None and (not isinstance(value, str) or not value or len(value) > 255):
         _fail("product_id must be None or a non-empty string of at most 255 characters")
+    if value is not None:
+        _check_encodable(attribute, value)
 
 
 def _check_quantity(instance, attribute, value) -> None:

@@ -238,3 +238,31 @@ class TestBadInput:
             pos.finalize("tx_missing")
         with pytest.raises(TransactionNotFound):
             pos.get("tx_missing")
+
+
+def test_update_cannot_grow_a_transaction_past_the_line_limit(pos, sandbox):
+    from engine.models import MAX_LINES
+
+    tx = pos.preview("reference", [tip(1)] * (MAX_LINES - 1), customer_token=CUSTOMER)
+    calls = len(sandbox.requests)
+    with pytest.raises(ValidationError, match=f"at most {MAX_LINES} lines"):
+        pos.update(tx.id, [tip(), tip()])
+    assert len(sandbox.requests) == calls
+    assert len(pos.update(tx.id, [tip()]).items) == MAX_LINES
+
+
+def test_an_event_the_lifecycle_forbids_is_illegal_before_it_is_unsupported(db_url, clock, sandbox, basket):
+    from engine import Engine
+
+    class NoRefunds(ReferenceDriver):
+        capabilities = attrs.evolve(ReferenceDriver.capabilities,
+                                    remote=ReferenceDriver.capabilities.remote - {"refund"})
+
+    driver = NoRefunds(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    with Engine.open(db_url, providers={"reference": driver}, clock=clock) as engine:
+        open_tx = engine.preview("reference", basket, customer_token=CUSTOMER)
+        with pytest.raises(IllegalTransition, match="not allowed from here"):
+            engine.refund(open_tx.id)
+        engine.cancel(open_tx.id)
+        with pytest.raises(IllegalTransition, match="final"):
+            engine.refund(open_tx.id)

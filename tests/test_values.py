@@ -119,3 +119,11 @@ class TestPricedLine:
     def test_unpriced_lines_are_paid_in_full(self):
         fee = PricedLine.unpriced(line(price=Money(9, "EUR")))
         assert (fee.discount, fee.credits, fee.outstanding) == (Money(0, "EUR"), Money(0, "EUR"), Money(9, "EUR"))
+
+
+@pytest.mark.parametrize("text", ["\ud800", "Beer \udfff"])
+def test_names_and_product_ids_must_be_encodable_text(text):
+    with pytest.raises(ValidationError, match="not valid Unicode"):
+        LineItem(None, text, 1, Money(100, "EUR"), 0)
+    with pytest.raises(ValidationError, match="not valid Unicode"):
+        LineItem(text, "Beer", 1, Money(100, "EUR"), 0)
