@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import AsyncEngine, Basket, Engine, FakeClock, LineItem, Money
+from engine import AsyncEngine, Basket, Engine, LineItem, Money
 from engine.errors import (
     OutcomeUnknown,
     ProviderRejected,
@@ -27,16 +27,6 @@ def eur(amount: str) -> Money:
 
 COFFEE = Basket([LineItem("latte", "Latte", 2, eur("3.90"), 7), LineItem("cake", "Carrot cake", 1, eur("4.20"), 7)])
 TIP = LineItem(None, "Tip", 1, eur("1.00"), 0)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def db_url(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'txengine.db'}"
 
 
 @pytest.fixture

@@ -25,13 +25,10 @@ from providers.secuconnect import driver as secu
 from providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ERRORS
 from tests.conftest import BlockingView
 
-SEED_CARD = "9276004429942845"
-MASKED = "************2845"
-POOR_CARD = "9276000000000025"
+from tests.providers.test_secuconnect_contract import FRUIT_SALAD, SANDWICH, SEED_CARD, WATER
+from tests.providers.test_secuconnect_contract import MASKED_CARD as MASKED
 
-SANDWICH = LineItem("30037", "Sandwich Romano", 1, Money(349, "EUR"), 7)
-FRUIT_SALAD = LineItem("30200", "Fruit salad, small bowl", 1, Money(249, "EUR"), 7)
-WATER = LineItem("51", "Water, mildly sprinkling, 0.25 ltr.", 2, Money(99, "EUR"), 19)
+POOR_CARD = "9276000000000025"
 SEED_BASKET = [SANDWICH, FRUIT_SALAD, WATER]
 TIP = LineItem(None, "Tip", 1, Money(100, "EUR"), 0)
 
