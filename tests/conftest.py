@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from engine import Basket, Engine, FakeClock, LineItem, Money
+from engine.testing.lifecycle import BlockingAsyncEngine
 from providers.reference import ReferenceDriver, ReferenceSandbox
 
 # stateful_step_count: steps per run of the lifecycle state machines (tests/test_property_*)
@@ -67,29 +68,9 @@ def tip(amount_minor: int = 100) -> LineItem:
     return LineItem(None, "Tip", 1, Money(amount_minor, "EUR"), 0)
 
 
-class BlockingView:
-    """Runs an AsyncEngine's coroutines on one private event loop, so every lifecycle test
-    runs against both facades with the same assertions."""
-
-    def __init__(self, async_engine) -> None:
-        import asyncio
-
-        self._engine = async_engine
-        self._runner = asyncio.Runner()
-
-    def __getattr__(self, name):
-        attribute = getattr(self._engine, name)
-        if not callable(attribute):
-            return attribute
-
-        def call(*args, **kwargs):
-            return self._runner.run(attribute(*args, **kwargs))
-
-        return call
-
-    def close(self) -> None:
-        self._runner.run(self._engine.aclose())
-        self._runner.close()
+# Every lifecycle test runs against both facades with the same assertions: the async
+# engine is driven from blocking test code on its own event loop.
+BlockingView = BlockingAsyncEngine
 
 
 @pytest.fixture(params=["sync", "async"])
