@@ -61,7 +61,7 @@ from .errors import (
     ValidationError,
 )
 from .machine import TimerPolicy, decide
-from .models import MAX_LINES, Basket, Event, LineItem, Outcome, PricedLine, Quote, Transaction
+from .models import MAX_LINES, Basket, LineItem, Outcome, PricedLine, Quote, Transaction
 from .secret import Secret, as_secret
 from .store.base import (
     DEAD,
@@ -565,8 +565,8 @@ class Core:
                 settled += 1
             except ProviderRejected:
                 settled += 1  # definitely refused: no longer in doubt
-            except (OutcomeUnknown, TransactionInDoubt, EngineError):
-                pass
+            except EngineError:
+                pass  # still in doubt, or taken by another process: a later sweep retries
         return settled
 
     def deliver_pending(self, batch: int | None = None, max_rounds: int | None = None) -> Command:

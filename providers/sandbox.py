@@ -242,6 +242,10 @@ class Sandbox:
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self._handle_httpx)
 
+    def recording_transport(self) -> RecordingTransport:
+        """``transport()``, keeping every request and the answer each one got."""
+        return RecordingTransport(self.transport())
+
     def asgi_transport(self) -> httpx.ASGITransport:
         return httpx.ASGITransport(app=self)
 
@@ -287,6 +291,34 @@ class Sandbox:
             "headers": [(k.encode(), v.encode()) for k, v in response.headers],
         })
         await send({"type": "http.response.body", "body": response.body})
+
+
+class RecordingTransport(httpx.MockTransport):
+    """An in-process transport that keeps what crossed it, for tests that assert the wire.
+
+    ``requests`` holds every request sent (even one a fault swallowed); ``exchanges``
+    the ``(request, response)`` pairs that got an answer.
+    """
+
+    def __init__(self, inner: httpx.MockTransport) -> None:
+        self.requests: list[httpx.Request] = []
+        self.exchanges: list[tuple[httpx.Request, httpx.Response]] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            self.requests.append(request)
+            response = inner.handle_request(request)
+            response.read()
+            self.exchanges.append((request, response))
+            return response
+
+        super().__init__(handler)
+
+    @property
+    def last(self) -> tuple[httpx.Request, httpx.Response]:
+        return self.exchanges[-1]
+
+    def sent(self, path_end: str) -> list[httpx.Request]:
+        return [request for request in self.requests if request.url.path.endswith(path_end)]
 
 
 # --- adapter 3: a real server on loopback -------------------------------------------------

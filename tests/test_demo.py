@@ -1,6 +1,5 @@
 """The demo a new user runs first, and the CLI commands around it."""
 
-import os
 import re
 import signal
 import subprocess
@@ -35,8 +34,6 @@ def test_show_prints_a_transaction_with_its_journal(tmp_path, capsys):
 
 
 def test_sandbox_serve_answers_on_loopback_seeded(tmp_path):
-    from engine.clock import FakeClock  # noqa: F401  (import check only)
-
     server = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "sandbox", "serve", "cheers", "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

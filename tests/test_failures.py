@@ -1,12 +1,10 @@
 """Failure paths: rejections, unknown outcomes, retries, recovery, crashes at every boundary,
 idempotent commands and guaranteed deliveries.  Nothing lost, nothing doubled."""
 
-from datetime import timedelta
-
 import pytest
 
 from engine import Engine
-from engine.core import ProviderOp, StoreOp
+from engine.core import ProviderOp
 from engine.errors import (
     IdempotencyConflict,
     OutcomeUnknown,

@@ -2,11 +2,9 @@
 and an expiry sweep whose cost follows the number due."""
 
 import sqlite3
-from datetime import timedelta
 
 import pytest
 
-from engine import Engine
 from engine.journal import replay
 from engine.store.sqlite import MIGRATIONS, SQLiteStore
 

@@ -28,7 +28,6 @@ from ..machine import ACTIVE
 from ..models import Event
 from .base import (
     DEAD,
-    DELIVERED,
     DROP,
     PENDING,
     PUT,

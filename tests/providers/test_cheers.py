@@ -23,7 +23,7 @@ from engine.secret import Secret
 from providers.cheers import CheersDriver, CheersSandbox
 from providers.cheers import driver as cheers
 from providers.cheers.sandbox import DEFAULT_API_KEY
-from providers.sandbox import Fault, serve
+from providers.sandbox import Fault, RecordingTransport, serve
 
 # --- the seed's worked example, verbatim ---------------------------------------------------
 
@@ -143,31 +143,6 @@ TIP = LineItem(None, "Tip", 1, huf(100), 0)
 # --- fixtures and helpers ------------------------------------------------------------------
 
 
-class Recorder(httpx.MockTransport):
-    """The sandbox in-process, keeping every (request, response) pair it answered."""
-
-    def __init__(self, sandbox: CheersSandbox) -> None:
-        self.exchanges: list[tuple[httpx.Request, httpx.Response]] = []
-        inner = sandbox.transport()
-
-        def handler(request: httpx.Request) -> httpx.Response:
-            response = inner.handle_request(request)
-            response.read()
-            self.exchanges.append((request, response))
-            return response
-
-        super().__init__(handler)
-
-    @property
-    def last(self) -> tuple[httpx.Request, httpx.Response]:
-        return self.exchanges[-1]
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
 @pytest.fixture
 def sandbox(clock) -> CheersSandbox:
     """The seed's set-up, configured by hand so the test shows what produces the numbers."""
@@ -180,8 +155,8 @@ def sandbox(clock) -> CheersSandbox:
 
 
 @pytest.fixture
-def recorder(sandbox) -> Recorder:
-    return Recorder(sandbox)
+def recorder(sandbox) -> RecordingTransport:
+    return sandbox.recording_transport()
 
 
 @pytest.fixture
@@ -291,7 +266,7 @@ def test_worked_example_update_is_the_seeds_request_and_answer(driver, recorder,
 def test_worked_example_through_the_ready_made_seed(clock):
     sandbox = CheersSandbox(clock=clock)
     sandbox.seed_worked_example()
-    recorder = Recorder(sandbox)
+    recorder = sandbox.recording_transport()
     driver = CheersDriver(api_key=DEFAULT_API_KEY, transport=recorder)
 
     tx = previewed(driver, clock)

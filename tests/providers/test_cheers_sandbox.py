@@ -11,7 +11,6 @@ from datetime import timedelta
 import httpx
 import pytest
 
-from engine.clock import FakeClock
 from providers.cheers import CheersSandbox
 from providers.cheers import driver as cheers
 from providers.cheers.sandbox import DEFAULT_API_KEY, DiscountRule
@@ -55,11 +54,6 @@ class Till:
 
     def command(self, operation: str, transaction_id: str, body: dict | None = None) -> httpx.Response:
         return self.client.post(command_path(operation, transaction_id), json=body)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

@@ -22,11 +22,6 @@ LIFETIME = forloy.ACCESS_TOKEN_TTL
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def pair(clock):
     return forloy_pair(clock)
 

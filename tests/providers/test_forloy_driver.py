@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine import Basket, FakeClock, LineItem, Money
+from engine import Basket, LineItem, Money
 from engine.drivers import Delivery, PreviewRequest
 from engine.errors import OutcomeUnknown, ProviderRejected, ValidationError
 from engine.models import Transaction
@@ -19,11 +19,6 @@ from engine.secret import Secret
 from providers.forloy import ForloyDriver, ForloySandbox, forloy_pair
 from providers.forloy import driver as forloy
 from providers.sandbox import Fault, serve
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from engine import FakeClock
 from providers.forloy import ForloySandbox
 from providers.forloy import driver as forloy
 from providers.forloy.driver import dumps, loads
@@ -48,11 +47,6 @@ class Api:
         body = {"card_instance_id": card.card_instance_id, "location_id": "loc_001",
                 "staff_user_id": "staff_042", "purchase_amount": Decimal(amount), **extra}
         return self.post("/transactions/record", body)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from engine import Basket, FakeClock, LineItem, Money
+from engine import Basket, LineItem, Money
 from engine.clock import UTC
 from engine.drivers import Delivery, PreviewRequest
 from engine.errors import ProviderRejected, ValidationError
@@ -22,11 +22,6 @@ from providers.forloy import ForloyDriver, ForloySandbox, forloy_pair
 from providers.forloy import driver as forloy
 
 BASE = "https://api.forloy.com/api/v1"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from engine.money import Money
 from engine.secret import Secret
 from providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
 from providers.secuconnect import driver as secu
+from providers.sandbox import RecordingTransport
 from providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 
 SEED_CARD = "9276004429942845"
@@ -123,33 +124,14 @@ SEED_RECEIPT = (
 )
 
 
-class Recorder(httpx.MockTransport):
-    """The sandbox's transport, keeping every request and answer for inspection."""
-
-    def __init__(self, sandbox: SecuconnectSandbox) -> None:
-        self.exchanges: list[tuple[httpx.Request, httpx.Response]] = []
-        inner = sandbox.transport()
-
-        def handler(request: httpx.Request) -> httpx.Response:
-            response = inner.handle_request(request)
-            response.read()
-            self.exchanges.append((request, response))
-            return response
-
-        super().__init__(handler)
-
-    def sent(self, path_end: str) -> list[httpx.Request]:
-        return [request for request, _ in self.exchanges if request.url.path.endswith(path_end)]
-
-
 @pytest.fixture
 def sandbox(clock) -> SecuconnectSandbox:
     return SecuconnectSandbox(clock)  # the demo merchant and the seed's card, 10,00 EUR
 
 
 @pytest.fixture
-def recorder(sandbox) -> Recorder:
-    return Recorder(sandbox)
+def recorder(sandbox) -> RecordingTransport:
+    return sandbox.recording_transport()
 
 
 @pytest.fixture

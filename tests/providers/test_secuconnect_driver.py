@@ -19,7 +19,7 @@ from engine.errors import OutcomeUnknown, ProtocolError, ProviderRejected, Valid
 from engine.models import Basket, LineItem, PricedLine, Quote, Transaction
 from engine.money import Money
 from engine.secret import Secret
-from providers.sandbox import Fault, serve
+from providers.sandbox import Fault, RecordingTransport, serve
 from providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
 from providers.secuconnect import driver as secu
 from providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ERRORS
@@ -35,20 +35,9 @@ TIP = LineItem(None, "Tip", 1, Money(100, "EUR"), 0)
 BASKET = (SANDWICH, FRUIT_SALAD, WATER)  # 796
 
 
-class Recorder(httpx.MockTransport):
-    def __init__(self, sandbox: SecuconnectSandbox) -> None:
-        self.requests: list[httpx.Request] = []
-        inner = sandbox.transport()
-
-        def handler(request: httpx.Request) -> httpx.Response:
-            self.requests.append(request)
-            return inner.handle_request(request)
-
-        super().__init__(handler)
-
-    def calls(self) -> list[tuple[str, str]]:
-        """(method, last path segments) of every request, tokens included."""
-        return [(request.method, _short(request.url.path)) for request in self.requests]
+def sent_calls(recorder: RecordingTransport) -> list[tuple[str, str]]:
+    """(method, last path segments) of every request sent, tokens included."""
+    return [(request.method, _short(request.url.path)) for request in recorder.requests]
 
 
 def _short(path: str) -> str:
@@ -67,8 +56,8 @@ def sandbox(clock) -> SecuconnectSandbox:
 
 
 @pytest.fixture
-def recorder(sandbox) -> Recorder:
-    return Recorder(sandbox)
+def recorder(sandbox) -> RecordingTransport:
+    return sandbox.recording_transport()
 
 
 @pytest.fixture
@@ -136,7 +125,7 @@ def test_finalize_covered_by_the_card_starts_loyalty_and_redeems_the_sum(driver,
     tx = previewed(driver, clock)
     outcome = driver.run(driver.finalize(tx, "f"))
 
-    assert recorder.calls()[-2:] == [("GET", "stx"), ("POST", "stx/start/loyalty")]
+    assert sent_calls(recorder)[-2:] == [("GET", "stx"), ("POST", "stx/start/loyalty")]
     assert sandbox.card_balance(CARD) == 204
     assert outcome.provider_ref == tx.provider_ref
     assert outcome.details["payment_method"] == "loyalty"
@@ -153,7 +142,7 @@ def test_finalize_with_a_missing_sum_starts_cash_and_redeems_the_whole_balance(d
     tx = previewed(driver, clock, card=POOR_CARD)
     outcome = driver.run(driver.finalize(tx, "f"))
 
-    assert recorder.calls()[-1] == ("POST", "stx/start/cash")
+    assert sent_calls(recorder)[-1] == ("POST", "stx/start/cash")
     assert sandbox.card_balance(POOR_CARD) == 0
     assert outcome.details["payment_method"] == "cash"
     assert outcome.details["missing_sum"] == 296
@@ -197,7 +186,7 @@ def test_an_updated_basket_finalizes_with_the_new_missing_sum(driver, sandbox, c
 def test_cancel_aborts_and_nothing_is_redeemed(driver, recorder, sandbox, clock):
     tx = previewed(driver, clock)
     outcome = driver.run(driver.cancel(tx, "c"))
-    assert recorder.calls()[-1] == ("POST", "stx/abort")
+    assert sent_calls(recorder)[-1] == ("POST", "stx/abort")
     assert outcome.details == {"smart_transaction_status": "cancelled"}
     assert sandbox.smart_transaction(tx.provider_ref)["status"] == "cancelled"
     assert sandbox.card_balance(CARD) == 1000 and not sandbox.loyalty_transactions
@@ -209,7 +198,7 @@ def test_refund_cancels_the_completed_transaction_and_returns_the_balance(driver
     clock.advance(hours=23, minutes=59)
     outcome = driver.run(driver.refund(tx, "r", "Customer returned the order"))
 
-    assert recorder.calls()[-1] == ("POST", "stx/cancel")
+    assert sent_calls(recorder)[-1] == ("POST", "stx/cancel")
     assert json.loads(recorder.requests[-1].content) == {}
     assert sandbox.card_balance(CARD) == 1000
     assert outcome.details == {"smart_transaction_status": "cancelled"}
@@ -231,13 +220,13 @@ def test_refund_after_the_assumed_window_is_refused(driver, sandbox, clock):
 def test_external_payment_records_turnover_without_applying_the_balance(driver, recorder, sandbox, clock):
     tx = previewed(driver, clock, payment_type="EXTERNAL_PAYMENT")
     assert parts(tx) == [(0, 349), (0, 249), (0, 198)]
-    assert ("POST", "stx/preTransaction") not in recorder.calls()
+    assert ("POST", "stx/preTransaction") not in sent_calls(recorder)
     outcome = driver.run(driver.finalize(tx, "f"))
-    assert recorder.calls()[-1] == ("POST", "stx/start/cash")
+    assert sent_calls(recorder)[-1] == ("POST", "stx/start/cash")
     assert sandbox.card_balance(CARD) == 1000
     assert [booking.turnover for booking in sandbox.loyalty_transactions] == [796]
     updated = driver.run(driver.update(previewed(driver, clock, payment_type="EXTERNAL_PAYMENT"), (TIP,), "u"))
-    assert parts(updated)[-1] == (0, 100) and recorder.calls()[-1] == ("PUT", "stx")
+    assert parts(updated)[-1] == (0, 100) and sent_calls(recorder)[-1] == ("PUT", "stx")
     assert outcome.details["missing_sum"] == 0
 
 
@@ -258,7 +247,7 @@ def test_an_expired_preview_is_released_with_abort_and_redelivery_is_harmless(dr
     driver.run(driver.deliver((delivery,)))
     driver.run(driver.deliver((delivery,)))
 
-    assert recorder.calls()[-2:] == [("POST", "stx/abort"), ("POST", "stx/abort")]
+    assert sent_calls(recorder)[-2:] == [("POST", "stx/abort"), ("POST", "stx/abort")]
     assert sandbox.smart_transaction(tx.provider_ref)["status"] == "cancelled"
 
 
@@ -328,15 +317,15 @@ def test_one_token_serves_every_call_until_shortly_before_it_expires(driver, rec
     clock.advance(seconds=1)  # now inside the safety margin: refresh before calling
     driver.run(driver.cancel(tx, "c"))
     assert sandbox.tokens_issued == 2
-    assert [call for call in recorder.calls() if call == ("POST", "token")] == [("POST", "token")] * 2
-    assert recorder.calls()[-2:] == [("POST", "token"), ("POST", "stx/abort")]
+    assert [call for call in sent_calls(recorder) if call == ("POST", "token")] == [("POST", "token")] * 2
+    assert sent_calls(recorder)[-2:] == [("POST", "token"), ("POST", "stx/abort")]
 
 
 def test_a_refused_token_is_replaced_once_and_the_call_resent(driver, recorder, sandbox, clock):
     tx = previewed(driver, clock)
     sandbox.revoke_tokens()
     driver.run(driver.cancel(tx, "c"))
-    assert recorder.calls()[-3:] == [("POST", "stx/abort"), ("POST", "token"), ("POST", "stx/abort")]
+    assert sent_calls(recorder)[-3:] == [("POST", "stx/abort"), ("POST", "token"), ("POST", "stx/abort")]
     assert sandbox.smart_transaction(tx.provider_ref)["status"] == "cancelled"
 
 
@@ -529,7 +518,7 @@ def test_the_cashier_reads_the_providers_german_message(driver, sandbox, clock):
 def test_a_refused_preview_aborts_the_half_made_smart_transaction(driver, recorder, sandbox, clock, scenario):
     with pytest.raises(ProviderRejected):
         scenario(driver, sandbox, clock)
-    assert recorder.calls()[-1] == ("POST", "stx/abort")
+    assert sent_calls(recorder)[-1] == ("POST", "stx/abort")
     assert [stx.status for stx in sandbox.smart_transactions.values()] == ["cancelled"]
 
 
@@ -742,7 +731,7 @@ def test_a_lost_start_answer_is_resolved_by_the_retry_reading_the_status(driver,
 
     outcome = driver.run(driver.finalize(tx, "f"))  # the engine's retry, same transaction
 
-    assert recorder.calls()[-1] == ("GET", "stx")  # no second start
+    assert sent_calls(recorder)[-1] == ("GET", "stx")  # no second start
     assert sandbox.card_balance(CARD) == 204
     assert len(sandbox.loyalty_transactions) == 1
     assert outcome.details["loyalty_transaction_id"] == sandbox.loyalty_transactions[0].id
