@@ -230,6 +230,7 @@ class Core:
         if unknown:
             raise ValidationError(f"timer policies for unknown providers: {sorted(unknown)}")
         self.drivers = dict(drivers)
+        self._providers = tuple(sorted(self.drivers))
         self.capabilities: dict[str, Capabilities] = {
             name: driver.capabilities.with_timers((timers or {}).get(name))
             for name, driver in drivers.items()
@@ -532,7 +533,8 @@ class Core:
         expired = 0
         while True:
             now = self.clock.now()
-            due = yield StoreOp("due_for_expiry", (now, batch))
+            due = yield StoreOp("due_for_expiry", (now, batch, self._providers))
+            progress = expired
             for tx_id in due:
                 tx = yield _load(tx_id)
                 if tx is None or not machine.is_overdue(tx, now):
@@ -542,8 +544,8 @@ class Core:
                     expired += 1
                 except EngineError:
                     pass  # another sweeper or a command got there first
-            if len(due) < batch:
-                return expired
+            if len(due) < batch or expired == progress:
+                return expired  # drained, or a full pass moved nothing: never spin on it
 
     def recover(self, batch: int = 100) -> Command:
         """Re-drive every in-doubt side effect whose lease is free; returns how many settled.
@@ -551,14 +553,14 @@ class Core:
         Each is re-sent under its original idempotency key, through the driver's own
         operation (a driver whose provider has a status query reads it first), and the
         transaction lands where the provider's answer puts it.  One whose provider is not
-        configured in this engine is left for an engine that has it.
+        configured in this engine is not even read: it is left for an engine that has it.
         """
         settled = 0
         now = self.clock.now()
-        for tx_id in (yield StoreOp("intents_to_recover", (now, batch))):
+        for tx_id in (yield StoreOp("intents_to_recover", (now, batch, self._providers))):
             tx = yield _load(tx_id)
             intent = yield StoreOp("load_intent", (tx_id,))
-            if tx is None or intent is None or tx.pending != intent.event or tx.provider not in self.drivers:
+            if tx is None or intent is None or tx.pending != intent.event:
                 continue
             try:
                 yield from self._take_over(tx, intent, now)

@@ -70,14 +70,17 @@ def test_replaying_the_journal_rebuilds_every_stored_snapshot(engine, basket, cl
         assert stored.version == len(engine.store.journal(tx_id))
 
 
-def test_the_expiry_sweep_reads_the_deadline_index(engine):
-    plan = engine.store._connection().execute(
-        "EXPLAIN QUERY PLAN SELECT id FROM transactions INDEXED BY transactions_due"
-        " WHERE state IN ('payment_pending', 'previewed', 'updated') AND pending IS NULL"
-        " AND expires_at <= 0 ORDER BY expires_at LIMIT 10"
-    ).fetchall()
-    assert any("transactions_due" in row[-1] for row in plan)
-    assert not any("TEMP B-TREE" in row[-1] for row in plan), "no sort: the index is the order"
+def test_the_expiry_sweep_reads_the_deadline_index(engine, clock):
+    """EXPLAIN the very statement the sweep runs: an index range scan in deadline order."""
+    connection = engine.store._connection()
+    statements = []
+    connection.set_trace_callback(statements.append)
+    engine.store.due_for_expiry(clock.now(), 10, ("reference",))
+    connection.set_trace_callback(None)
+    [sweep] = [sql for sql in statements if "FROM transactions" in sql]
+    plan = [row[-1] for row in connection.execute(f"EXPLAIN QUERY PLAN {sweep}")]
+    assert any("transactions_due" in step for step in plan), plan
+    assert not any("TEMP B-TREE" in step for step in plan), "no sort: the index is the order"
 
 
 def test_the_sweep_visits_only_due_rows(engine, basket, clock):
@@ -95,3 +98,32 @@ def test_the_sweep_visits_only_due_rows(engine, basket, clock):
     assert engine.expire_due() == 3
     assert sorted(loads) == sorted(due_later)
     store.load = original
+
+
+def test_engines_for_different_providers_share_a_database_without_spinning(db_url, clock, sandbox, basket):
+    """A full batch of rows this engine has no driver for is never read, expired or retried."""
+    from engine import Engine
+    from providers.reference import ReferenceDriver, ReferenceSandbox
+    from providers.sandbox import Fault
+
+    other = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    mine = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    with Engine.open(db_url, providers={"other": other}, clock=clock) as theirs, \
+            Engine.open(db_url, providers={"reference": mine}, clock=clock) as ours:
+        foreign = [theirs.preview("other", basket).id for _ in range(4)]
+        in_doubt = [theirs.preview("other", basket).id for _ in range(3)]
+        for tx_id in in_doubt:
+            sandbox.faults.inject("finalize", Fault.SERVER_ERROR)
+            with pytest.raises(Exception):
+                theirs.finalize(tx_id)
+        own = ours.preview("reference", basket, customer_token=CUSTOMER)
+        sandbox.faults.inject("finalize", Fault.SERVER_ERROR)
+        with pytest.raises(Exception):
+            ours.finalize(own.id)
+        clock.advance(minutes=10)
+        assert ours._run(ours.core.recover(batch=2)) == 1, "its own intent, behind three foreign ones"
+        assert ours.get(own.id).pending is None  # settled: the sandbox refused the late finalize
+        assert ours._run(ours.core.expire_due(batch=2)) == 1, "its own, behind four foreign ones"
+        assert ours.get(own.id).state == "expired"
+        assert {theirs.get(tx_id).state for tx_id in foreign} == {"previewed"}
+        assert theirs.expire_due() == 4

@@ -261,20 +261,27 @@ class SQLiteStore:
     def transaction_ids(self) -> list[str]:
         return [row[0] for row in self._connection().execute("SELECT id FROM transactions ORDER BY id")]
 
-    def due_for_expiry(self, now: datetime, limit: int) -> list[str]:
+    # The sweeps select only rows of ``providers``, the ones the calling engine has drivers
+    # for: engines configured for different providers can share one database without one
+    # re-reading rows it can never act on (and starving the ones it can).
+
+    def due_for_expiry(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]:
         rows = self._connection().execute(
             "SELECT id FROM transactions INDEXED BY transactions_due"
             f" WHERE state IN ({_ACTIVE_SQL}) AND pending IS NULL AND expires_at <= ?"
-            " ORDER BY expires_at LIMIT ?",
-            (to_us(now), limit),
+            f" AND provider IN ({_placeholders(providers)}) ORDER BY expires_at LIMIT ?",
+            (to_us(now), *providers, limit),
         ).fetchall()
         return [row[0] for row in rows]
 
-    def intents_to_recover(self, now: datetime, limit: int) -> list[str]:
+    def intents_to_recover(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]:
         rows = self._connection().execute(
-            "SELECT tx_id FROM intents WHERE (lease_until IS NULL OR lease_until <= ?)"
-            " AND (retry_at IS NULL OR retry_at <= ?) ORDER BY lease_until LIMIT ?",
-            (to_us(now), to_us(now), limit),
+            "SELECT intents.tx_id FROM intents JOIN transactions ON transactions.id = intents.tx_id"
+            " WHERE (intents.lease_until IS NULL OR intents.lease_until <= ?)"
+            " AND (intents.retry_at IS NULL OR intents.retry_at <= ?)"
+            f" AND transactions.provider IN ({_placeholders(providers)})"
+            " ORDER BY intents.lease_until LIMIT ?",
+            (to_us(now), to_us(now), *providers, limit),
         ).fetchall()
         return [row[0] for row in rows]
 
@@ -509,6 +516,12 @@ class _Immediate:
             self.connection.execute("COMMIT")
         else:
             self.connection.execute("ROLLBACK")
+
+
+def _placeholders(values: Sequence[object]) -> str:
+    if not values:
+        raise ValueError("a sweep needs at least one provider")
+    return ", ".join("?" * len(values))
 
 
 def _statements(script: str) -> list[str]:
