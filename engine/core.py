@@ -583,7 +583,8 @@ class Core:
             rounds += 1
             now = self.clock.now()
             owner = secrets.token_hex(8)  # this round's lease: only its holder settles
-            claimed = yield StoreOp("claim_deliveries", (now, now + self.delivery_lease, size, owner))
+            claimed = yield StoreOp("claim_deliveries", (now, now + self.delivery_lease, size, owner,
+                                                         self._providers))
             if not claimed:
                 break
             settlements = yield from self._deliver_round(claimed, now)
@@ -618,9 +619,7 @@ class Core:
         """The delivery's exchange, not yet primed: its first request is built by the runner,
         concurrently with the other sends (the rows are claimed already, so a refusal while
         building parks them exactly as one while sending would)."""
-        provider = group[0].provider
-        if provider not in self.drivers:
-            raise ValidationError(f"no driver configured for {provider}")
+        provider = group[0].provider  # claimed for this engine's providers only
         try:
             return ProviderOp(provider, "deliver", exchange=self.drivers[provider].deliver(tuple(group)))
         except EngineError:
@@ -741,7 +740,7 @@ def _remote_effect(tx: Transaction, event: str, result: Any, params: Mapping[str
 def _batches(deliveries: Sequence[Delivery], capabilities: Mapping[str, Capabilities]) -> list[list[Delivery]]:
     groups: dict[tuple[str, str], list[list[Delivery]]] = {}
     for delivery in deliveries:
-        size = capabilities[delivery.provider].delivery_batch if delivery.provider in capabilities else 1
+        size = capabilities[delivery.provider].delivery_batch  # claimed for configured providers only
         chunks = groups.setdefault((delivery.provider, delivery.kind), [[]])
         if len(chunks[-1]) >= size:
             chunks.append([])

@@ -313,3 +313,18 @@ def test_the_async_facade_shows_and_requeues_deliveries_too(db_url, driver, bask
         assert not view.retry_delivery(tx.deliveries[0].id), "only a dead delivery is re-queued"
     finally:
         view.close()
+
+
+def test_an_engine_never_claims_deliveries_of_a_provider_it_has_no_driver_for(db_url, clock, sandbox, basket):
+    """Engines for different providers on one database: each drains only its own outbox rows
+    (claiming the others' would park them as dead for want of a driver)."""
+    other = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    mine = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    with Engine.open(db_url, providers={"other": other}, clock=clock) as theirs, \
+            Engine.open(db_url, providers={"reference": mine}, clock=clock) as ours:
+        foreign = theirs.finalize(theirs.preview("other", basket).id)
+        own = ours.finalize(ours.preview("reference", basket).id)
+        assert ours.deliver_pending() == 1
+        assert ours.get(own.id).deliveries[0].status == "delivered"
+        assert theirs.get(foreign.id).deliveries[0].status == "pending", "untouched, not dead"
+        assert theirs.deliver_pending() == 1

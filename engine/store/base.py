@@ -153,9 +153,10 @@ class Store(Protocol):
     def intents_to_recover(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]: ...
 
     def claim_deliveries(self, now: datetime, lease_until: datetime, limit: int,
-                         owner: str | None = None) -> list[Delivery]:
-        """Lease up to ``limit`` due deliveries to ``owner``; nobody else gets them until
-        ``lease_until`` (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, the write lock here)."""
+                         owner: str | None = None, providers: Sequence[str] | None = None) -> list[Delivery]:
+        """Lease up to ``limit`` due deliveries of ``providers`` (None: all) to ``owner``;
+        nobody else gets them until ``lease_until`` (``FOR UPDATE SKIP LOCKED`` on
+        PostgreSQL, the write lock here)."""
 
     def settle_deliveries(self, settlements: Sequence[DeliverySettlement], now: datetime,
                           owner: str | None = None) -> int:

@@ -393,13 +393,14 @@ class SQLiteStore:
     # --- the outbox ---
 
     def claim_deliveries(self, now: datetime, lease_until: datetime, limit: int,
-                         owner: str | None = None) -> list[Delivery]:
+                         owner: str | None = None, providers: Sequence[str] | None = None) -> list[Delivery]:
+        only = "" if providers is None else f" AND provider IN ({_placeholders(providers)})"
         with self._write_transaction() as db:
             rows = db.execute(
                 "SELECT id, tx_id, provider, kind, payload, idempotency_key, attempts FROM outbox"
                 " INDEXED BY outbox_due WHERE status = 'pending' AND next_attempt_at <= ?"
-                " AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at, id LIMIT ?",
-                (to_us(now), to_us(now), limit),
+                f" AND (lease_until IS NULL OR lease_until <= ?){only} ORDER BY next_attempt_at, id LIMIT ?",
+                (to_us(now), to_us(now), *(providers or ()), limit),
             ).fetchall()
             db.executemany("UPDATE outbox SET lease_until = ?, lease_owner = ? WHERE id = ?",
                            [(to_us(lease_until), owner, row[0]) for row in rows])
