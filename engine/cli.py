@@ -6,13 +6,6 @@ import argparse
 import sys
 
 
-def _engine_for_inspection(db: str):
-    """An engine over ``db`` for read-only commands: no provider is called."""
-    from .store import SQLiteStore
-
-    return SQLiteStore(db)
-
-
 def cmd_demo(args) -> int:
     from . import demo
 
@@ -21,8 +14,9 @@ def cmd_demo(args) -> int:
 
 def cmd_show(args) -> int:
     from .report import describe
+    from .store import open_existing
 
-    store = _engine_for_inspection(args.db)
+    store = open_existing(args.db)
     tx = store.load(args.tx_id)
     if tx is None:
         print(f"no transaction {args.tx_id} in {args.db}", file=sys.stderr)
@@ -96,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except FileNotFoundError as missing:  # an operator command pointed at no database
+        raise SystemExit(str(missing)) from None
 
 
 if __name__ == "__main__":

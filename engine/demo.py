@@ -9,7 +9,7 @@ import os
 import tempfile
 from collections.abc import Callable
 
-from .clock import FakeClock
+from .clock import Clock, FakeClock
 from .engine import Engine
 from .errors import ProviderRejected, UnsupportedOperation
 from .journal import replay
@@ -156,7 +156,7 @@ def secuconnect_sessions(engine: Engine, sandbox, clock: FakeClock, say: Narrato
     say.receipt(tx)
 
 
-def demo_pairs(clock: FakeClock) -> dict[str, tuple]:
+def demo_pairs(clock: Clock, *, forloy_offline: bool = False) -> dict[str, tuple]:
     """Every provider's sandbox, in-process, and its driver wired to it."""
     from providers.cheers import CheersDriver, CheersSandbox
     from providers.cheers.sandbox import DEFAULT_API_KEY
@@ -173,7 +173,7 @@ def demo_pairs(clock: FakeClock) -> dict[str, tuple]:
         "reference": (reference, ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=reference.transport())),
         "cheers": (cheers, CheersDriver(api_key=DEFAULT_API_KEY, transport=cheers.transport())),
         "rekonect": rekonect_pair(clock),
-        "forloy": forloy_pair(clock),
+        "forloy": forloy_pair(clock, offline=forloy_offline),
         "secuconnect": (secuconnect, SecuconnectDriver(client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET,
                                                        clock=clock, transport=secuconnect.transport())),
     }

@@ -767,20 +767,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=command)
 
 
-def _open_store(db: str):
-    from .store import SQLiteStore, open_store
-
-    return open_store(db) if "://" in db else SQLiteStore(db)
-
-
 def command(args: argparse.Namespace) -> int:
     try:
         base = provider(args.provider) if args.provider else None
         if args.tx_id:
-            if "://" not in args.db and not Path(args.db).is_file():
-                print(f"no database at {args.db}", file=sys.stderr)
+            from .store import open_existing
+
+            try:
+                store = open_existing(args.db)
+            except FileNotFoundError as missing:
+                print(missing, file=sys.stderr)
                 return 1
-            store = _open_store(args.db)
             try:
                 tx = store.load(args.tx_id)
                 if tx is None:

@@ -44,6 +44,7 @@ import attrs
 from .clock import Clock
 from .drivers import ProviderDriver
 from .errors import EngineError, ValidationError
+from .store import open_existing
 from .store.base import WorkerRecord
 
 log = logging.getLogger("txengine.worker")
@@ -244,28 +245,12 @@ def load_providers(spec: str) -> dict[str, ProviderDriver]:
 
 def demo_providers(clock: Clock | None = None) -> dict[str, ProviderDriver]:
     """Every provider wired to an in-process sandbox (nothing leaves the machine): for
-    trying the worker locally against a database a demo or a test session filled."""
-    from providers.cheers import CheersDriver, CheersSandbox
-    from providers.cheers.sandbox import DEFAULT_API_KEY as CHEERS_KEY
-    from providers.forloy.sandbox import forloy_pair
-    from providers.reference import reference_pair
-    from providers.rekonect.sandbox import rekonect_pair
-    from providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
-    from providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
-
+    trying the worker locally.  Forloy runs offline, so its records go through the queue."""
     from .clock import SystemClock
+    from .demo import demo_pairs
 
-    clock = clock or SystemClock()
-    cheers = CheersSandbox(clock=clock)
-    secuconnect = SecuconnectSandbox(clock)
-    return {
-        "reference": reference_pair(clock)[1],
-        "cheers": CheersDriver(api_key=CHEERS_KEY, transport=cheers.transport()),
-        "rekonect": rekonect_pair(clock)[1],
-        "forloy": forloy_pair(clock, offline=True)[1],
-        "secuconnect": SecuconnectDriver(client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET,
-                                         clock=clock, transport=secuconnect.transport()),
-    }
+    pairs = demo_pairs(clock or SystemClock(), forloy_offline=True)
+    return {name: driver for name, (_, driver) in pairs.items()}
 
 
 # --- the command line: txengine worker | workers | outbox ---------------------------------------
@@ -294,17 +279,8 @@ def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
-def _existing_store(path: str):
-    """The store of an existing database: an operator's typo must not create an empty one."""
-    from .store import SQLiteStore
-
-    if not os.path.exists(path):
-        raise SystemExit(f"no database at {path}")
-    return SQLiteStore(path)
-
-
 def cmd_outbox_list(args) -> int:
-    store = _existing_store(args.db)
+    store = open_existing(args.db)
     try:
         statuses = [args.status] if args.status else ["dead", "pending"]
         rows = [row for status in statuses
@@ -327,7 +303,7 @@ def cmd_outbox_retry(args) -> int:
     if bool(args.ids) == args.all_dead:
         print("name delivery ids, or --all-dead (not both)", file=sys.stderr)
         return 2
-    store = _existing_store(args.db)
+    store = open_existing(args.db)
     now = datetime.now(timezone.utc)
     try:
         if args.all_dead:
@@ -346,7 +322,7 @@ def cmd_outbox_retry(args) -> int:
 
 
 def cmd_workers(args) -> int:
-    store = _existing_store(args.db)
+    store = open_existing(args.db)
     try:
         now = datetime.now(timezone.utc)
         for worker in store.workers():

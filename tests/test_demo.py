@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
 from engine import cli, demo
 
@@ -31,6 +32,10 @@ def test_show_prints_a_transaction_with_its_journal(tmp_path, capsys):
     shown = capsys.readouterr().out
     assert tx_id in shown and "journal:" in shown and "preview: new -> previewed" in shown
     assert cli.main(["show", "tx_missing", "--db", db]) == 1
+    typo = tmp_path / "typo.db"
+    with pytest.raises(SystemExit, match="no database"):
+        cli.main(["show", tx_id, "--db", str(typo)])
+    assert not typo.exists(), "a typo must not create an empty database"
 
 
 def test_sandbox_serve_answers_on_loopback_seeded(tmp_path):
