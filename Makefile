@@ -35,7 +35,7 @@ bench: $(STAMP)
 # engine/machine.py and the drivers.  SVG needs Graphviz: installed with apt-get when
 # `dot` is missing and we are root, otherwise the command says what to install.
 diagrams: $(STAMP)
-	$(BIN)/python -m engine.diagrams --write diagrams --install-dot
+	$(BIN)/python -m txengine.diagrams --write diagrams --install-dot
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -38,11 +38,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import httpx  # noqa: E402
 
-from engine import AsyncEngine, Engine, LineItem, Money  # noqa: E402
-from engine.models import PricedLine, Transaction  # noqa: E402
-from engine.store.base import Commit, NewDelivery  # noqa: E402
-from providers.rekonect import RekonectDriver  # noqa: E402
-from providers.rekonect.sandbox import DEFAULT_API_KEY  # noqa: E402
+from txengine import AsyncEngine, Engine, LineItem, Money  # noqa: E402
+from txengine.models import PricedLine, Transaction  # noqa: E402
+from txengine.store.base import Commit, NewDelivery  # noqa: E402
+from txengine.providers.rekonect import RekonectDriver  # noqa: E402
+from txengine.providers.rekonect.sandbox import DEFAULT_API_KEY  # noqa: E402
 
 TARGET = 0.70
 DRIVER_OPTIONS = {"api_key": DEFAULT_API_KEY, "source_name": "bench", "pos_id": "POS-1", "branch_id": "BR-1"}
@@ -54,8 +54,8 @@ LINES = (PricedLine.unpriced(LineItem("COFFEE", "Flat white", 1, Money(350, "EUR
 
 
 def _serve_sandbox(ready, commands) -> None:
-    from providers.rekonect import RekonectSandbox
-    from providers.sandbox import serve
+    from txengine.providers.rekonect import RekonectSandbox
+    from txengine.providers.sandbox import serve
 
     sandbox = RekonectSandbox()
     with serve(sandbox) as served:

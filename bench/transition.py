@@ -30,10 +30,10 @@ from datetime import timedelta
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from engine import Basket, Engine, FakeClock, LineItem, Money  # noqa: E402
-from engine.machine import PaymentLifecycle, TimerPolicy, decide  # noqa: E402
-from engine.store.sqlite import SQLiteStore  # noqa: E402
-from providers.reference import ReferenceDriver, ReferenceSandbox  # noqa: E402
+from txengine import Basket, Engine, FakeClock, LineItem, Money  # noqa: E402
+from txengine.machine import PaymentLifecycle, TimerPolicy, decide  # noqa: E402
+from txengine.store.sqlite import SQLiteStore  # noqa: E402
+from txengine.providers.reference import ReferenceDriver, ReferenceSandbox  # noqa: E402
 
 BASKET = Basket([LineItem("beer", "Draft Beer 0.5L", 3, Money(500, "EUR"), 27),
                  LineItem(None, "Service fee", 1, Money(9, "EUR"), 27)])
@@ -147,7 +147,7 @@ def machine_costs(n: int = 2000) -> dict[str, float]:
     """The decision alone, four ways (microseconds)."""
     from transitions import Machine
 
-    from engine.models import PricedLine, Transaction
+    from txengine.models import PricedLine, Transaction
 
     clock = FakeClock()
     now = clock.now()

@@ -1,6 +1,6 @@
 """txengine: an explicit, durable transaction state-machine engine for loyalty payments.
 
-    from engine import Engine, Basket, LineItem, Money, FakeClock
+    from txengine import Engine, Basket, LineItem, Money, FakeClock
 """
 
 from .aio import AsyncEngine

@@ -38,8 +38,8 @@ def cmd_show(args) -> int:
 def cmd_sandbox_serve(args) -> int:
     import threading
 
-    from providers import load_sandbox_class
-    from providers.sandbox import serve
+    from txengine.providers import load_sandbox_class
+    from txengine.providers.sandbox import serve
 
     sandbox = load_sandbox_class(args.name)()
     # An empty sandbox can only refuse: seed the accounts its docs' examples use.

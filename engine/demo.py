@@ -78,7 +78,7 @@ def reference_sessions(engine: Engine, sandbox, clock: FakeClock, say: Narrator)
 
 
 def cheers_sessions(engine: Engine, sandbox, clock: FakeClock, say: Narrator) -> None:
-    from providers.cheers import sandbox as cheers
+    from txengine.providers.cheers import sandbox as cheers
 
     sandbox.seed_worked_example()
     huf = lambda units: Money(units * 100, "HUF")  # noqa: E731  (Cheers speaks whole forints)
@@ -141,7 +141,7 @@ def forloy_sessions(engine: Engine, sandbox, clock: FakeClock, say: Narrator) ->
 
 
 def secuconnect_sessions(engine: Engine, sandbox, clock: FakeClock, say: Narrator) -> None:
-    from providers.secuconnect import sandbox as secu
+    from txengine.providers.secuconnect import sandbox as secu
 
     eur = lambda minor: Money(minor, "EUR")  # noqa: E731
     bakery = Basket([LineItem("30037", "Sandwich Romano", 1, eur(349), 7),
@@ -158,13 +158,13 @@ def secuconnect_sessions(engine: Engine, sandbox, clock: FakeClock, say: Narrato
 
 def demo_pairs(clock: Clock, *, forloy_offline: bool = False) -> dict[str, tuple]:
     """Every provider's sandbox, in-process, and its driver wired to it."""
-    from providers.cheers import CheersDriver, CheersSandbox
-    from providers.cheers.sandbox import DEFAULT_API_KEY
-    from providers.forloy.sandbox import forloy_pair
-    from providers.reference import ReferenceDriver, ReferenceSandbox
-    from providers.rekonect.sandbox import rekonect_pair
-    from providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
-    from providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+    from txengine.providers.cheers import CheersDriver, CheersSandbox
+    from txengine.providers.cheers.sandbox import DEFAULT_API_KEY
+    from txengine.providers.forloy.sandbox import forloy_pair
+    from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
+    from txengine.providers.rekonect.sandbox import rekonect_pair
+    from txengine.providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
+    from txengine.providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 
     reference = ReferenceSandbox(clock)
     cheers = CheersSandbox(clock)

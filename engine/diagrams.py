@@ -24,7 +24,7 @@ Mermaid and DOT are plain text, written here without any dependency; SVG and PNG
 from Graphviz's ``dot`` program (``ensure_dot``).  Output is deterministic: the same
 machine and drivers give the same bytes.
 
-Regenerate the committed files with ``make diagrams`` (``python -m engine.diagrams
+Regenerate the committed files with ``make diagrams`` (``python -m txengine.diagrams
 --write diagrams``); print one with ``txengine diagram --provider cheers --format dot``.
 """
 
@@ -68,11 +68,11 @@ EFFECT_LABELS: Mapping[str, str] = {
 
 #: drivers whose diagrams are generated, by provider name (``module:Class``)
 DRIVERS: Mapping[str, str] = {
-    "cheers": "providers.cheers:CheersDriver",
-    "rekonect": "providers.rekonect:RekonectDriver",
-    "forloy": "providers.forloy:ForloyDriver",
-    "secuconnect": "providers.secuconnect:SecuconnectDriver",
-    "reference": "providers.reference:ReferenceDriver",
+    "cheers": "txengine.providers.cheers:CheersDriver",
+    "rekonect": "txengine.providers.rekonect:RekonectDriver",
+    "forloy": "txengine.providers.forloy:ForloyDriver",
+    "secuconnect": "txengine.providers.secuconnect:SecuconnectDriver",
+    "reference": "txengine.providers.reference:ReferenceDriver",
 }
 
 FORMATS = ("mermaid", "dot", "svg", "png")
@@ -809,7 +809,7 @@ def command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.diagrams", description="write or check the committed diagrams")
+        prog="python -m txengine.diagrams", description="write or check the committed diagrams")
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--write", metavar="DIR", help="write every .mmd, .dot and .svg into DIR")
     action.add_argument("--check", metavar="DIR",

@@ -5,11 +5,11 @@
 """
 
 SANDBOXES: dict[str, str] = {
-    "reference": "providers.reference:ReferenceSandbox",
-    "cheers": "providers.cheers:CheersSandbox",
-    "rekonect": "providers.rekonect:RekonectSandbox",
-    "forloy": "providers.forloy:ForloySandbox",
-    "secuconnect": "providers.secuconnect:SecuconnectSandbox",
+    "reference": "txengine.providers.reference:ReferenceSandbox",
+    "cheers": "txengine.providers.cheers:CheersSandbox",
+    "rekonect": "txengine.providers.rekonect:RekonectSandbox",
+    "forloy": "txengine.providers.forloy:ForloySandbox",
+    "secuconnect": "txengine.providers.secuconnect:SecuconnectSandbox",
 }
 
 

@@ -3,7 +3,7 @@
 It has what the core needs exercising and nothing provider-specific: a wallet per
 customer key, percentage discounts on eligible products, previews that expire, a refund
 window, idempotent commits, a guaranteed "receipt" delivery after finalize, and every
-fault from ``providers.sandbox.Fault``.
+fault from ``txengine.providers.sandbox.Fault``.
 
 Wire protocol (JSON, integer minor units, header ``X-Api-Key`` on every call)::
 
@@ -30,12 +30,12 @@ from typing import Any
 import attrs
 import httpx
 
-from engine.clock import Clock
-from engine.drivers import Capabilities, Delivery, Exchange, HttpDriver, PreviewRequest
-from engine.machine import TimerPolicy
-from engine.models import LineItem, Outcome, PricedLine, Quote, Transaction
-from engine.money import Money
-from engine.secret import Secret
+from txengine.clock import Clock
+from txengine.drivers import Capabilities, Delivery, Exchange, HttpDriver, PreviewRequest
+from txengine.machine import TimerPolicy
+from txengine.models import LineItem, Outcome, PricedLine, Quote, Transaction
+from txengine.money import Money
+from txengine.secret import Secret
 
 from .sandbox import BadRequest, Sandbox, SandboxRequest, SandboxResponse, route
 

@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, urlsplit
 import attrs
 import httpx
 
-from engine.clock import Clock, SystemClock
+from txengine.clock import Clock, SystemClock
 
 
 class Fault(enum.Enum):
@@ -349,7 +349,7 @@ def serve(sandbox: Sandbox, host: str = "127.0.0.1", port: int = 0) -> Iterator[
     """Serve ``sandbox`` with uvicorn on a loopback port for the duration of the block."""
     import uvicorn
 
-    from engine.drivers import is_loopback
+    from txengine.drivers import is_loopback
 
     if not is_loopback(host):
         raise ValueError("sandboxes are only ever served on loopback")

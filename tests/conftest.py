@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from engine import Basket, Engine, FakeClock, LineItem, Money
-from engine.testing.lifecycle import BlockingAsyncEngine
-from providers.reference import ReferenceDriver, ReferenceSandbox
+from txengine import Basket, Engine, FakeClock, LineItem, Money
+from txengine.testing.lifecycle import BlockingAsyncEngine
+from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
 
 # stateful_step_count: steps per run of the lifecycle state machines (tests/test_property_*)
 settings.register_profile("dev", max_examples=25, deadline=None, stateful_step_count=30)
@@ -76,7 +76,7 @@ BlockingView = BlockingAsyncEngine
 @pytest.fixture(params=["sync", "async"])
 def pos(request, db_url, driver, clock):
     """The engine a POS would use, once blocking and once asyncio."""
-    from engine import AsyncEngine
+    from txengine import AsyncEngine
 
     if request.param == "sync":
         with Engine.open(db_url, providers={"reference": driver}, clock=clock) as engine:

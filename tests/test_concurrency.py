@@ -6,10 +6,10 @@ import threading
 
 import pytest
 
-from engine import Engine, SystemClock
-from engine.errors import ConcurrentModification, TransactionInDoubt
-from providers.reference import ReferenceDriver, ReferenceSandbox
-from providers.sandbox import serve
+from txengine import Engine, SystemClock
+from txengine.errors import ConcurrentModification, TransactionInDoubt
+from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
+from txengine.providers.sandbox import serve
 
 from .conftest import CUSTOMER
 

@@ -8,10 +8,10 @@ import itertools
 import attrs
 import pytest
 
-from engine.errors import ProviderRejected
-from engine.testing import Finding, ForloyHarness, ReferenceHarness, assert_conformant, check_driver
-from engine.testing.harnesses import BUNDLED
-from providers.reference import ReferenceDriver, ReferenceSandbox
+from txengine.errors import ProviderRejected
+from txengine.testing import Finding, ForloyHarness, ReferenceHarness, assert_conformant, check_driver
+from txengine.testing.harnesses import BUNDLED
+from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
 
 
 class Harness(ReferenceHarness):

@@ -37,8 +37,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine import Basket, Engine, FakeClock, LineItem, Money
-from engine.journal import replay
+from txengine import Basket, Engine, FakeClock, LineItem, Money
+from txengine.journal import replay
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 1, 15, 10, 0, tzinfo=timezone.utc)
@@ -83,16 +83,16 @@ FINAL_STATE = {"reference": "refunded", "rekonect": "refunded", "forloy": "final
 def drivers(provider: str, base_url: str, clock, transport: httpx.BaseTransport | None = None):
     http = {"base_url": base_url, "transport": transport}
     if provider == "reference":
-        from providers.reference import ReferenceDriver, ReferenceSandbox
+        from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
 
         return {"reference": ReferenceDriver(api_key=ReferenceSandbox.api_key, **http)}
     if provider == "rekonect":
-        from providers.rekonect import RekonectDriver
-        from providers.rekonect.sandbox import DEFAULT_API_KEY
+        from txengine.providers.rekonect import RekonectDriver
+        from txengine.providers.rekonect.sandbox import DEFAULT_API_KEY
 
         return {"rekonect": RekonectDriver(api_key=DEFAULT_API_KEY, source_name="crash-test", pos_id="POS-9",
                                            branch_id="BR-9", **http)}
-    from providers.forloy import ForloyDriver, ForloySandbox
+    from txengine.providers.forloy import ForloyDriver, ForloySandbox
 
     return {"forloy": ForloyDriver(email=ForloySandbox.STAFF_EMAIL, password=ForloySandbox.STAFF_PASSWORD,
                                    location_id=ForloySandbox.LOCATION_ID,
@@ -192,11 +192,11 @@ class Provider:
 
 
 def serve_all():
-    from engine.clock import FakeClock as Clock
-    from providers.forloy import ForloySandbox
-    from providers.reference import ReferenceSandbox
-    from providers.rekonect import RekonectSandbox
-    from providers.sandbox import serve
+    from txengine.clock import FakeClock as Clock
+    from txengine.providers.forloy import ForloySandbox
+    from txengine.providers.reference import ReferenceSandbox
+    from txengine.providers.rekonect import RekonectSandbox
+    from txengine.providers.sandbox import serve
 
     sandboxes = {
         "reference": ReferenceSandbox(Clock(T0)),

@@ -13,12 +13,12 @@ from datetime import timedelta
 import httpx
 import pytest
 
-from engine import AsyncEngine, Engine
-from engine.core import NotStarted, ParallelOp
-from engine.journal import replay
-from engine.store.base import DELIVERED, PENDING, DeliverySettlement
-from providers.reference import ReferenceDriver, ReferenceSandbox
-from providers.sandbox import Fault
+from txengine import AsyncEngine, Engine
+from txengine.core import NotStarted, ParallelOp
+from txengine.journal import replay
+from txengine.store.base import DELIVERED, PENDING, DeliverySettlement
+from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
+from txengine.providers.sandbox import Fault
 
 from .conftest import CUSTOMER, BlockingView
 

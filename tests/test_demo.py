@@ -8,7 +8,7 @@ import sys
 import httpx
 import pytest
 
-from engine import cli, demo
+from txengine import cli, demo
 
 
 def test_the_demo_runs_every_providers_session_and_replays_exactly(tmp_path, capsys):
@@ -40,7 +40,7 @@ def test_show_prints_a_transaction_with_its_journal(tmp_path, capsys):
 
 def test_sandbox_serve_answers_on_loopback_seeded(tmp_path):
     server = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "sandbox", "serve", "cheers", "--port", "0"],
+        [sys.executable, "-m", "txengine.cli", "sandbox", "serve", "cheers", "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

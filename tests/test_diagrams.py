@@ -13,12 +13,12 @@ from pathlib import Path
 import attrs
 import pytest
 
-from engine import diagrams, machine
-from engine.cli import main as txengine
-from engine.drivers import Capabilities
-from engine.errors import OutcomeUnknown, ProviderRejected
-from engine.machine import TimerPolicy
-from providers.sandbox import Fault
+from txengine import diagrams, machine
+from txengine.cli import main as txengine
+from txengine.drivers import Capabilities
+from txengine.errors import OutcomeUnknown, ProviderRejected
+from txengine.machine import TimerPolicy
+from txengine.providers.sandbox import Fault
 
 from .conftest import CUSTOMER, tip
 
@@ -214,7 +214,7 @@ class TestLabels:
         assert edge(forloy, "updated", "cancel").calls == ("local",)
 
     def test_a_driver_instance_may_differ_from_its_class(self):
-        from providers.forloy import ForloyDriver
+        from txengine.providers.forloy import ForloyDriver
 
         offline = ForloyDriver(email="staff@example.com", password="pw", location_id="loc-1",
                                staff_user_id="staff-1", offline=True)

@@ -3,16 +3,16 @@ idempotent commands and guaranteed deliveries.  Nothing lost, nothing doubled.""
 
 import pytest
 
-from engine import Engine
-from engine.core import ProviderOp
-from engine.errors import (
+from txengine import Engine
+from txengine.core import ProviderOp
+from txengine.errors import (
     IdempotencyConflict,
     OutcomeUnknown,
     ProviderRejected,
     TransactionInDoubt,
 )
-from engine.journal import replay
-from providers.sandbox import Fault
+from txengine.journal import replay
+from txengine.providers.sandbox import Fault
 
 from .conftest import CUSTOMER, tip
 
@@ -121,7 +121,7 @@ class TestUnknownOutcomes:
         assert pos.get(tx.id).pending == "finalize", "the request went out: only recovery may settle it"
 
     def test_a_driver_refusing_input_while_building_leaves_nothing_claimed(self, pos, basket, driver, monkeypatch):
-        from engine.errors import ValidationError
+        from txengine.errors import ValidationError
 
         tx = pos.preview("reference", basket, customer_token=CUSTOMER)
 

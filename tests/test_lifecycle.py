@@ -5,8 +5,8 @@ from datetime import timedelta
 import attrs
 import pytest
 
-from engine import Capabilities, LineItem, Money
-from engine.errors import (
+from txengine import Capabilities, LineItem, Money
+from txengine.errors import (
     IllegalTransition,
     PreviewExpired,
     RefundWindowClosed,
@@ -14,8 +14,8 @@ from engine.errors import (
     UnsupportedOperation,
     ValidationError,
 )
-from engine.journal import replay
-from providers.reference import ReferenceDriver, ReferenceSandbox
+from txengine.journal import replay
+from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
 
 from .conftest import CUSTOMER, tip
 
@@ -144,7 +144,7 @@ def test_begin_payment_needs_an_outstanding_balance(pos, sandbox):
 
 
 def test_unsupported_events_are_refused_before_any_call(db_url, clock, sandbox, basket):
-    from engine import Engine
+    from txengine import Engine
 
     class NoRefunds(ReferenceDriver):
         capabilities = attrs.evolve(ReferenceDriver.capabilities,
@@ -161,7 +161,7 @@ def test_unsupported_events_are_refused_before_any_call(db_url, clock, sandbox, 
 
 
 def test_local_update_prices_new_lines_without_a_call(db_url, clock, sandbox, basket):
-    from engine import Engine
+    from txengine import Engine
 
     class LocalUpdates(ReferenceDriver):
         capabilities = Capabilities(remote={"preview", "finalize", "cancel", "refund"},
@@ -241,7 +241,7 @@ class TestBadInput:
 
 
 def test_update_cannot_grow_a_transaction_past_the_line_limit(pos, sandbox):
-    from engine.models import MAX_LINES
+    from txengine.models import MAX_LINES
 
     tx = pos.preview("reference", [tip(1)] * (MAX_LINES - 1), customer_token=CUSTOMER)
     calls = len(sandbox.requests)
@@ -252,7 +252,7 @@ def test_update_cannot_grow_a_transaction_past_the_line_limit(pos, sandbox):
 
 
 def test_an_event_the_lifecycle_forbids_is_illegal_before_it_is_unsupported(db_url, clock, sandbox, basket):
-    from engine import Engine
+    from txengine import Engine
 
     class NoRefunds(ReferenceDriver):
         capabilities = attrs.evolve(ReferenceDriver.capabilities,

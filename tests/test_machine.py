@@ -7,9 +7,9 @@ from itertools import product
 import pytest
 from statemachine.exceptions import TransitionNotAllowed
 
-from engine import LineItem, Money, PricedLine, TimerPolicy, Transaction
-from engine.errors import IllegalTransition, PreviewExpired, RefundWindowClosed
-from engine.machine import (
+from txengine import LineItem, Money, PricedLine, TimerPolicy, Transaction
+from txengine.errors import IllegalTransition, PreviewExpired, RefundWindowClosed
+from txengine.machine import (
     ACTIVE,
     EVENTS,
     STATES,

@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from engine.testing import LifecycleStateMachine
+from txengine.testing import LifecycleStateMachine
 
 GUIDE = Path(__file__).resolve().parents[1] / "README.md"
 MARKER = "<!-- tested by tests/test_property_docs.py: keep it runnable -->"

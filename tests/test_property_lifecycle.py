@@ -1,6 +1,6 @@
 """The lifecycle state machine against the reference provider and the four real ones.
 
-Each ``Test*Lifecycle`` runs ``engine.testing.LifecycleStateMachine`` (every command,
+Each ``Test*Lifecycle`` runs ``txengine.testing.LifecycleStateMachine`` (every command,
 legal and illegal, deadlines, faults, crashes, restarts; LIFECYCLE.md's invariants
 after every step) on a real SQLite store, with the hypothesis profile's example and
 step counts (``ci``: 150 examples of 50 steps per provider).
@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from engine.errors import IllegalTransition
-from engine.machine import TABLE
-from engine.testing import oracle
-from engine.testing.repro import (
+from txengine.errors import IllegalTransition
+from txengine.machine import TABLE
+from txengine.testing import oracle
+from txengine.testing.repro import (
     CheersLifecycle,
     ForloyLifecycle,
     ForloyOfflineLifecycle,
@@ -63,9 +63,9 @@ def test_the_oracle_and_the_engine_read_the_same_table():
 
 
 def test_an_unsupported_event_on_a_terminal_transaction_is_an_illegal_transition(tmp_path):
-    from engine import Basket, Engine, FakeClock, LineItem, Money
-    from engine.testing import ForloyHarness
-    from engine.testing.harness import SandboxTransport
+    from txengine import Basket, Engine, FakeClock, LineItem, Money
+    from txengine.testing import ForloyHarness
+    from txengine.testing.harness import SandboxTransport
 
     harness, clock = ForloyHarness(), FakeClock()
     sandbox = harness.make_sandbox(clock)

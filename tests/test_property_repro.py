@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
-import engine.testing.repro
-from engine.models import Outcome
-from engine.testing import InvariantViolation, LifecycleStateMachine, ReferenceHarness
-from providers.reference import ReferenceDriver, ReferenceSandbox
+import txengine.testing.repro
+from txengine.models import Outcome
+from txengine.testing import InvariantViolation, LifecycleStateMachine, ReferenceHarness
+from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
 
 
 class ForgetsToSendFinalize(ReferenceDriver):
@@ -74,7 +74,7 @@ def test_the_failure_shrinks_to_a_short_program_of_engine_calls(failure):
 def test_the_printed_program_is_python_that_reproduces_the_failure(failure):
     program = reproduction(failure)
     code = compile(program, "<reproduction>", "exec")
-    namespace = {**vars(engine.testing.repro), "ForgetfulLifecycle": ForgetfulLifecycle}
+    namespace = {**vars(txengine.testing.repro), "ForgetfulLifecycle": ForgetfulLifecycle}
     with pytest.raises(InvariantViolation) as replayed:
         try:
             exec(code, namespace)

@@ -14,12 +14,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import Basket, Engine, FakeClock, LineItem, Money
-from engine.errors import EngineError, ValidationError
-from engine.journal import replay
-from engine.models import MAX_LINES
-from engine.money import CURRENCY_EXPONENTS
-from engine.testing import (
+from txengine import Basket, Engine, FakeClock, LineItem, Money
+from txengine.errors import EngineError, ValidationError
+from txengine.journal import replay
+from txengine.models import MAX_LINES
+from txengine.money import CURRENCY_EXPONENTS
+from txengine.testing import (
     RawBasket,
     ReferenceHarness,
     SQLiteStores,
@@ -35,9 +35,9 @@ from engine.testing import (
     money,
     transaction_keys,
 )
-from engine.testing.harness import SandboxTransport
-from engine.testing.oracle import TERMINAL
-from engine.testing.strategies import UNENCODABLE_NAMES
+from txengine.testing.harness import SandboxTransport
+from txengine.testing.oracle import TERMINAL
+from txengine.testing.strategies import UNENCODABLE_NAMES
 
 HARNESS = ReferenceHarness()
 CUSTOMER = "regular"

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import pytest
 
-from engine import Basket, Engine, LineItem, Money
-from engine.errors import OutcomeUnknown
-from providers.cheers import CheersDriver, CheersSandbox
-from providers.cheers import driver as cheers
-from providers.cheers.sandbox import DEFAULT_API_KEY, WORKED_EXAMPLE_TRANSACTION_KEY, WORKED_EXAMPLE_WALLET
-from providers.sandbox import Fault
+from txengine import Basket, Engine, LineItem, Money
+from txengine.errors import OutcomeUnknown
+from txengine.providers.cheers import CheersDriver, CheersSandbox
+from txengine.providers.cheers import driver as cheers
+from txengine.providers.cheers.sandbox import DEFAULT_API_KEY, WORKED_EXAMPLE_TRANSACTION_KEY, WORKED_EXAMPLE_WALLET
+from txengine.providers.sandbox import Fault
 
 AFTER_COMMIT = [Fault.TIMEOUT_AFTER_COMMIT, Fault.GARBAGE_AFTER_COMMIT, Fault.TRUNCATED_AFTER_COMMIT]
 BEFORE_COMMIT = [Fault.TIMEOUT_BEFORE_COMMIT, Fault.SERVER_ERROR, Fault.DROP_CONNECTION]

@@ -9,12 +9,12 @@ from datetime import timedelta
 
 import pytest
 
-from engine import Engine
-from engine.core import RECOVERY_BACKOFF
-from engine.errors import OutcomeUnknown
-from engine.store.sqlite import MIGRATIONS, SQLiteStore, _statements
-from providers.reference import ReferenceDriver, ReferenceSandbox
-from providers.sandbox import Fault
+from txengine import Engine
+from txengine.core import RECOVERY_BACKOFF
+from txengine.errors import OutcomeUnknown
+from txengine.store.sqlite import MIGRATIONS, SQLiteStore, _statements
+from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
+from txengine.providers.sandbox import Fault
 
 from .conftest import CUSTOMER
 

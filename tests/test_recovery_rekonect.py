@@ -20,11 +20,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from engine import Basket, Engine, LineItem, Money
-from engine.errors import OutcomeUnknown
-from providers.rekonect import RekonectDriver, RekonectSandbox
-from providers.rekonect import driver as policy
-from providers.sandbox import Fault
+from txengine import Basket, Engine, LineItem, Money
+from txengine.errors import OutcomeUnknown
+from txengine.providers.rekonect import RekonectDriver, RekonectSandbox
+from txengine.providers.rekonect import driver as policy
+from txengine.providers.sandbox import Fault
 
 PHONE = "5511122233"
 

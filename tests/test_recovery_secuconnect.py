@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import pytest
 
-from engine import Engine, LineItem, Money
-from engine.errors import OutcomeUnknown
-from providers.sandbox import Fault
-from providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
-from providers.secuconnect import driver as secu
-from providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+from txengine import Engine, LineItem, Money
+from txengine.errors import OutcomeUnknown
+from txengine.providers.sandbox import Fault
+from txengine.providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
+from txengine.providers.secuconnect import driver as secu
+from txengine.providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 
 CARD = "9276004429942845"  # the seed's card: 10,00 EUR
 POOR_CARD = "9276000000000025"

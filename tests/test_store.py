@@ -5,8 +5,8 @@ import sqlite3
 
 import pytest
 
-from engine.journal import replay
-from engine.store.sqlite import MIGRATIONS, SQLiteStore
+from txengine.journal import replay
+from txengine.store.sqlite import MIGRATIONS, SQLiteStore
 
 from .conftest import CUSTOMER, tip
 
@@ -102,9 +102,9 @@ def test_the_sweep_visits_only_due_rows(engine, basket, clock):
 
 def test_engines_for_different_providers_share_a_database_without_spinning(db_url, clock, sandbox, basket):
     """A full batch of rows this engine has no driver for is never read, expired or retried."""
-    from engine import Engine
-    from providers.reference import ReferenceDriver, ReferenceSandbox
-    from providers.sandbox import Fault
+    from txengine import Engine
+    from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
+    from txengine.providers.sandbox import Fault
 
     other = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
     mine = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())

@@ -4,9 +4,9 @@ from decimal import Decimal
 
 import pytest
 
-from engine import Basket, LineItem, Money, PricedLine
-from engine.errors import ValidationError
-from engine.money import CURRENCY_EXPONENTS
+from txengine import Basket, LineItem, Money, PricedLine
+from txengine.errors import ValidationError
+from txengine.money import CURRENCY_EXPONENTS
 
 
 class TestMoney:

@@ -13,12 +13,12 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 
-from engine import Engine
-from engine.cli import main
-from engine.errors import OutcomeUnknown, ValidationError
-from engine.worker import JsonLines, Worker, configure_logging, demo_providers, load_providers
-from providers.reference import ReferenceDriver, ReferenceSandbox
-from providers.sandbox import Fault
+from txengine import Engine
+from txengine.cli import main
+from txengine.errors import OutcomeUnknown, ValidationError
+from txengine.worker import JsonLines, Worker, configure_logging, demo_providers, load_providers
+from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
+from txengine.providers.sandbox import Fault
 
 from .conftest import CUSTOMER
 
@@ -142,12 +142,12 @@ def test_stop_finishes_in_flight_sends_and_releases_the_rest(db_url, basket, san
 
 class TestConfiguration:
     def test_providers_come_from_a_module_function(self):
-        providers = load_providers("engine.worker:demo_providers")
+        providers = load_providers("txengine.worker:demo_providers")
         assert set(providers) == {"reference", "cheers", "rekonect", "forloy", "secuconnect"}
         assert providers["forloy"].offline, "the demo's Forloy stores and forwards"
 
-    @pytest.mark.parametrize("spec", ["engine.worker", "no.such.module:f", "engine.worker:nothing",
-                                      "engine.worker:configure_logging"])
+    @pytest.mark.parametrize("spec", ["txengine.worker", "no.such.module:f", "txengine.worker:nothing",
+                                      "txengine.worker:configure_logging"])
     def test_a_bad_spec_is_refused(self, spec):
         with pytest.raises((ValidationError, TypeError)):
             load_providers(spec)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import Engine, SystemClock
-from providers.reference import ReferenceDriver, ReferenceSandbox
-from providers.sandbox import Fault, serve
+from txengine import Engine, SystemClock
+from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
+from txengine.providers.sandbox import Fault, serve
 
 REPO = Path(__file__).resolve().parent.parent
 URL_VARIABLE = "TXENGINE_TEST_REFERENCE_URL"
@@ -53,7 +53,7 @@ def test_sigterm_finishes_in_flight_sends_releases_the_rest_and_exits_cleanly(tm
         sandbox.faults.inject("receipt", Fault.SLOW, times=100, delay=0.5)  # each send takes 0.5 s
 
         worker = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "worker", "--db", str(db), "--providers",
+            [sys.executable, "-m", "txengine.cli", "worker", "--db", str(db), "--providers",
              "tests.test_worker_process:providers", "--concurrency", "2", "--interval", "0.05",
              "--heartbeat", "0.2"],
             cwd=REPO, env={**os.environ, URL_VARIABLE: served.base_url},
@@ -96,7 +96,7 @@ def test_sigterm_finishes_in_flight_sends_releases_the_rest_and_exits_cleanly(tm
 @pytest.mark.slow
 def test_a_bad_provider_configuration_exits_2_with_a_json_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "worker", "--db", str(tmp_path / "x.db"),
+        [sys.executable, "-m", "txengine.cli", "worker", "--db", str(tmp_path / "x.db"),
          "--providers", "tests.test_worker_process:nothing", "--iterations", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=30,
     )
@@ -114,7 +114,7 @@ def test_three_worker_processes_on_one_database_send_each_delivery_once(tmp_path
         with Engine.open(f"sqlite:///{db}", providers={"reference": driver}) as engine:
             txs = [engine.finalize(engine.preview("reference", basket).id) for _ in range(120)]
         workers = [subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "worker", "--db", str(db), "--providers",
+            [sys.executable, "-m", "txengine.cli", "worker", "--db", str(db), "--providers",
              "tests.test_worker_process:providers", "--concurrency", "4", "--interval", "0.01",
              "--iterations", "40"],
             cwd=REPO, env={**os.environ, URL_VARIABLE: served.base_url},

@@ -1,20 +1,20 @@
 """txengine's property-testing kit: what a POS team needs to test its own driver.
 
-    from engine.testing import LifecycleStateMachine, ProviderHarness, check_driver
+    from txengine.testing import LifecycleStateMachine, ProviderHarness, check_driver
 
-- ``strategies`` (also importable as ``engine.testing.strategies``): hypothesis
+- ``strategies`` (also importable as ``txengine.testing.strategies``): hypothesis
   strategies for money in any currency, line items, baskets (valid, huge, and hostile
   ones that must be refused), customer keys and command sequences;
 - ``ProviderHarness``: the adapter that tells the suites how to build, reach and read
   one provider (sandbox, driver, customers, ledger, fault targets); harnesses for the
-  reference provider and the four real ones ship in ``engine.testing.harnesses``;
+  reference provider and the four real ones ship in ``txengine.testing.harnesses``;
 - ``LifecycleStateMachine``: every command, legal and illegal, with deadlines, faults,
   crashes and restarts, checking LIFECYCLE.md's invariants after every step;
-- ``check_driver`` / ``assert_conformant`` (``engine.testing.conformance``): does a driver
+- ``check_driver`` / ``assert_conformant`` (``txengine.testing.conformance``): does a driver
   tell the truth about its capabilities, commit once on retry, keep its idempotency keys?
 
 ``FakeClock`` is re-exported: tests move time, they never sleep.  A failing run prints a
-program that reproduces it; ``from engine.testing.repro import *`` imports every name
+program that reproduces it; ``from txengine.testing.repro import *`` imports every name
 such a program uses.  See docs/testing-kit.md.
 """
 

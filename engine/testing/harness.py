@@ -3,7 +3,7 @@
 A harness is a small adapter between the generic suites and one provider's driver and
 sandbox (or a recorded fake that behaves like one).  It says how to build them, which
 customers exist, how to read the provider's ledger, and which sandbox operations carry
-which lifecycle event, so faults can be aimed.  ``engine.testing.harnesses`` ships one
+which lifecycle event, so faults can be aimed.  ``txengine.testing.harnesses`` ships one
 per bundled provider; a POS team writes one for its own driver::
 
     class AcmeHarness(ProviderHarness):

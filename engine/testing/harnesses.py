@@ -47,7 +47,7 @@ class ReferenceHarness(ProviderHarness):
     product_ids = ("beer", "wine", "sku-1", None)
 
     def make_sandbox(self, clock: Clock) -> Any:
-        from providers.reference import ReferenceSandbox
+        from txengine.providers.reference import ReferenceSandbox
 
         sandbox = ReferenceSandbox(clock)
         for label, balance in self.BALANCES.items():
@@ -56,7 +56,7 @@ class ReferenceHarness(ProviderHarness):
         return sandbox
 
     def make_driver(self, sandbox, *, transport, clock):
-        from providers.reference import ReferenceDriver, ReferenceSandbox
+        from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
 
         return ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=transport)
 
@@ -105,7 +105,7 @@ class CheersHarness(ProviderHarness):
         self._issued: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def make_sandbox(self, clock: Clock) -> Any:
-        from providers.cheers import CheersSandbox
+        from txengine.providers.cheers import CheersSandbox
 
         sandbox = CheersSandbox(clock)
         for label, balance in self.BALANCES.items():
@@ -116,7 +116,7 @@ class CheersHarness(ProviderHarness):
         return sandbox
 
     def make_driver(self, sandbox, *, transport, clock):
-        from providers.cheers import DEFAULT_API_KEY, CheersDriver
+        from txengine.providers.cheers import DEFAULT_API_KEY, CheersDriver
 
         return CheersDriver(api_key=DEFAULT_API_KEY, transport=transport)
 
@@ -162,7 +162,7 @@ class RekonectHarness(ProviderHarness):
     product_ids = ("COFFEE", "PASTRY", "sku-1", None)
 
     def make_sandbox(self, clock: Clock) -> Any:
-        from providers.rekonect import RekonectSandbox
+        from txengine.providers.rekonect import RekonectSandbox
 
         sandbox = RekonectSandbox(clock)
         sandbox.add_member(self.PHONES["member"], points=1500, credit=500)
@@ -174,7 +174,7 @@ class RekonectHarness(ProviderHarness):
         return sandbox
 
     def make_driver(self, sandbox, *, transport, clock):
-        from providers.rekonect import RekonectDriver
+        from txengine.providers.rekonect import RekonectDriver
 
         return RekonectDriver(api_key=sandbox.api_key, source_name="txengine-property", pos_id="POS-1",
                               branch_id="BR-1", transport=transport)
@@ -225,7 +225,7 @@ class ForloyHarness(ProviderHarness):
         self.commit_kinds = {"deliver": "record"} if offline else {"finalize": "record"}
 
     def make_sandbox(self, clock: Clock) -> Any:
-        from providers.forloy import ForloySandbox
+        from txengine.providers.forloy import ForloySandbox
 
         sandbox = ForloySandbox(clock)
         sandbox.add_cashback_card(customer_name="cashback", balance="5.00", cashback_rate="0.05")
@@ -234,7 +234,7 @@ class ForloyHarness(ProviderHarness):
         return sandbox
 
     def make_driver(self, sandbox, *, transport, clock):
-        from providers.forloy import ForloyDriver, ForloySandbox
+        from txengine.providers.forloy import ForloyDriver, ForloySandbox
 
         return ForloyDriver(email=ForloySandbox.STAFF_EMAIL, password=ForloySandbox.STAFF_PASSWORD,
                             location_id=ForloySandbox.LOCATION_ID, staff_user_id=ForloySandbox.STAFF_USER_ID,
@@ -300,7 +300,7 @@ class SecuconnectHarness(ProviderHarness):
     integer_vat = True
 
     def make_sandbox(self, clock: Clock) -> Any:
-        from providers.secuconnect import SecuconnectSandbox
+        from txengine.providers.secuconnect import SecuconnectSandbox
 
         sandbox = SecuconnectSandbox(clock)  # the seed's card holds 10,00 EUR
         sandbox.add_card(self.CARDS["poor"], cash_balance=500)
@@ -308,8 +308,8 @@ class SecuconnectHarness(ProviderHarness):
         return sandbox
 
     def make_driver(self, sandbox, *, transport, clock):
-        from providers.secuconnect import SecuconnectDriver
-        from providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+        from txengine.providers.secuconnect import SecuconnectDriver
+        from txengine.providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 
         return SecuconnectDriver(client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET, clock=clock,
                                  transport=transport)

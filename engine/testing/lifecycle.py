@@ -8,7 +8,7 @@ acted, and the engine restarted on the same store.  After every step it checks t
 invariants of LIFECYCLE.md:
 
 1. terminal states are sinks, and every illegal event raises its typed error and
-   causes no provider call (the oracle in ``engine.testing.oracle`` says which);
+   causes no provider call (the oracle in ``txengine.testing.oracle`` says which);
 2. ledger conservation: each wallet's balance is its opening balance moved by the
    transactions finalized and not refunded.  While a side effect is in doubt the
    provider may or may not have acted, so the balance must be one of the values the
@@ -33,7 +33,7 @@ Steps print as code: a failing run shrinks to a minimal program like::
     state.finalize(idempotency_key=None, tx=tx_0)
     state.teardown()
 
-which runs as is (``from engine.testing.repro import *`` has every name it uses), so it
+which runs as is (``from txengine.testing.repro import *`` has every name it uses), so it
 pastes into a regression test.  Checks run inside each step, so the pasted program
 checks them too.
 
@@ -86,7 +86,7 @@ from .harness import wallet_labels as _wallet_labels
 from .oracle import ACTIVE, TERMINAL, Expectation
 
 try:  # the sandbox toolkit ships with txengine's providers
-    from providers.sandbox import Fault
+    from txengine.providers.sandbox import Fault
 except ImportError:  # pragma: no cover
     Fault = None  # type: ignore[assignment,misc]
 

@@ -1,9 +1,9 @@
 """Every name a reproduction printed by ``LifecycleStateMachine`` uses.
 
-A failing run prints a program; under ``from engine.testing.repro import *`` (plus your
+A failing run prints a program; under ``from txengine.testing.repro import *`` (plus your
 own machine class, if it is not one of these) it runs as is::
 
-    from engine.testing.repro import *
+    from txengine.testing.repro import *
 
     def test_regression():
         state = ReferenceLifecycle()
@@ -25,7 +25,7 @@ from .lifecycle import At, LifecycleStateMachine
 from .strategies import RawBasket, RawLine, Step
 
 try:
-    from providers.sandbox import Fault
+    from txengine.providers.sandbox import Fault
 except ImportError:  # pragma: no cover
     Fault = None  # type: ignore[assignment,misc]
 

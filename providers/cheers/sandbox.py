@@ -20,7 +20,7 @@ Business rules, on the sandbox's own clock:
   each update moves that by ``UPDATE_EXTENSION``; refunds close ``REFUND_WINDOW`` after
   finalize.  Deadlines are exclusive.
 
-What is documented and what is assumed is listed in ``providers.cheers.driver``'s
+What is documented and what is assumed is listed in ``txengine.providers.cheers.driver``'s
 fidelity note; the sandbox follows it (error statuses from ``ASSUMED_ERROR_STATUS``,
 error bodies ``{"code", "message"}``).
 """
@@ -38,7 +38,7 @@ from typing import Any
 
 import attrs
 
-from engine.clock import Clock
+from txengine.clock import Clock
 
 from ..sandbox import BadRequest, Sandbox, SandboxRequest, SandboxResponse, route
 from .driver import (

@@ -121,13 +121,13 @@ from typing import Any
 import attrs
 import httpx
 
-from engine.clock import UTC, Clock, SystemClock
-from engine.drivers import Capabilities, Delivery, Exchange, HttpDriver, PreviewRequest
-from engine.errors import OutcomeUnknown, ProviderRejected, ValidationError
-from engine.machine import TimerPolicy
-from engine.models import LineItem, Outcome, PricedLine, Quote, ReceiptLine, Transaction
-from engine.money import Money, currency_exponent
-from engine.secret import Secret
+from txengine.clock import UTC, Clock, SystemClock
+from txengine.drivers import Capabilities, Delivery, Exchange, HttpDriver, PreviewRequest
+from txengine.errors import OutcomeUnknown, ProviderRejected, ValidationError
+from txengine.machine import TimerPolicy
+from txengine.models import LineItem, Outcome, PricedLine, Quote, ReceiptLine, Transaction
+from txengine.money import Money, currency_exponent
+from txengine.secret import Secret
 
 # --- documented facts ---------------------------------------------------------------------
 

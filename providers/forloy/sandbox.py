@@ -15,7 +15,7 @@ What it keeps, on its own ``clock``:
 
 Amounts are Decimals in the merchant's currency (``currency=``, default EUR), rounded
 half up to its minor unit.  Every assumption it shares with the driver is a constant in
-``providers.forloy.driver`` (see its fidelity note).
+``txengine.providers.forloy.driver`` (see its fidelity note).
 
 Set-up and inspection for tests and the demo: ``add_staff``, ``add_location``,
 ``add_punch_card``, ``add_cashback_card``, ``add_discount_card`` (each returns the
@@ -39,9 +39,9 @@ from typing import Any
 
 import attrs
 
-from engine.clock import Clock
-from engine.money import currency_exponent
-from providers.sandbox import Sandbox, SandboxRequest, SandboxResponse, route
+from txengine.clock import Clock
+from txengine.money import currency_exponent
+from txengine.providers.sandbox import Sandbox, SandboxRequest, SandboxResponse, route
 
 from .driver import (
     ACCESS_TOKEN_TTL,

@@ -118,12 +118,12 @@ from typing import Any
 
 import httpx
 
-from engine.drivers import Capabilities, Delivery, Exchange, HttpDriver, PreviewRequest
-from engine.errors import OutcomeUnknown, ProviderRejected, ValidationError
-from engine.machine import TimerPolicy
-from engine.models import LineItem, Outcome, PricedLine, Quote, ReceiptLine, Transaction
-from engine.money import Money
-from engine.secret import Secret
+from txengine.drivers import Capabilities, Delivery, Exchange, HttpDriver, PreviewRequest
+from txengine.errors import OutcomeUnknown, ProviderRejected, ValidationError
+from txengine.machine import TimerPolicy
+from txengine.models import LineItem, Outcome, PricedLine, Quote, ReceiptLine, Transaction
+from txengine.money import Money
+from txengine.secret import Secret
 
 # --- policy: where and how ------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import attrs
 
-from engine.clock import Clock
+from txengine.clock import Clock
 
 from ..sandbox import BadRequest, Sandbox, SandboxRequest, SandboxResponse, route
 from .driver import (

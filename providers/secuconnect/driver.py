@@ -131,13 +131,13 @@ from typing import Any
 import attrs
 import httpx
 
-from engine.clock import Clock, SystemClock
-from engine.drivers import Capabilities, Delivery, Exchange, HttpDriver, PreviewRequest
-from engine.errors import EngineError, OutcomeUnknown, ProviderRejected, ValidationError
-from engine.machine import TimerPolicy
-from engine.models import RECEIPT_LINE_KINDS, LineItem, Outcome, PricedLine, Quote, ReceiptLine, Transaction
-from engine.money import Money
-from engine.secret import Secret
+from txengine.clock import Clock, SystemClock
+from txengine.drivers import Capabilities, Delivery, Exchange, HttpDriver, PreviewRequest
+from txengine.errors import EngineError, OutcomeUnknown, ProviderRejected, ValidationError
+from txengine.machine import TimerPolicy
+from txengine.models import RECEIPT_LINE_KINDS, LineItem, Outcome, PricedLine, Quote, ReceiptLine, Transaction
+from txengine.money import Money
+from txengine.secret import Secret
 
 DEFAULT_BASE_URL = "https://connect-testing.secuconnect.com"
 TOKEN_PATH = "/oauth/token"

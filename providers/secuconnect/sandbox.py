@@ -50,8 +50,8 @@ from urllib.parse import parse_qsl
 
 import attrs
 
-from engine.clock import Clock
-from engine.money import CURRENCY_EXPONENTS
+from txengine.clock import Clock
+from txengine.money import CURRENCY_EXPONENTS
 
 from ..sandbox import BadRequest, Sandbox, SandboxRequest, SandboxResponse, route
 from .driver import (

@@ -14,16 +14,16 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from engine.clock import FakeClock
-from engine.drivers import Delivery, PreviewRequest
-from engine.errors import OutcomeUnknown, ProtocolError, ProviderRejected, ValidationError
-from engine.models import Basket, LineItem, Quote, Transaction
-from engine.money import Money
-from engine.secret import Secret
-from providers.cheers import CheersDriver, CheersSandbox
-from providers.cheers import driver as cheers
-from providers.cheers.sandbox import DEFAULT_API_KEY
-from providers.sandbox import Fault, RecordingTransport, serve
+from txengine.clock import FakeClock
+from txengine.drivers import Delivery, PreviewRequest
+from txengine.errors import OutcomeUnknown, ProtocolError, ProviderRejected, ValidationError
+from txengine.models import Basket, LineItem, Quote, Transaction
+from txengine.money import Money
+from txengine.secret import Secret
+from txengine.providers.cheers import CheersDriver, CheersSandbox
+from txengine.providers.cheers import driver as cheers
+from txengine.providers.cheers.sandbox import DEFAULT_API_KEY
+from txengine.providers.sandbox import Fault, RecordingTransport, serve
 
 # --- the seed's worked example, verbatim ---------------------------------------------------
 

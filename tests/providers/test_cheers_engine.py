@@ -13,8 +13,8 @@ from datetime import timedelta
 
 import pytest
 
-from engine import AsyncEngine, Basket, Engine, LineItem, Money
-from engine.errors import (
+from txengine import AsyncEngine, Basket, Engine, LineItem, Money
+from txengine.errors import (
     IllegalTransition,
     OutcomeUnknown,
     PreviewExpired,
@@ -22,15 +22,15 @@ from engine.errors import (
     RefundWindowClosed,
     TransactionInDoubt,
 )
-from providers.cheers import CheersDriver, CheersSandbox
-from providers.cheers import driver as cheers
-from providers.cheers.sandbox import (
+from txengine.providers.cheers import CheersDriver, CheersSandbox
+from txengine.providers.cheers import driver as cheers
+from txengine.providers.cheers.sandbox import (
     DEFAULT_API_KEY,
     WORKED_EXAMPLE_TRANSACTION_ID,
     WORKED_EXAMPLE_TRANSACTION_KEY,
     WORKED_EXAMPLE_WALLET,
 )
-from providers.sandbox import Fault
+from txengine.providers.sandbox import Fault
 from tests.conftest import BlockingView
 from tests.providers.test_cheers import (
     SEED_PREVIEW_REQUEST,
@@ -186,7 +186,7 @@ def test_credit_covering_everything_finalizes_without_collecting(pos, sandbox):
 
 
 def test_an_unknown_payment_type_is_refused_before_any_call(pos, sandbox):
-    from engine.errors import ValidationError
+    from txengine.errors import ValidationError
 
     with pytest.raises(ValidationError):
         preview(pos, payment_type="POINTS")
@@ -349,7 +349,7 @@ def test_neither_the_qr_key_nor_the_api_key_reaches_the_database(db_url, engine,
 
 
 async def test_a_session_through_the_async_engine_over_a_loopback_socket(db_url, sandbox, clock):
-    from providers.sandbox import serve
+    from txengine.providers.sandbox import serve
 
     with serve(sandbox) as served:
         driver = CheersDriver(api_key=DEFAULT_API_KEY, base_url=served.base_url, timeout=5)
@@ -363,7 +363,7 @@ async def test_a_session_through_the_async_engine_over_a_loopback_socket(db_url,
 
 
 def test_a_fractional_tip_is_refused_and_the_transaction_stays_usable(engine, sandbox):
-    from engine.errors import ValidationError
+    from txengine.errors import ValidationError
 
     tx = preview(engine)
     with pytest.raises(ValidationError, match="whole HUF"):

@@ -11,9 +11,9 @@ from datetime import timedelta
 import httpx
 import pytest
 
-from providers.cheers import CheersSandbox
-from providers.cheers import driver as cheers
-from providers.cheers.sandbox import DEFAULT_API_KEY, DiscountRule
+from txengine.providers.cheers import CheersSandbox
+from txengine.providers.cheers import driver as cheers
+from txengine.providers.cheers.sandbox import DEFAULT_API_KEY, DiscountRule
 
 BEER = "f04ce0c0-1034-40bf-a066-3e313f68c781"
 PREVIEW = "/v3/integrations/credit-transactions/preview"

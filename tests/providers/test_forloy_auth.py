@@ -8,14 +8,14 @@ from datetime import timedelta
 import httpx
 import pytest
 
-from engine import Basket, FakeClock, LineItem, Money
-from engine.drivers import PreviewRequest
-from engine.errors import OutcomeUnknown, ProviderRejected
-from engine.models import Transaction
-from engine.secret import Secret
-from providers.forloy import ForloyDriver, ForloySandbox, forloy_pair
-from providers.forloy import driver as forloy
-from providers.sandbox import Fault
+from txengine import Basket, FakeClock, LineItem, Money
+from txengine.drivers import PreviewRequest
+from txengine.errors import OutcomeUnknown, ProviderRejected
+from txengine.models import Transaction
+from txengine.secret import Secret
+from txengine.providers.forloy import ForloyDriver, ForloySandbox, forloy_pair
+from txengine.providers.forloy import driver as forloy
+from txengine.providers.sandbox import Fault
 
 ITEMS = Basket([LineItem("latte", "Latte", 1, Money.of("4.50", "EUR"), 7)])
 LIFETIME = forloy.ACCESS_TOKEN_TTL

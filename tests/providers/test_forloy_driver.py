@@ -11,14 +11,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine import Basket, LineItem, Money
-from engine.drivers import Delivery, PreviewRequest
-from engine.errors import OutcomeUnknown, ProviderRejected, ValidationError
-from engine.models import Transaction
-from engine.secret import Secret
-from providers.forloy import ForloyDriver, ForloySandbox, forloy_pair
-from providers.forloy import driver as forloy
-from providers.sandbox import Fault, serve
+from txengine import Basket, LineItem, Money
+from txengine.drivers import Delivery, PreviewRequest
+from txengine.errors import OutcomeUnknown, ProviderRejected, ValidationError
+from txengine.models import Transaction
+from txengine.secret import Secret
+from txengine.providers.forloy import ForloyDriver, ForloySandbox, forloy_pair
+from txengine.providers.forloy import driver as forloy
+from txengine.providers.sandbox import Fault, serve
 
 
 @pytest.fixture
@@ -174,7 +174,7 @@ class TestFinalize:
         sandbox, driver = pair
         card = sandbox.add_cashback_card(cashback_rate="0.10")
         quote, tx = previewed(driver, clock, card, "20.00")
-        from engine.models import PricedLine
+        from txengine.models import PricedLine
 
         tip = PricedLine.unpriced(LineItem(None, "Tip", 1, eur("5.00"), 0))
         tx = attrs.evolve(tx, items=tx.items + (tip,))
@@ -201,7 +201,7 @@ class TestFinalize:
 
 
 def forloy_quote_without_details():
-    from engine.models import PricedLine, Quote
+    from txengine.models import PricedLine, Quote
 
     return Quote(lines=[PricedLine.unpriced(LineItem(None, "x", 1, eur("1.00"), 7))])
 

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from engine import AsyncEngine, Basket, Engine, LineItem, Money
-from engine.errors import (
+from txengine import AsyncEngine, Basket, Engine, LineItem, Money
+from txengine.errors import (
     OutcomeUnknown,
     ProviderRejected,
     TransactionInDoubt,
     UnsupportedOperation,
     ValidationError,
 )
-from providers.forloy import forloy_pair
-from providers.forloy import driver as forloy
-from providers.sandbox import Fault
+from txengine.providers.forloy import forloy_pair
+from txengine.providers.forloy import driver as forloy
+from txengine.providers.sandbox import Fault
 
 
 def eur(amount: str) -> Money:

@@ -9,9 +9,9 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from providers.forloy import ForloySandbox
-from providers.forloy import driver as forloy
-from providers.forloy.driver import dumps, loads
+from txengine.providers.forloy import ForloySandbox
+from txengine.providers.forloy import driver as forloy
+from txengine.providers.forloy.driver import dumps, loads
 
 
 class Api:

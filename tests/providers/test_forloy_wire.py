@@ -13,13 +13,13 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from engine import Basket, LineItem, Money
-from engine.clock import UTC
-from engine.drivers import Delivery, PreviewRequest
-from engine.errors import ProviderRejected, ValidationError
-from engine.secret import Secret
-from providers.forloy import ForloyDriver, ForloySandbox, forloy_pair
-from providers.forloy import driver as forloy
+from txengine import Basket, LineItem, Money
+from txengine.clock import UTC
+from txengine.drivers import Delivery, PreviewRequest
+from txengine.errors import ProviderRejected, ValidationError
+from txengine.secret import Secret
+from txengine.providers.forloy import ForloyDriver, ForloySandbox, forloy_pair
+from txengine.providers.forloy import driver as forloy
 
 BASE = "https://api.forloy.com/api/v1"
 
@@ -40,7 +40,7 @@ def preview(driver, clock, token: str, items: Basket, key: str = "k1"):
 
 def previewed_tx(quote, items: Basket, clock, tx_id: str = "tx_1"):
     """A snapshot as the engine would hold it after this quote (no engine needed)."""
-    from engine.models import Transaction
+    from txengine.models import Transaction
 
     return Transaction(id=tx_id, provider="forloy", state="previewed", items=quote.lines,
                        currency=items.currency, details=dict(quote.details),

@@ -10,15 +10,15 @@ import attrs
 import httpx
 import pytest
 
-from engine.drivers import Delivery, PreviewRequest
-from engine.errors import OutcomeUnknown, ProtocolError, ProviderRejected, ValidationError
-from engine.machine import TimerPolicy
-from engine.models import Basket, LineItem, Quote, Transaction
-from engine.money import Money
-from engine.secret import Secret
-from providers.rekonect import RekonectDriver, RekonectSandbox
-from providers.rekonect import driver as policy
-from providers.sandbox import Fault, serve
+from txengine.drivers import Delivery, PreviewRequest
+from txengine.errors import OutcomeUnknown, ProtocolError, ProviderRejected, ValidationError
+from txengine.machine import TimerPolicy
+from txengine.models import Basket, LineItem, Quote, Transaction
+from txengine.money import Money
+from txengine.secret import Secret
+from txengine.providers.rekonect import RekonectDriver, RekonectSandbox
+from txengine.providers.rekonect import driver as policy
+from txengine.providers.sandbox import Fault, serve
 
 PHONE = "5511122233"
 API_HEADERS = ("x-api-key", "x-source-type", "x-source-name", "x-pos-id", "x-branch-id")

@@ -16,14 +16,14 @@ import json
 import httpx
 import pytest
 
-from engine.drivers import PreviewRequest
-from engine.models import Basket, LineItem, Outcome, PricedLine, Quote, ReceiptLine, Transaction
-from engine.money import Money
-from engine.secret import Secret
-from providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
-from providers.secuconnect import driver as secu
-from providers.sandbox import RecordingTransport
-from providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+from txengine.drivers import PreviewRequest
+from txengine.models import Basket, LineItem, Outcome, PricedLine, Quote, ReceiptLine, Transaction
+from txengine.money import Money
+from txengine.secret import Secret
+from txengine.providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
+from txengine.providers.secuconnect import driver as secu
+from txengine.providers.sandbox import RecordingTransport
+from txengine.providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 
 SEED_CARD = "9276004429942845"
 MASKED_CARD = "************2845"

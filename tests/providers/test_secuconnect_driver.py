@@ -14,15 +14,15 @@ from datetime import timedelta
 import httpx
 import pytest
 
-from engine.drivers import Delivery, PreviewRequest
-from engine.errors import OutcomeUnknown, ProtocolError, ProviderRejected, ValidationError
-from engine.models import Basket, LineItem, PricedLine, Quote, Transaction
-from engine.money import Money
-from engine.secret import Secret
-from providers.sandbox import Fault, RecordingTransport, serve
-from providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
-from providers.secuconnect import driver as secu
-from providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ERRORS
+from txengine.drivers import Delivery, PreviewRequest
+from txengine.errors import OutcomeUnknown, ProtocolError, ProviderRejected, ValidationError
+from txengine.models import Basket, LineItem, PricedLine, Quote, Transaction
+from txengine.money import Money
+from txengine.secret import Secret
+from txengine.providers.sandbox import Fault, RecordingTransport, serve
+from txengine.providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
+from txengine.providers.secuconnect import driver as secu
+from txengine.providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ERRORS
 
 CARD = "9276000000000017"
 POOR_CARD = "9276000000000025"

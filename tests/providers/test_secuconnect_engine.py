@@ -10,19 +10,19 @@ from __future__ import annotations
 import asyncio
 import pytest
 
-from engine import AsyncEngine, Engine, LineItem, Money
-from engine.errors import (
+from txengine import AsyncEngine, Engine, LineItem, Money
+from txengine.errors import (
     OutcomeUnknown,
     PreviewExpired,
     ProviderRejected,
     RefundWindowClosed,
     TransactionInDoubt,
 )
-from engine.models import ReceiptLine
-from providers.sandbox import Fault
-from providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
-from providers.secuconnect import driver as secu
-from providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ERRORS
+from txengine.models import ReceiptLine
+from txengine.providers.sandbox import Fault
+from txengine.providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
+from txengine.providers.secuconnect import driver as secu
+from txengine.providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ERRORS
 from tests.conftest import BlockingView
 
 from tests.providers.test_secuconnect_contract import FRUIT_SALAD, SANDWICH, SEED_CARD, WATER

@@ -12,9 +12,9 @@ from datetime import timedelta
 import httpx
 import pytest
 
-from providers.secuconnect import SecuconnectSandbox
-from providers.secuconnect import driver as secu
-from providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ERRORS
+from txengine.providers.secuconnect import SecuconnectSandbox
+from txengine.providers.secuconnect import driver as secu
+from txengine.providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ERRORS
 
 CARD = "9276000000000017"
 OTHER_CARD = "9276000000000025"
