@@ -210,7 +210,10 @@ class ReceiptLine:
         if self.kind == "space":
             return ""
         if self.kind == "name-value":
-            return f"{self.name}{self.value}"
+            # Name left, value right-aligned; a pair too long for the width keeps a space.
+            name, value = self.name.rstrip(), self.value.lstrip()
+            gap = max(1, width - len(name) - len(value))
+            return f"{name}{' ' * gap}{value}"
         return self.text.upper() if "important" in self.decoration else self.text
 
 
