@@ -63,7 +63,7 @@ class EngineContender:
     def __init__(self, directory: str, n: int) -> None:
         clock = FakeClock()
         sandbox = ReferenceSandbox(clock)
-        driver = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+        driver = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
         self.engine = Engine.open(f"sqlite:///{fresh_path(directory, 'engine')}",
                                   providers={"reference": driver}, clock=clock)
         self.ids = [self.engine.preview("reference", BASKET).id for _ in range(n)]

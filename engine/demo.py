@@ -170,11 +170,11 @@ def demo_pairs(clock: Clock, *, forloy_offline: bool = False) -> dict[str, tuple
     cheers = CheersSandbox(clock)
     secuconnect = SecuconnectSandbox(clock)
     return {
-        "reference": (reference, ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=reference.transport())),
-        "cheers": (cheers, CheersDriver(api_key=DEFAULT_API_KEY, transport=cheers.transport())),
+        "reference": (reference, ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=reference.transport())),
+        "cheers": (cheers, CheersDriver(environment="sandbox", api_key=DEFAULT_API_KEY, transport=cheers.transport())),
         "rekonect": rekonect_pair(clock),
         "forloy": forloy_pair(clock, offline=forloy_offline),
-        "secuconnect": (secuconnect, SecuconnectDriver(client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET,
+        "secuconnect": (secuconnect, SecuconnectDriver(environment="sandbox", client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET,
                                                        clock=clock, transport=secuconnect.transport())),
     }
 

@@ -132,6 +132,26 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
+def choose_base_url(
+    driver: str, environments: Mapping[str, str], base_url: str | None, environment: str | None
+) -> str:
+    """Where a driver talks: an explicit ``base_url``, or a named environment's documented host.
+
+    There is no default: a till configured without either must not reach the provider's
+    development host from production (or the reverse).
+    """
+    if environment is not None and environment not in environments:
+        known = ", ".join(repr(name) for name in environments) or "none published"
+        raise ValidationError(
+            f"{driver}: unknown environment {environment!r} (documented: {known}); pass base_url= instead"
+        )
+    if base_url is None and environment is None:
+        known = " or ".join(repr(name) for name in environments)
+        hint = f" or environment={known}" if known else ""
+        raise ValidationError(f"{driver} needs base_url={hint}: there is no default host")
+    return check_base_url(base_url if base_url is not None else environments[environment])  # type: ignore[index]
+
+
 def check_base_url(url: str) -> str:
     """TLS always, except towards this machine (sandboxes served on loopback)."""
     parts = urlsplit(url)
@@ -195,18 +215,21 @@ class HttpDriver(ProviderDriver):
     without a network: ``sandbox.transport()`` serves both clients in-process.
     """
 
-    default_base_url: str = ""
+    #: The provider's documented hosts by environment ("sandbox", "production").
+    environments: Mapping[str, str] = {}
     timeout = httpx.Timeout(10.0, connect=5.0)
 
     def __init__(
         self,
         *,
         base_url: str | None = None,
+        environment: str | None = None,
         transport: httpx.BaseTransport | None = None,
         async_transport: httpx.AsyncBaseTransport | None = None,
         timeout: float | httpx.Timeout | None = None,
     ) -> None:
-        self.base_url = check_base_url(base_url or self.default_base_url)
+        self.base_url = choose_base_url(type(self).__name__, self.environments, base_url, environment)
+        self.environment = environment
         if timeout is not None:
             self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self._transport = transport
@@ -218,7 +241,8 @@ class HttpDriver(ProviderDriver):
         self._aclient: httpx.AsyncClient | None = None
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(base_url={self.base_url!r})"
+        where = f"environment={self.environment!r}, " if self.environment else ""
+        return f"{type(self).__name__}({where}base_url={self.base_url!r})"
 
     # --- helpers for subclasses ---
 

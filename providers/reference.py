@@ -48,7 +48,7 @@ TIMERS = TimerPolicy()
 
 class ReferenceDriver(HttpDriver):
     name = "reference"
-    default_base_url = f"https://{HOST}"
+    environments: Mapping[str, str] = {"sandbox": f"https://{HOST}"}
     capabilities = Capabilities(
         remote={"preview", "update", "finalize", "cancel", "refund"},
         local={"begin_payment"},
@@ -349,5 +349,5 @@ class ReferenceSandbox(Sandbox):
 def reference_pair(clock: Clock, *, timeout: timedelta | None = None) -> tuple[ReferenceSandbox, ReferenceDriver]:
     """A sandbox and a driver wired to it in-process: the core tests' usual set-up."""
     sandbox = ReferenceSandbox(clock)
-    driver = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    driver = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
     return sandbox, driver

@@ -50,7 +50,7 @@ def sandbox(clock) -> ReferenceSandbox:
 
 @pytest.fixture
 def driver(sandbox) -> ReferenceDriver:
-    return ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    return ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
 
 
 @pytest.fixture

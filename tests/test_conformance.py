@@ -21,7 +21,7 @@ class Harness(ReferenceHarness):
         self.driver_class = driver_class
 
     def make_driver(self, sandbox, *, transport, clock):
-        return self.driver_class(api_key=ReferenceSandbox.api_key, transport=transport)
+        return self.driver_class(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=transport)
 
     def __repr__(self) -> str:
         return f"Harness({self.driver_class.__name__})"

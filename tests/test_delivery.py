@@ -113,10 +113,10 @@ class TestBoundedConcurrency:
     def test_the_sync_engine_sends_a_round_on_a_bounded_thread_pool(self, db_url, basket, sandbox, clock):
         width = 4
         gate = _Gate(sandbox.transport(), width)
-        setup = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+        setup = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
         with Engine.open(db_url, providers={"reference": setup}, clock=clock) as engine:
             txs = finalized(engine, basket, 3 * width)
-        driver = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=gate)
+        driver = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=gate)
         with Engine.open(db_url, providers={"reference": driver}, clock=clock,
                          delivery_concurrency=width) as engine:
             assert engine.deliver_pending() == 3 * width
@@ -126,13 +126,13 @@ class TestBoundedConcurrency:
 
     def test_the_async_engine_runs_the_same_round_as_bounded_tasks(self, db_url, basket, sandbox, clock):
         width = 3
-        setup = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+        setup = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
         with Engine.open(db_url, providers={"reference": setup}, clock=clock) as engine:
             finalized(engine, basket, 2 * width)
 
         async def drain():
             gate = _AsyncGate(sandbox, width)
-            driver = ReferenceDriver(api_key=ReferenceSandbox.api_key, async_transport=gate)
+            driver = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, async_transport=gate)
             async with AsyncEngine.open(db_url, providers={"reference": driver}, clock=clock,
                                         delivery_concurrency=width) as engine:
                 return await engine.deliver_pending(), gate.most
@@ -176,8 +176,8 @@ class TestRoundsThatStopStarting:
             clock.advance(lease / 2)  # this one send took half the lease
             return sandbox._handle_httpx(request)
 
-        setup = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
-        slow = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=httpx.MockTransport(slow_provider))
+        setup = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+        slow = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=httpx.MockTransport(slow_provider))
         with Engine.open(db_url, providers={"reference": setup}, clock=clock) as engine:
             txs = finalized(engine, basket, 3)
         with Engine.open(db_url, providers={"reference": slow}, clock=clock, delivery_lease=lease,
@@ -198,10 +198,10 @@ class TestRoundsThatStopStarting:
             engines[0].stop_sending()  # a SIGTERM arriving while the first send is in flight
             return sandbox._handle_httpx(request)
 
-        setup = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+        setup = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
         with Engine.open(db_url, providers={"reference": setup}, clock=clock) as engine:
             txs = finalized(engine, basket, 4)
-        driver = ReferenceDriver(api_key=ReferenceSandbox.api_key,
+        driver = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key,
                                  transport=httpx.MockTransport(stop_after_this_one))
         with Engine.open(db_url, providers={"reference": driver}, clock=clock, delivery_concurrency=1,
                          delivery_round=2) as engine:
@@ -238,7 +238,7 @@ class TestLeases:
     def test_engines_on_one_store_in_threads_send_each_delivery_exactly_once(
             self, db_url, basket, sandbox, clock):
         """Four engines (each its own connections and sender pool) drain one outbox at once."""
-        setup = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+        setup = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
         with Engine.open(db_url, providers={"reference": setup}, clock=clock) as engine:
             txs = finalized(engine, basket, 80)
         in_flight: set[str] = set()
@@ -260,7 +260,7 @@ class TestLeases:
         start, delivered = threading.Barrier(4), []
 
         def worker():
-            driver = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=httpx.MockTransport(watching))
+            driver = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=httpx.MockTransport(watching))
             with Engine.open(db_url, providers={"reference": driver}, clock=clock, delivery_round=7,
                              delivery_concurrency=3) as engine:
                 start.wait(timeout=10)
@@ -318,8 +318,8 @@ def test_the_async_facade_shows_and_requeues_deliveries_too(db_url, driver, bask
 def test_an_engine_never_claims_deliveries_of_a_provider_it_has_no_driver_for(db_url, clock, sandbox, basket):
     """Engines for different providers on one database: each drains only its own outbox rows
     (claiming the others' would park them as dead for want of a driver)."""
-    other = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
-    mine = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    other = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    mine = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
     with Engine.open(db_url, providers={"other": other}, clock=clock) as theirs, \
             Engine.open(db_url, providers={"reference": mine}, clock=clock) as ours:
         foreign = theirs.finalize(theirs.preview("other", basket).id)

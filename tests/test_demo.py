@@ -21,7 +21,7 @@ def test_the_demo_runs_every_providers_session_and_replays_exactly(tmp_path, cap
     assert "discount 600.00 HUF  credits 800.00 HUF  to pay 100.00 HUF" in out
     assert "to pay 209.00 HUF" in out
     assert "INSUFFICIENT_CREDIT" in out and "forloy does not support refund" in out
-    assert "Kartennummer: ************2845" in out
+    assert re.search(r"Kartennummer: +\*{12}2845", out)
 
 
 def test_show_prints_a_transaction_with_its_journal(tmp_path, capsys):

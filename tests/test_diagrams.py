@@ -216,7 +216,7 @@ class TestLabels:
     def test_a_driver_instance_may_differ_from_its_class(self):
         from txengine.providers.forloy import ForloyDriver
 
-        offline = ForloyDriver(email="staff@example.com", password="pw", location_id="loc-1",
+        offline = ForloyDriver(environment="production", email="staff@example.com", password="pw", location_id="loc-1",
                                staff_user_id="staff-1", offline=True)
         finalize = edge(diagrams.provider(offline), "updated", "finalize")
         assert finalize.calls == ("local",)

@@ -150,7 +150,7 @@ def test_unsupported_events_are_refused_before_any_call(db_url, clock, sandbox, 
         capabilities = attrs.evolve(ReferenceDriver.capabilities,
                                     remote=ReferenceDriver.capabilities.remote - {"refund"})
 
-    driver = NoRefunds(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    driver = NoRefunds(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
     with Engine.open(db_url, providers={"reference": driver}, clock=clock) as engine:
         tx = engine.finalize(engine.preview("reference", basket, customer_token=CUSTOMER).id)
         calls = len(sandbox.requests)
@@ -167,7 +167,7 @@ def test_local_update_prices_new_lines_without_a_call(db_url, clock, sandbox, ba
         capabilities = Capabilities(remote={"preview", "finalize", "cancel", "refund"},
                                     local={"begin_payment", "update"})
 
-    driver = LocalUpdates(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    driver = LocalUpdates(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
     with Engine.open(db_url, providers={"reference": driver}, clock=clock) as engine:
         tx = engine.preview("reference", basket, customer_token=CUSTOMER)
         calls = len(sandbox.requests)
@@ -258,7 +258,7 @@ def test_an_event_the_lifecycle_forbids_is_illegal_before_it_is_unsupported(db_u
         capabilities = attrs.evolve(ReferenceDriver.capabilities,
                                     remote=ReferenceDriver.capabilities.remote - {"refund"})
 
-    driver = NoRefunds(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    driver = NoRefunds(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
     with Engine.open(db_url, providers={"reference": driver}, clock=clock) as engine:
         open_tx = engine.preview("reference", basket, customer_token=CUSTOMER)
         with pytest.raises(IllegalTransition, match="not allowed from here"):

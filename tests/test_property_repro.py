@@ -31,7 +31,7 @@ class ForgetsToSendFinalize(ReferenceDriver):
 
 class ForgetfulHarness(ReferenceHarness):
     def make_driver(self, sandbox, *, transport, clock):
-        return ForgetsToSendFinalize(api_key=ReferenceSandbox.api_key, transport=transport)
+        return ForgetsToSendFinalize(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=transport)
 
 
 class ForgetfulLifecycle(LifecycleStateMachine):

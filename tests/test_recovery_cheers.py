@@ -42,7 +42,7 @@ def sandbox(clock) -> CheersSandbox:
 
 @pytest.fixture
 def engine(db_url, sandbox, clock):
-    driver = CheersDriver(api_key=DEFAULT_API_KEY, transport=sandbox.transport())
+    driver = CheersDriver(environment="sandbox", api_key=DEFAULT_API_KEY, transport=sandbox.transport())
     with Engine.open(db_url, providers={"cheers": driver}, clock=clock) as engine:
         yield engine
 

@@ -61,7 +61,7 @@ def test_an_engine_without_the_provider_leaves_its_intents_alone(db_url, basket,
         sandbox.faults.inject("finalize", Fault.TIMEOUT_BEFORE_COMMIT)
         with pytest.raises(OutcomeUnknown):
             pos.finalize(tx.id)
-    other = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    other = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
     other.name = "elsewhere"
     with Engine.open(db_url, providers={"elsewhere": other}, clock=clock) as unrelated:
         assert unrelated.recover() == 0

@@ -89,7 +89,7 @@ def test_recovery_in_a_new_process_logs_in_again_and_replays(db_url, clock):
         with pytest.raises(OutcomeUnknown):
             first.finalize(tx.id)
     clock.advance(hours=2)  # the old session's token has expired too
-    fresh = ForloyDriver(email=sandbox.STAFF_EMAIL, password=sandbox.STAFF_PASSWORD,
+    fresh = ForloyDriver(environment="production", email=sandbox.STAFF_EMAIL, password=sandbox.STAFF_PASSWORD,
                          location_id=sandbox.LOCATION_ID, staff_user_id=sandbox.STAFF_USER_ID,
                          clock=clock, transport=sandbox.transport())
     with Engine.open(db_url, providers={"forloy": fresh}, clock=clock) as second:

@@ -63,7 +63,7 @@ def wire(sandbox) -> LoseAnswer:
 
 @pytest.fixture
 def engine(db_url, sandbox, wire, clock):
-    driver = RekonectDriver(api_key=sandbox.api_key, source_name="till", pos_id="POS-1", branch_id="BR-1",
+    driver = RekonectDriver(environment="sandbox", api_key=sandbox.api_key, source_name="till", pos_id="POS-1", branch_id="BR-1",
                             transport=wire)
     with Engine.open(db_url, providers={"rekonect": driver}, clock=clock) as engine:
         yield engine
@@ -140,7 +140,7 @@ def test_a_lost_submit_is_redelivered_and_recorded_once(engine, sandbox, clock, 
 def test_recovery_after_a_restart_uses_a_new_driver_and_the_same_keys(db_url, sandbox, clock):
     """The process that lost the answer is gone; a fresh engine and driver recover it."""
     wire = LoseAnswer(sandbox)
-    options = dict(api_key=sandbox.api_key, source_name="till", pos_id="POS-1", branch_id="BR-1")
+    options = dict(environment="sandbox", api_key=sandbox.api_key, source_name="till", pos_id="POS-1", branch_id="BR-1")
     with Engine.open(db_url, providers={"rekonect": RekonectDriver(transport=wire, **options)},
                      clock=clock) as first:
         tx = first.preview("rekonect", basket(), customer_token=PHONE)

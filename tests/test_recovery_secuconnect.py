@@ -46,7 +46,7 @@ def sandbox(clock) -> SecuconnectSandbox:
 
 @pytest.fixture
 def engine(db_url, sandbox, clock):
-    driver = SecuconnectDriver(client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET, clock=clock,
+    driver = SecuconnectDriver(environment="sandbox", client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET, clock=clock,
                                transport=sandbox.transport())
     with Engine.open(db_url, providers={"secuconnect": driver}, clock=clock) as engine:
         yield engine

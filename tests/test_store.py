@@ -106,8 +106,8 @@ def test_engines_for_different_providers_share_a_database_without_spinning(db_ur
     from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
     from txengine.providers.sandbox import Fault
 
-    other = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
-    mine = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    other = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    mine = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
     with Engine.open(db_url, providers={"other": other}, clock=clock) as theirs, \
             Engine.open(db_url, providers={"reference": mine}, clock=clock) as ours:
         foreign = [theirs.preview("other", basket).id for _ in range(4)]

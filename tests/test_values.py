@@ -127,3 +127,36 @@ def test_names_and_product_ids_must_be_encodable_text(text):
         LineItem(None, text, 1, Money(100, "EUR"), 0)
     with pytest.raises(ValidationError, match="not valid Unicode"):
         LineItem(text, "Beer", 1, Money(100, "EUR"), 0)
+
+
+class TestDriverEnvironments:
+    """A driver talks where it is told: no silent default host."""
+
+    def test_a_driver_without_base_url_or_environment_is_refused_naming_the_choices(self):
+        from txengine.providers.cheers import CheersDriver
+
+        with pytest.raises(ValidationError, match="environment='sandbox' or 'production'"):
+            CheersDriver(api_key="k")
+
+    def test_an_unknown_environment_is_refused(self):
+        from txengine.providers.cheers import CheersDriver
+
+        with pytest.raises(ValidationError, match="unknown environment 'staging'"):
+            CheersDriver(api_key="k", environment="staging")
+
+    def test_each_environment_maps_to_the_documented_host_and_the_repr_says_which(self):
+        from txengine.providers.cheers import CheersDriver
+
+        sandbox = CheersDriver(api_key="secret-key-1", environment="sandbox")
+        production = CheersDriver(api_key="secret-key-1", environment="production")
+        assert sandbox.base_url == "https://api.dev.votesess.com"
+        assert production.base_url == "https://api.uniqpon.com"
+        assert repr(production) == "CheersDriver(environment='production', base_url='https://api.uniqpon.com')"
+        assert "secret-key-1" not in repr(sandbox)
+
+    def test_an_explicit_base_url_needs_no_environment(self):
+        from txengine.providers.cheers import CheersDriver
+
+        driver = CheersDriver(api_key="k", base_url="http://127.0.0.1:8080/")
+        assert driver.base_url == "http://127.0.0.1:8080"
+        assert repr(driver) == "CheersDriver(base_url='http://127.0.0.1:8080')"

@@ -106,7 +106,7 @@ def test_an_unknown_error_is_logged_by_its_type_only(engine, logs):
 
 
 def test_logs_never_carry_secrets(db_url, sandbox, clock, basket, logs):
-    driver = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    driver = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
     with Engine.open(db_url, providers={"reference": driver}, clock=clock) as engine:
         backlog_of_every_kind(engine, sandbox, clock, basket)
         sandbox.faults.inject("receipt", Fault.SERVER_ERROR, times=3)
@@ -117,7 +117,7 @@ def test_logs_never_carry_secrets(db_url, sandbox, clock, basket, logs):
 
 
 def test_stop_finishes_in_flight_sends_and_releases_the_rest(db_url, basket, sandbox, clock, logs):
-    setup = ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
+    setup = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
     with Engine.open(db_url, providers={"reference": setup}, clock=clock) as engine:
         txs = [engine.finalize(engine.preview("reference", basket).id) for _ in range(5)]
     workers = []
@@ -126,7 +126,7 @@ def test_stop_finishes_in_flight_sends_and_releases_the_rest(db_url, basket, san
         workers[0].stop("SIGTERM")
         return sandbox._handle_httpx(request)
 
-    driver = ReferenceDriver(api_key=ReferenceSandbox.api_key,
+    driver = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key,
                              transport=httpx.MockTransport(sigterm_during_the_first_send))
     with Engine.open(db_url, providers={"reference": driver}, clock=clock, delivery_concurrency=1) as engine:
         worker = Worker(engine, interval=0)

@@ -58,7 +58,7 @@ class ReferenceHarness(ProviderHarness):
     def make_driver(self, sandbox, *, transport, clock):
         from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
 
-        return ReferenceDriver(api_key=ReferenceSandbox.api_key, transport=transport)
+        return ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=transport)
 
     @staticmethod
     def customer_key(wallet: str) -> str:
@@ -118,7 +118,7 @@ class CheersHarness(ProviderHarness):
     def make_driver(self, sandbox, *, transport, clock):
         from txengine.providers.cheers import DEFAULT_API_KEY, CheersDriver
 
-        return CheersDriver(api_key=DEFAULT_API_KEY, transport=transport)
+        return CheersDriver(environment="sandbox", api_key=DEFAULT_API_KEY, transport=transport)
 
     def customer_token(self, sandbox, wallet: str) -> str:
         # One-time keys: each preview scans a fresh QR code of the same wallet.
@@ -176,7 +176,7 @@ class RekonectHarness(ProviderHarness):
     def make_driver(self, sandbox, *, transport, clock):
         from txengine.providers.rekonect import RekonectDriver
 
-        return RekonectDriver(api_key=sandbox.api_key, source_name="txengine-property", pos_id="POS-1",
+        return RekonectDriver(environment="sandbox", api_key=sandbox.api_key, source_name="txengine-property", pos_id="POS-1",
                               branch_id="BR-1", transport=transport)
 
     def customer_token(self, sandbox, wallet: str) -> str:
@@ -236,7 +236,7 @@ class ForloyHarness(ProviderHarness):
     def make_driver(self, sandbox, *, transport, clock):
         from txengine.providers.forloy import ForloyDriver, ForloySandbox
 
-        return ForloyDriver(email=ForloySandbox.STAFF_EMAIL, password=ForloySandbox.STAFF_PASSWORD,
+        return ForloyDriver(environment="production", email=ForloySandbox.STAFF_EMAIL, password=ForloySandbox.STAFF_PASSWORD,
                             location_id=ForloySandbox.LOCATION_ID, staff_user_id=ForloySandbox.STAFF_USER_ID,
                             offline=self.offline, clock=clock, transport=transport)
 
@@ -311,7 +311,7 @@ class SecuconnectHarness(ProviderHarness):
         from txengine.providers.secuconnect import SecuconnectDriver
         from txengine.providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 
-        return SecuconnectDriver(client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET, clock=clock,
+        return SecuconnectDriver(environment="sandbox", client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET, clock=clock,
                                  transport=transport)
 
     def customer_token(self, sandbox, wallet: str) -> str:

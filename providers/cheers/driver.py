@@ -318,7 +318,7 @@ class CheersDriver(HttpDriver):
     """Cheers Loyalty over httpx; one instance per terminal (its ``api_key``)."""
 
     name = "cheers"
-    default_base_url = SANDBOX_BASE_URL
+    environments: Mapping[str, str] = {"sandbox": SANDBOX_BASE_URL, "production": PRODUCTION_BASE_URL}
     capabilities = Capabilities(
         remote={"preview", "update", "finalize", "cancel", "refund"},
         local={"begin_payment"},
@@ -340,19 +340,14 @@ class CheersDriver(HttpDriver):
         self,
         *,
         api_key: str | Secret,
-        base_url: str | None = None,
-        transport: httpx.BaseTransport | None = None,
-        async_transport: httpx.AsyncBaseTransport | None = None,
-        timeout: float | httpx.Timeout | None = None,
+        **http: Any,
     ) -> None:
         if not isinstance(api_key, (str, Secret)):
             raise ValidationError("api_key must be a string")
         self._api_key = Secret(api_key)
         if not _VISIBLE_ASCII.fullmatch(self._api_key.reveal()):
             raise ValidationError("api_key must be a non-empty string of visible ASCII characters")
-        super().__init__(
-            base_url=base_url, transport=transport, async_transport=async_transport, timeout=timeout
-        )
+        super().__init__(**http)
 
     # --- lifecycle events ---
     # Each public method validates eagerly (ValidationError before the engine claims

@@ -327,7 +327,7 @@ class ForloyDriver(HttpDriver):
     """The Forloy driver; ``offline=True`` records purchases by store-and-forward sync."""
 
     name = "forloy"
-    default_base_url = DEFAULT_BASE_URL
+    environments: Mapping[str, str] = {"production": DEFAULT_BASE_URL}
     capabilities = ONLINE_CAPABILITIES
     #: the HTTP call behind each remote event and deferred delivery (for the diagrams)
     calls: Mapping[str, str] = {

@@ -733,7 +733,8 @@ def forloy_pair(clock: Clock, /, **driver_options: Any) -> tuple[ForloySandbox, 
     """A sandbox and a driver wired to it in-process; the driver shares the clock unless
     ``clock=`` is among ``driver_options``."""
     sandbox = ForloySandbox(clock)
-    options = {"transport": sandbox.transport(), "clock": clock, **driver_options}
+    options = {"transport": sandbox.transport(), "clock": clock, "base_url": sandbox.base_url,
+               **driver_options}
     driver = ForloyDriver(
         email=ForloySandbox.STAFF_EMAIL, password=ForloySandbox.STAFF_PASSWORD,
         location_id=ForloySandbox.LOCATION_ID, staff_user_id=ForloySandbox.STAFF_USER_ID,

@@ -264,7 +264,7 @@ class RekonectDriver(HttpDriver):
     """Rekonect's POS API.  Credentials by keyword; every one becomes a request header."""
 
     name = "rekonect"
-    default_base_url = ASSUMED_BASE_URL
+    environments: Mapping[str, str] = {"sandbox": ASSUMED_BASE_URL}
     timeout = REQUEST_TIMEOUT
     capabilities = Capabilities(
         remote={"preview", "finalize", "refund"},
@@ -292,10 +292,7 @@ class RekonectDriver(HttpDriver):
         source_name: str,
         pos_id: str,
         branch_id: str,
-        base_url: str | None = None,
-        transport: httpx.BaseTransport | None = None,
-        async_transport: httpx.AsyncBaseTransport | None = None,
-        timeout: float | httpx.Timeout | None = None,
+        **http: Any,
     ) -> None:
         api_key = Secret(api_key)
         _header_value("api_key", api_key)
@@ -304,8 +301,7 @@ class RekonectDriver(HttpDriver):
         self.source_name = _header_value("source_name", source_name)
         self.pos_id = _header_value("pos_id", pos_id)
         self.branch_id = _header_value("branch_id", branch_id)
-        super().__init__(base_url=base_url, transport=transport, async_transport=async_transport,
-                         timeout=timeout)
+        super().__init__(**http)
 
     def __repr__(self) -> str:
         return (

@@ -591,5 +591,5 @@ def rekonect_pair(clock: Clock, **driver_options: Any) -> tuple[RekonectSandbox,
     """A sandbox and a driver wired to it in-process: the tests' and the demo's usual set-up."""
     sandbox = RekonectSandbox(clock)
     options = {"source_name": "txengine-tests", "pos_id": "POS-1", "branch_id": "BR-1",
-               "transport": sandbox.transport(), **driver_options}
+               "transport": sandbox.transport(), "environment": "sandbox", **driver_options}
     return sandbox, RekonectDriver(api_key=sandbox.api_key, **options)

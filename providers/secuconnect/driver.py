@@ -216,7 +216,7 @@ class SecuconnectDriver(HttpDriver):
     """secuconnect Smart Transactions with a secucard as the customer's key."""
 
     name = "secuconnect"
-    default_base_url = DEFAULT_BASE_URL
+    environments: Mapping[str, str] = {"sandbox": DEFAULT_BASE_URL}
     capabilities = Capabilities(
         remote={"preview", "update", "finalize", "cancel", "refund"},
         local={"begin_payment"},
@@ -240,13 +240,9 @@ class SecuconnectDriver(HttpDriver):
         client_id: str | Secret,
         client_secret: str | Secret,
         clock: Clock | None = None,
-        base_url: str | None = None,
-        transport: httpx.BaseTransport | None = None,
-        async_transport: httpx.AsyncBaseTransport | None = None,
-        timeout: float | httpx.Timeout | None = None,
+        **http: Any,
     ) -> None:
-        super().__init__(base_url=base_url, transport=transport, async_transport=async_transport,
-                         timeout=timeout)
+        super().__init__(**http)
         self._client_id = Secret(client_id)
         self._client_secret = Secret(client_secret)
         self._clock = clock or SystemClock()

@@ -161,7 +161,7 @@ def recorder(sandbox) -> RecordingTransport:
 
 @pytest.fixture
 def driver(recorder) -> CheersDriver:
-    return CheersDriver(api_key=DEFAULT_API_KEY, transport=recorder)
+    return CheersDriver(environment="sandbox", api_key=DEFAULT_API_KEY, transport=recorder)
 
 
 def preview_request(
@@ -267,7 +267,7 @@ def test_worked_example_through_the_ready_made_seed(clock):
     sandbox = CheersSandbox(clock=clock)
     sandbox.seed_worked_example()
     recorder = sandbox.recording_transport()
-    driver = CheersDriver(api_key=DEFAULT_API_KEY, transport=recorder)
+    driver = CheersDriver(environment="sandbox", api_key=DEFAULT_API_KEY, transport=recorder)
 
     tx = previewed(driver, clock)
     driver.run(driver.update(tx, (SERVICE_FEE, TIP), "u"))
@@ -590,7 +590,7 @@ def test_each_error_code_is_a_rejection_with_its_code_and_assumed_status(
 
 
 def test_an_unknown_api_key_is_unauthorized(recorder, clock):
-    driver = CheersDriver(api_key="not-a-terminal", transport=recorder)
+    driver = CheersDriver(environment="sandbox", api_key="not-a-terminal", transport=recorder)
     with pytest.raises(ProviderRejected) as refused:
         driver.run(driver.preview(preview_request(clock)))
     assert refused.value.code == "UNAUTHORIZED"
@@ -605,7 +605,7 @@ def driver_answering(status: int, body: bytes, headers: dict | None = None) -> C
     def answer(request: httpx.Request) -> httpx.Response:
         return httpx.Response(status, content=body, headers=headers or {})
 
-    return CheersDriver(api_key="terminal", transport=httpx.MockTransport(answer))
+    return CheersDriver(environment="sandbox", api_key="terminal", transport=httpx.MockTransport(answer))
 
 
 def rejection(driver, clock) -> ProviderRejected:
@@ -964,7 +964,7 @@ async def test_session_in_process_async(driver, sandbox, clock):
 
 
 async def test_session_async_through_asgi(sandbox, clock):
-    driver = CheersDriver(api_key=DEFAULT_API_KEY, async_transport=sandbox.asgi_transport())
+    driver = CheersDriver(environment="sandbox", api_key=DEFAULT_API_KEY, async_transport=sandbox.asgi_transport())
     await arun_session(driver, clock)
     await driver.aclose()
     _check_session_ledger(sandbox)
@@ -1013,7 +1013,7 @@ def test_a_fault_over_a_socket_is_unknown_and_the_resend_lands_once(sandbox, clo
 
 
 def test_the_default_base_url_is_the_sandbox_host():
-    assert CheersDriver(api_key="k").base_url == "https://api.dev.votesess.com"
+    assert CheersDriver(environment="sandbox", api_key="k").base_url == "https://api.dev.votesess.com"
     assert cheers.PRODUCTION_BASE_URL == "https://api.uniqpon.com"
     assert CheersDriver(api_key="k", base_url=cheers.PRODUCTION_BASE_URL).base_url == "https://api.uniqpon.com"
 
@@ -1032,7 +1032,7 @@ def test_plain_http_is_allowed_on_loopback(url):
 @pytest.mark.parametrize("api_key", ["", "has space", None, 42])
 def test_a_bad_api_key_is_refused(api_key):
     with pytest.raises(ValidationError):
-        CheersDriver(api_key=api_key)
+        CheersDriver(environment="sandbox", api_key=api_key)
 
 
 def test_secrets_stay_out_of_reprs_errors_and_quotes(driver, recorder, clock):

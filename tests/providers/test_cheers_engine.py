@@ -66,7 +66,7 @@ def sandbox(clock) -> CheersSandbox:
 
 @pytest.fixture
 def driver(sandbox) -> CheersDriver:
-    return CheersDriver(api_key=DEFAULT_API_KEY, transport=sandbox.transport())
+    return CheersDriver(environment="sandbox", api_key=DEFAULT_API_KEY, transport=sandbox.transport())
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -218,7 +218,7 @@ def test_the_release_cancels_a_preview_cheers_still_holds(db_url, clock):
     # Cheers keeps previews longer than the engine's policy: the release frees the hold.
     sandbox = CheersSandbox(clock=clock, preview_lifetime=timedelta(minutes=30))
     sandbox.seed_worked_example()
-    driver = CheersDriver(api_key=DEFAULT_API_KEY, transport=sandbox.transport())
+    driver = CheersDriver(environment="sandbox", api_key=DEFAULT_API_KEY, transport=sandbox.transport())
     with Engine.open(db_url, providers={"cheers": driver}, clock=clock) as engine:
         tx = preview(engine)
         clock.advance(minutes=10)

@@ -55,7 +55,7 @@ class TestLogin:
     def test_a_wrong_password_is_unauthorized_and_says_nothing_secret(self, clock):
         sandbox = ForloySandbox(clock)
         card = sandbox.add_punch_card()
-        driver = ForloyDriver(email=sandbox.STAFF_EMAIL, password="hunter2-wrong", location_id="loc_001",
+        driver = ForloyDriver(environment="production", email=sandbox.STAFF_EMAIL, password="hunter2-wrong", location_id="loc_001",
                               staff_user_id="staff_042", clock=clock, transport=sandbox.transport())
         with pytest.raises(ProviderRejected) as refused:
             lookup(driver, clock, card.barcode_value)
@@ -166,7 +166,7 @@ class TestReauthentication:
             return httpx.Response(401, json={"success": False, "error": {
                 "code": "TOKEN_EXPIRED", "message": "Token expired"}})
 
-        driver = ForloyDriver(email="e", password="p", location_id="l", staff_user_id="s",
+        driver = ForloyDriver(environment="production", email="e", password="p", location_id="l", staff_user_id="s",
                               clock=clock, transport=httpx.MockTransport(always_expired))
         with pytest.raises(ProviderRejected) as refused:
             lookup(driver, clock, "90001234567890")
@@ -177,7 +177,7 @@ class TestReauthentication:
         def tokenless(request: httpx.Request) -> httpx.Response:
             return httpx.Response(200, json={"success": True, "data": {"expires_in": 3600}})
 
-        driver = ForloyDriver(email="e", password="p", location_id="l", staff_user_id="s",
+        driver = ForloyDriver(environment="production", email="e", password="p", location_id="l", staff_user_id="s",
                               clock=clock, transport=httpx.MockTransport(tokenless))
         with pytest.raises(OutcomeUnknown, match="access_token"):
             lookup(driver, clock, "90001234567890")

@@ -268,7 +268,7 @@ class TestFaults:
             return httpx.Response(200, content=forloy.dumps({"success": True, "data": {
                 "transaction_id": "txn_1", **json.loads(json.dumps(answer), parse_float=Decimal)}}))
 
-        driver = ForloyDriver(email="e", password="p", location_id="l", staff_user_id="s", clock=clock,
+        driver = ForloyDriver(environment="production", email="e", password="p", location_id="l", staff_user_id="s", clock=clock,
                               transport=httpx.MockTransport(forloy_api))
         items = basket("10.00")
         lines = forloy.discount_lines(items.items, Decimal("0.10"))
@@ -295,7 +295,7 @@ class TestFaults:
                     "access_token": "a", "refresh_token": "r", "expires_in": 3600}})
             return httpx.Response(status, content=body)
 
-        driver = ForloyDriver(email="e", password="p", location_id="l", staff_user_id="s", clock=clock,
+        driver = ForloyDriver(environment="production", email="e", password="p", location_id="l", staff_user_id="s", clock=clock,
                               transport=httpx.MockTransport(forloy_api))
         with pytest.raises(expected):
             driver.run(driver.preview(preview_request(clock, "12345", basket("1.00"))))
@@ -320,7 +320,7 @@ class TestTransports:
 
     async def test_async_through_asgi(self, clock):
         sandbox = ForloySandbox(clock)
-        driver = ForloyDriver(email=sandbox.STAFF_EMAIL, password=sandbox.STAFF_PASSWORD, location_id="loc_001",
+        driver = ForloyDriver(environment="production", email=sandbox.STAFF_EMAIL, password=sandbox.STAFF_PASSWORD, location_id="loc_001",
                               staff_user_id="staff_042", clock=clock, async_transport=sandbox.asgi_transport())
         card = sandbox.add_discount_card(discount_rate="0.15")
         items = basket("20.00")
@@ -422,7 +422,7 @@ class TestOffline:
             return httpx.Response(200, json={"success": True, "data": {"results": [
                 {"idempotency_key": delivery.idempotency_key, "success": True, "data": {}}]}})
 
-        forgetful = ForloyDriver(email="e", password="p", location_id="loc_001", staff_user_id="staff_042",
+        forgetful = ForloyDriver(environment="production", email="e", password="p", location_id="loc_001", staff_user_id="staff_042",
                                  clock=clock, offline=True, transport=httpx.MockTransport(answers_for_one))
         stranger = attrs.evolve(delivery, tx_id="tx_9", idempotency_key="tx_9:record")
         assert forgetful.run(forgetful.deliver((delivery,))) is None

@@ -118,7 +118,7 @@ class TestRequests:
     def test_money_goes_out_in_decimal_major_units_of_the_configured_currency(self, clock, currency, price, wire):
         sandbox = ForloySandbox(clock, currency=currency)
         sandbox_card = sandbox.add_cashback_card(cashback_rate="0.10")
-        driver = ForloyDriver(email=sandbox.STAFF_EMAIL, password=sandbox.STAFF_PASSWORD,
+        driver = ForloyDriver(environment="production", email=sandbox.STAFF_EMAIL, password=sandbox.STAFF_PASSWORD,
                               location_id="loc_001", staff_user_id="staff_042", currency=currency,
                               clock=clock, transport=sandbox.transport())
         items = basket(price, currency=currency)
@@ -271,7 +271,7 @@ def seed_driver(routes: dict[str, str], clock) -> tuple[ForloyDriver, list[httpx
         body = LOGIN if path == "/auth/login" else routes[path]
         return httpx.Response(200, content=body.encode(), headers={"content-type": "application/json"})
 
-    driver = ForloyDriver(email="e@x", password="pw", location_id="loc_001", staff_user_id="staff_042",
+    driver = ForloyDriver(environment="production", email="e@x", password="pw", location_id="loc_001", staff_user_id="staff_042",
                           clock=clock, transport=httpx.MockTransport(answer))
     return driver, seen
 
@@ -337,7 +337,7 @@ class TestTheGuidesExamples:
 
 
 def test_the_default_base_url_is_forlorys_api():
-    driver = ForloyDriver(email="e", password="p", location_id="l", staff_user_id="s")
+    driver = ForloyDriver(environment="production", email="e", password="p", location_id="l", staff_user_id="s")
     assert driver.base_url == BASE == forloy.DEFAULT_BASE_URL
 
 

@@ -43,6 +43,7 @@ def sandbox(clock) -> RekonectSandbox:
 
 def make_driver(sandbox: RekonectSandbox, **options) -> RekonectDriver:
     options.setdefault("transport", sandbox.transport())
+    options.setdefault("environment", "sandbox")
     return RekonectDriver(api_key=sandbox.api_key, source_type="POS", source_name="till-app",
                           pos_id="POS-7", branch_id="BR-3", **options)
 
@@ -371,7 +372,7 @@ class TestErrors:
         assert "Member not found" in refused.value.provider_message
 
     def test_a_wrong_api_key_is_refused(self, sandbox, clock):
-        wrong = RekonectDriver(api_key="not-the-key", source_name="s", pos_id="p", branch_id="b",
+        wrong = RekonectDriver(environment="sandbox", api_key="not-the-key", source_name="s", pos_id="p", branch_id="b",
                                transport=sandbox.transport())
         with pytest.raises(ProviderRejected) as refused:
             wrong.run(wrong.preview(preview_request(clock)))
@@ -478,7 +479,7 @@ def _respond(status: int, body) -> httpx.Response:
 def _answering(*responses: httpx.Response) -> RekonectDriver:
     queue = list(responses)
     transport = httpx.MockTransport(lambda request: queue.pop(0) if len(queue) > 1 else queue[0])
-    return RekonectDriver(api_key="k", source_name="s", pos_id="p", branch_id="b", transport=transport)
+    return RekonectDriver(environment="sandbox", api_key="k", source_name="s", pos_id="p", branch_id="b", transport=transport)
 
 
 # --- the sandbox's business rules, over its own wire --------------------------------------------------

@@ -28,7 +28,7 @@ def sandbox(clock) -> RekonectSandbox:
 
 @pytest.fixture
 def driver(sandbox) -> RekonectDriver:
-    return RekonectDriver(api_key=sandbox.api_key, source_name="till-app", pos_id="POS-7",
+    return RekonectDriver(environment="sandbox", api_key=sandbox.api_key, source_name="till-app", pos_id="POS-7",
                           branch_id="BR-3", transport=sandbox.transport())
 
 

@@ -136,7 +136,7 @@ def recorder(sandbox) -> RecordingTransport:
 
 @pytest.fixture
 def driver(recorder, clock) -> SecuconnectDriver:
-    return SecuconnectDriver(client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET,
+    return SecuconnectDriver(environment="sandbox", client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET,
                              clock=clock, transport=recorder)
 
 
@@ -316,7 +316,7 @@ def _respond(request: httpx.Request, status: int, payload) -> httpx.Response:
 
 def test_the_driver_reads_the_seeds_start_cash_answer_verbatim(clock):
     """The seed's flow: a cash sale on the card (EXTERNAL_PAYMENT), answered by the seed."""
-    driver = SecuconnectDriver(client_id="id", client_secret="secret", clock=clock)
+    driver = SecuconnectDriver(environment="sandbox", client_id="id", client_secret="secret", clock=clock)
     lines = [PricedLine.unpriced(item) for item in SEED_BASKET.items]
     tx = snapshot(Quote(lines=lines, provider_ref=SEED_STX), clock, payment_type="EXTERNAL_PAYMENT")
     before_start = {**copy.deepcopy(SEED_START_CASH_RESPONSE), "status": "created", "transactions": [],
@@ -348,8 +348,8 @@ def test_the_driver_reads_the_seeds_start_cash_answer_verbatim(clock):
     assert SEED_CARD not in repr(outcome)
     assert [line.render() for line in outcome.receipt] == [
         "------------- Kundenkarte --------------",
-        f"Kartennummer: {MASKED_CARD}",
-        "TA Code: 29187332",
+        f"Kartennummer:{MASKED_CARD:>27}",  # name left, value right, 40 columns
+        f"TA Code:{'29187332':>32}",
         "",
         "Umsatz erfasst:",
         "7,96 EUR",

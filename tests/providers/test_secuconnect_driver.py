@@ -62,7 +62,7 @@ def recorder(sandbox) -> RecordingTransport:
 
 @pytest.fixture
 def driver(recorder, clock) -> SecuconnectDriver:
-    return SecuconnectDriver(client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET, clock=clock,
+    return SecuconnectDriver(environment="sandbox", client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET, clock=clock,
                              transport=recorder)
 
 
@@ -338,7 +338,7 @@ def test_a_token_refused_twice_is_a_rejection(clock):
             return httpx.Response(200, json={"access_token": f"t{len(calls)}", "expires_in": 1200})
         return httpx.Response(401, json={"error": "invalid_token", "error_description": "The token is invalid"})
 
-    driver = SecuconnectDriver(client_id="id", client_secret="s", clock=clock,
+    driver = SecuconnectDriver(environment="sandbox", client_id="id", client_secret="s", clock=clock,
                                transport=httpx.MockTransport(handler))
     with pytest.raises(ProviderRejected) as refused:
         driver.run(driver.preview(preview_request(clock)))
@@ -347,7 +347,7 @@ def test_a_token_refused_twice_is_a_rejection(clock):
 
 
 def test_wrong_client_credentials_are_rejected_without_echoing_the_secret(sandbox, clock):
-    driver = SecuconnectDriver(client_id=DEFAULT_CLIENT_ID, client_secret="not-the-secret-4711", clock=clock,
+    driver = SecuconnectDriver(environment="sandbox", client_id=DEFAULT_CLIENT_ID, client_secret="not-the-secret-4711", clock=clock,
                                transport=sandbox.transport())
     with pytest.raises(ProviderRejected) as refused:
         driver.run(driver.preview(preview_request(clock)))
@@ -367,7 +367,7 @@ def test_a_lost_token_answer_is_asked_again_once(driver, sandbox, clock):
     {"access_token": "t", "expires_in": "soon"}, {"access_token": "t", "expires_in": 0},
 ])
 def test_an_unusable_token_answer_is_a_protocol_error(clock, answer):
-    driver = SecuconnectDriver(client_id="id", client_secret="s", clock=clock,
+    driver = SecuconnectDriver(environment="sandbox", client_id="id", client_secret="s", clock=clock,
                                transport=httpx.MockTransport(lambda request: httpx.Response(200, json=answer)))
     with pytest.raises(ProtocolError):
         driver.run(driver.preview(preview_request(clock)))
@@ -382,7 +382,7 @@ def test_a_token_answer_without_expires_in_lives_the_documented_1200_seconds(clo
             return httpx.Response(200, json={"access_token": "t"})
         return httpx.Response(200, json={"id": "STX_1", "status": "cancelled"})
 
-    driver = SecuconnectDriver(client_id="id", client_secret="s", clock=clock,
+    driver = SecuconnectDriver(environment="sandbox", client_id="id", client_secret="s", clock=clock,
                                transport=httpx.MockTransport(handler))
     tx = snapshot(Quote([PricedLine.unpriced(SANDWICH)], provider_ref="STX_1"), clock)
     driver.run(driver.cancel(tx, "c"))
@@ -533,7 +533,7 @@ def scripted(clock, answer) -> SecuconnectDriver:
             return httpx.Response(200, json={"access_token": "t", "expires_in": 1200})
         return answer(request)
 
-    return SecuconnectDriver(client_id="id", client_secret="s", clock=clock,
+    return SecuconnectDriver(environment="sandbox", client_id="id", client_secret="s", clock=clock,
                              transport=httpx.MockTransport(handler))
 
 
@@ -767,7 +767,7 @@ async def test_the_same_exchanges_run_async_in_process(driver, sandbox, clock):
 
 
 async def test_the_same_exchanges_run_async_through_asgi(sandbox, clock):
-    driver = SecuconnectDriver(client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET, clock=clock,
+    driver = SecuconnectDriver(environment="sandbox", client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET, clock=clock,
                                async_transport=sandbox.asgi_transport())
     tx = snapshot(await driver.arun(driver.preview(preview_request(clock, card=POOR_CARD))), clock)
     finalized = await driver.arun(driver.finalize(tx, "f"))

@@ -42,7 +42,7 @@ def sandbox(clock) -> SecuconnectSandbox:
 
 @pytest.fixture
 def driver(sandbox, clock) -> SecuconnectDriver:
-    return SecuconnectDriver(client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET, clock=clock,
+    return SecuconnectDriver(environment="sandbox", client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET, clock=clock,
                              transport=sandbox.transport())
 
 
@@ -133,8 +133,8 @@ def test_the_seeds_cash_sale_puts_the_seeds_receipt_on_the_transaction(pos, sand
     assert operations(sandbox) == ["create", "GET stx", "start/cash"]
     assert [line.render() for line in tx.receipt] == [
         "------------- Kundenkarte --------------",
-        f"Kartennummer: {MASKED}",
-        f"TA Code: {tx.details['trans_id']}",
+        f"Kartennummer:{MASKED:>27}",  # name left, value right, 40 columns
+        f"TA Code:{tx.details['trans_id']:>32}",
         "",
         "Umsatz erfasst:",
         "7,96 EUR",
@@ -307,7 +307,7 @@ def test_the_card_number_never_reaches_the_database(db_url, driver, sandbox, clo
 
 
 def test_the_async_engine_over_asgi_runs_a_whole_session(db_url, sandbox, clock):
-    driver = SecuconnectDriver(client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET, clock=clock,
+    driver = SecuconnectDriver(environment="sandbox", client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET, clock=clock,
                                async_transport=sandbox.asgi_transport())
 
     async def session():
