@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Self
 
 from .clock import Clock, SystemClock
 from .core import Command, Core, NotStarted, ParallelOp, ProviderOp, StoreOp, Steps
@@ -49,7 +49,8 @@ class _Facade:
         self._pool_lock = threading.Lock()
 
     @classmethod
-    def open(cls, url: str, providers: Mapping[str, ProviderDriver], clock: Clock | None = None, **options: Any):
+    def open(cls, url: str, providers: Mapping[str, ProviderDriver], clock: Clock | None = None,
+             **options: Any) -> Self:
         """Open (and migrate) the store at ``url`` and build an engine on it."""
         return cls(open_store(url), providers, clock, **options)
 

@@ -123,6 +123,10 @@ class OutcomeUnknown(ProviderError):
     """
 
 
+class StoreUnavailable(EngineError):
+    """The database cannot be used (down, full, read-only, replaced); nothing was changed."""
+
+
 class ProtocolError(OutcomeUnknown):
     """The provider answered something that breaks its own contract.
 
