@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench diagrams fuzz clean
+.PHONY: demo test test-fast bench bench-quick diagrams fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,13 @@ fuzz: $(STAMP)
 test-fast: $(STAMP)
 	HYPOTHESIS_PROFILE=dev $(BIN)/python -m pytest -q -m "not slow"
 
+# Every benchmark, one table of ratios against baselines run alongside: bench/RESULTS.md.
+# `make bench-quick` is a smoke run with small sizes (not written down).
 bench: $(STAMP)
-	$(BIN)/python bench/transition.py
-	$(BIN)/python bench/delivery.py
+	$(BIN)/python bench/run.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/run.py --quick
 
 # diagrams/: Mermaid, DOT and SVG of the lifecycle and of each provider, generated from
 # engine/machine.py and the drivers.  SVG needs Graphviz: installed with apt-get when

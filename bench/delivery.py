@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import os
 import sys
@@ -34,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from common import emit, row
 
 import httpx  # noqa: E402
 
@@ -216,15 +215,15 @@ def main() -> int:
     sent = n * args.passes
     print(f"draining {n} queued deliveries (Rekonect submit, sandbox served on loopback in its own process),"
           f" concurrency {concurrency}, engine rounds of {args.round}, {args.passes} pass(es):")
-    ratios = {}
+    rows = []
     for flavour in ("sync", "async"):
         engine_rate = sent / totals[f"engine {flavour}"]
         plain_rate = sent / totals[f"plain {flavour}"]
-        ratios[flavour] = engine_rate / plain_rate
-        print(f"  {flavour:<5}  engine {engine_rate:7.0f}/s   plain httpx {plain_rate:7.0f}/s"
-              f"   ratio {ratios[flavour]:.2f}  (target >= {TARGET:.2f}) {'OK' if ratios[flavour] >= TARGET else 'MISSED'}")
+        ratio = engine_rate / plain_rate
+        rows.append(row("delivery", f"delivery drain ({flavour}): engine / plain httpx, throughput", ratio,
+                        f">= {TARGET:.1f}", ratio >= TARGET, f"{engine_rate:.0f} vs {plain_rate:.0f} per s"))
     print(f"  sandbox ledger: {len(ledger)} purchases, each recorded exactly once")
-    print(json.dumps({f"delivery_ratio_{flavour}": round(ratio, 3) for flavour, ratio in ratios.items()}))
+    emit(rows)
     return 0
 
 
