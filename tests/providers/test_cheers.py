@@ -1012,7 +1012,7 @@ def test_a_fault_over_a_socket_is_unknown_and_the_resend_lands_once(sandbox, clo
 # --- base URLs and secrets ----------------------------------------------------------------------
 
 
-def test_the_default_base_url_is_the_sandbox_host():
+def test_the_sandbox_environment_is_the_documented_sandbox_host():
     assert CheersDriver(environment="sandbox", api_key="k").base_url == "https://api.dev.votesess.com"
     assert cheers.PRODUCTION_BASE_URL == "https://api.uniqpon.com"
     assert CheersDriver(api_key="k", base_url=cheers.PRODUCTION_BASE_URL).base_url == "https://api.uniqpon.com"

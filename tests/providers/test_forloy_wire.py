@@ -336,7 +336,7 @@ class TestTheGuidesExamples:
         assert [t["purchase_amount"] for t in page.transactions] == [Decimal("4.50"), Decimal("5.00")]
 
 
-def test_the_default_base_url_is_forlorys_api():
+def test_the_production_environment_is_forloys_published_api():
     driver = ForloyDriver(environment="production", email="e", password="p", location_id="l", staff_user_id="s")
     assert driver.base_url == BASE == forloy.DEFAULT_BASE_URL
 

@@ -103,7 +103,7 @@ def test_capabilities_declare_the_mapping():
     assert capabilities.timers.refund_window == secu.ASSUMED_REFUND_WINDOW == timedelta(hours=24)
     # The provider keeps an un-started transaction longer than the engine honours a preview.
     assert secu.ASSUMED_SMART_TRANSACTION_LIFETIME > secu.ASSUMED_PREVIEW_TTL
-    assert SecuconnectDriver.default_base_url == "https://connect-testing.secuconnect.com"
+    assert SecuconnectDriver.environments["sandbox"] == "https://connect-testing.secuconnect.com"
 
 
 def test_a_partly_covered_basket_spreads_the_balance_over_the_lines_in_basket_order(driver, clock):
