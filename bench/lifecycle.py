@@ -28,6 +28,7 @@ import random
 import sqlite3
 import tempfile
 import uuid
+from collections.abc import Generator
 
 from common import durable, emit, interleave, median_ratio, per_item_ms, row
 
@@ -168,6 +169,40 @@ class ByHand:
         self.db.execute("COMMIT")
 
 
+    def lifecycle(self, key: str) -> Generator[httpx.Request, httpx.Response, None]:
+        """One lifecycle, sans-IO: yields each request, gets its response; claims and settles durably."""
+        tx_id = uuid.uuid4().hex
+        self.claim(tx_id, "preview", 0)
+        answer = self.answer((yield self.requests(key, None, "preview")))
+        self.preview_row(tx_id, answer)
+        ref = answer["transactionId"]
+        for event, state, version in (("update", "updated", 1), ("finalize", "finalized", 3),
+                                      ("refund", "refunded", 4)):
+            if event == "finalize":
+                self.begin_payment(tx_id)
+            self.claim(tx_id, event, version)
+            answer = self.answer((yield self.requests(key, str(ref), event)))
+            self.settle(tx_id, event, state, version, answer)
+
+
+def drive(steps: Generator[httpx.Request, httpx.Response, None], client: httpx.Client) -> None:
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(client.send(request))
+    except StopIteration:
+        pass
+
+
+async def adrive(steps: Generator[httpx.Request, httpx.Response, None], client: httpx.AsyncClient) -> None:
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(await client.send(request))
+    except StopIteration:
+        pass
+
+
 class SyncByHand(ByHand):
     def __init__(self, directory: str, clock: FakeClock, n: int) -> None:
         super().__init__(directory, clock, n, "by-hand")
@@ -175,18 +210,7 @@ class SyncByHand(ByHand):
 
     def run(self, start: int, stop: int) -> None:
         for key in self.keys[start:stop]:
-            tx_id = uuid.uuid4().hex
-            self.claim(tx_id, "preview", 0)
-            answer = self.answer(self.client.send(self.requests(key, None, "preview")))
-            self.preview_row(tx_id, answer)
-            ref = answer["transactionId"]
-            for event, state, version in (("update", "updated", 1), ("finalize", "finalized", 3),
-                                          ("refund", "refunded", 4)):
-                if event == "finalize":
-                    self.begin_payment(tx_id)
-                self.claim(tx_id, event, version)
-                answer = self.answer(self.client.send(self.requests(key, str(ref), event)))
-                self.settle(tx_id, event, state, version, answer)
+            drive(self.lifecycle(key), self.client)
 
 
 class AsyncByHand(ByHand):
@@ -197,18 +221,7 @@ class AsyncByHand(ByHand):
 
     async def lifecycles(self, keys: list[str]) -> None:
         for key in keys:
-            tx_id = uuid.uuid4().hex
-            self.claim(tx_id, "preview", 0)
-            answer = self.answer(await self.client.send(self.requests(key, None, "preview")))
-            self.preview_row(tx_id, answer)
-            ref = answer["transactionId"]
-            for event, state, version in (("update", "updated", 1), ("finalize", "finalized", 3),
-                                          ("refund", "refunded", 4)):
-                if event == "finalize":
-                    self.begin_payment(tx_id)
-                self.claim(tx_id, event, version)
-                answer = self.answer(await self.client.send(self.requests(key, str(ref), event)))
-                self.settle(tx_id, event, state, version, answer)
+            await adrive(self.lifecycle(key), self.client)
 
     def run(self, start: int, stop: int) -> None:
         self.loop.run_until_complete(self.lifecycles(self.keys[start:stop]))
