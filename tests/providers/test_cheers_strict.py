@@ -15,7 +15,10 @@ import httpx
 import pytest
 
 from txengine import Basket, Engine, LineItem, Money
+from txengine.drivers import PreviewRequest
 from txengine.errors import OutcomeUnknown, ProviderRejected
+from txengine.models import Transaction
+from txengine.secret import Secret
 from txengine.providers.cheers import CheersDriver, CheersSandbox
 from txengine.providers.cheers import driver as cheers
 from txengine.providers.cheers.driver import ProviderLine, Reconciled, UpdateNotReconciled, reconcile_update
@@ -295,3 +298,27 @@ def test_a_finalize_of_a_basket_with_extra_uncredited_lines_still_commits(db_url
              "discount": 0, "outstandingBalance": 100, "vat": 0})
         assert engine.finalize(tx.id).state == "finalized"
         assert ledger(sandbox) == ["finalize"]
+
+
+@pytest.mark.parametrize("landed", [1, 2], ids=["landed once", "landed twice"])
+def test_cancel_of_a_transaction_whose_only_doubt_is_an_update_releases_it_at_cheers(
+        sandbox, clock, landed):
+    """The engine cancels with the snapshot before the update; Cheers answers its own basket."""
+    driver = CheersDriver(environment="sandbox", **sandbox.credentials(), transport=sandbox.transport())
+    request = PreviewRequest(tx_id="tx-1", basket=beers(), customer_token=Secret(WORKED_EXAMPLE_TRANSACTION_KEY),
+                             payment_type="SPLIT_PAYMENT", idempotency_key="sale-1", now=clock.now())
+    quote = driver.run(driver.preview(request))
+    before = Transaction(id="tx-1", provider="cheers", state="previewed", items=quote.lines, currency="HUF",
+                         provider_ref=quote.provider_ref, created_at=clock.now(), updated_at=clock.now())
+    for _ in range(landed):  # the update's answers were lost
+        try:
+            driver.run(driver.update(before, (TIP,), "u"))
+        except UpdateNotReconciled:
+            pass
+    assert len(sandbox.transaction(quote.provider_ref).lines) == 1 + landed
+
+    outcome = driver.run(driver.cancel(before, "c"))
+
+    assert outcome.provider_ref == quote.provider_ref
+    assert sandbox.status(quote.provider_ref) == "CANCELLED"
+    assert sandbox.wallet_available(WALLET) == 800 and ledger(sandbox) == []
