@@ -21,10 +21,24 @@ Every call carries ``X-API-Key`` (one key per terminal).
 
 Fidelity note
 =============
-Stated by Cheers' integration guide (``seeds/000_919258d34161637c.txt``) and relied on:
+Sources (stored copies are reachable with the ``search`` tool):
 
-- the five paths above, their methods and API versions; the three headers; the sandbox
-  host ``api.dev.votesess.com`` (production ``api.uniqpon.com``);
+- SEED: Cheers' integration guide (``/work/shared/seeds/000_919258d34161637c.txt``);
+- AUTH: https://integration.cheersapp.io/docs/integrations/cheers-loyalty/authentication
+  (headers and their formats, the environments table, the POS product endpoint);
+- FLOW: https://integration.cheersapp.io/docs/integrations/cheers-loyalty/integration-flow
+  (the seed's worked example, word for word);
+- OVERVIEW: https://integration.cheersapp.io/docs/integrations/cheers-loyalty/overview
+  (payment types, 1 credit = 1 unit of local currency, the endpoint summary).
+No public client library exists.  Contract tests name their source:
+``tests/providers/test_cheers.py`` (SEED/FLOW, field by field) and
+``tests/providers/test_cheers_public_docs.py`` (AUTH, FLOW).
+
+Settled by those sources and relied on:
+
+- the five paths above, their methods and API versions; the three headers (AUTH); the
+  hosts: sandbox ``api.dev.votesess.com``, production ``api.uniqpon.com`` (AUTH's
+  environments table, ``CheersDriver.environments``);
 - request bodies ``{paymentType, currencyCode, items[{productId, quantity, unitPrice,
   name, vat}]}``, ``{currencyCode, newItems[...]}`` and ``{comment}``; the preview and
   update answer ``{transactionId, totalCredits, totalDiscount, outstandingBalance,
@@ -41,11 +55,18 @@ Stated by Cheers' integration guide (``seeds/000_919258d34161637c.txt``) and rel
 - update adds items with zero discount and zero credits and extends the preview by
   ``UPDATE_EXTENSION``; finalize deducts the credits; cancel deducts nothing; refund
   returns the credits, only within ``REFUND_WINDOW`` of finalize, else
-  ``CREDIT_TRANSACTION_CAN_NO_LONGER_BE_REFUNDED_BY_EXTERNAL_DEVICE``.
+  ``CREDIT_TRANSACTION_CAN_NO_LONGER_BE_REFUNDED_BY_EXTERNAL_DEVICE``;
+- AUTH: "Your POS must expose a product query endpoint so Cheers can synchronize product
+  data for discount validation", each product with name, product id, gross price and
+  VAT rate.  txengine serves no HTTP of its own; it offers ``product_catalog`` (with
+  ``CatalogProduct``), which renders the POS's products as that list for the POS to
+  return from its own endpoint.  The URL, method and authentication of that endpoint
+  are agreed with Cheers at onboarding: not published.
 
 ASSUMED (no public source states it; each is one policy constant below, tested as such):
 
-- ``ASSUMED_PREVIEW_LIFETIME``: a preview lives 10 minutes (from the product design);
+- ``ASSUMED_PREVIEW_LIFETIME``: a preview lives 10 minutes (from the product design;
+  AUTH says only that a QR key "has an expiration window");
 - ``ASSUMED_ERROR_STATUS``: the HTTP status of every error code, and the names of every
   code except the two the guide names (``INSUFFICIENT_CREDIT`` and the refund one);
 - ``ASSUMED_ERROR_ENVELOPE``: error bodies are ``{"code", "message"}``; the driver also
@@ -57,23 +78,39 @@ ASSUMED (no public source states it; each is one policy constant below, tested a
   that as the success it is (``ALREADY_DONE``), and a 4xx whose code it cannot read
   as an unknown outcome (it might be that answer).  Only the preview's replay is documented;
 - ``ASSUMED_COMMAND_ANSWER``: finalize, cancel and refund answer the transaction in the
-  preview's shape (the guide says the POS then has everything to print the receipt);
-  an empty 2xx body is accepted too; a body for another transaction, or a finalize or
-  refund moving other credits than the transaction holds, is a protocol error;
+  preview's shape (the guide says the POS then has everything to print the receipt).
+  The driver requires it: an empty 2xx body proves nothing and is an unknown outcome;
+- ``ASSUMED_CATALOG_FIELDS``: the field names of the product list (AUTH names the
+  contents only; we reuse the API's own names for the same facts);
 - ``ASSUMED_DEFAULT_REFUND_COMMENT``: sent when the POS gives no refund comment (the guide
   always shows one, so we never omit it);
 - a cancel of a preview that already expired at Cheers (``CREDIT_TRANSACTION_EXPIRED``)
   freed it as surely as the cancel would have, so cancel and the release delivery
   count it as done.
 
-Retries: after a transport failure the driver re-sends a safe call once, at once
-(``TRANSPORT_RETRIES``): the preview under its idempotency key, and the replayed
-commands.  ``update`` is the one call that is not idempotent (the guide gives it no
-idempotency key), so it is never re-sent here; if the engine's recovery re-sends it
-after a lost answer, Cheers adds the lines twice.  The driver recognises that answer
-and refuses it with ``UPDATE_APPLIED_TWICE`` (our code, not Cheers'), telling the
-cashier to cancel and start again, rather than storing a basket that differs from the
-provider's.  The credits at stake are unaffected: added lines never carry credits.
+A success must prove itself: every 2xx answer is read through ``txengine.answers.Answer``
+as the documented transaction (types exact: no numbers as strings, no booleans for
+numbers; amounts whole and non-negative; each line's credits + discount + outstanding is
+its gross; the totals are the lines' sums) and must agree with the call: the
+transaction id (beyond the preview, which names it), the currency, and the lines (the
+preview's and update's exactly ours; a command's begin with ours, and lines after ours
+may only be uncredited ones a re-sent update added).  Finalize, cancel and refund must
+show exactly the credits the transaction holds.  Anything else is a ``ProtocolError``
+(an unknown outcome: recovery asks again), never a commit.
+
+Retries and the update that is not idempotent: after a transport failure the driver
+re-sends a safe call once, at once (``TRANSPORT_RETRIES``): the preview under its
+idempotency key, and the replayed commands.  ``update`` has no idempotency key and no
+status query exists, so the driver never re-sends it; when the engine does (after a
+lost answer), Cheers adds the lines again and extends its own deadline.  Every update
+answer carries Cheers' whole basket, so ``reconcile_update`` (pure) decides from it how
+often the added lines are there: once is a clean success (the first send had not
+landed); twice, n times, or a basket that is not ours plus whole copies of the new lines
+raises ``UpdateNotReconciled`` (a ``ProviderRejected`` with our own code
+``UPDATE_APPLIED_TWICE``, ``UPDATE_APPLIED_REPEATEDLY`` or ``UPDATE_BASKET_DIVERGED``)
+carrying Cheers' basket, and we never store a basket Cheers does not hold.  The cashier
+cancels (cancel is accepted on such a basket); the credits at stake are unaffected,
+added lines never carry credits.
 """
 
 from __future__ import annotations
@@ -178,8 +215,10 @@ ASSUMED_ERROR_ENVELOPE = ("code", "message")
 ASSUMED_REPLAYED_COMMANDS = frozenset({"finalize", "cancel", "refund"})
 
 #: ASSUMED: finalize, cancel and refund answer the transaction in the preview's shape;
-#: the driver reads these two fields of it, when present.
-ASSUMED_COMMAND_ANSWER = ("transactionId", "totalCredits")
+#: the driver requires all of these fields (an empty 2xx body is an unknown outcome).
+ASSUMED_COMMAND_ANSWER = (
+    "transactionId", "totalCredits", "totalDiscount", "outstandingBalance", "currencyCode", "items",
+)
 
 #: ASSUMED: the comment sent with a refund when the POS gives none.
 ASSUMED_DEFAULT_REFUND_COMMENT = "Refunded at the point of sale"
