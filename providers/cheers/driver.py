@@ -653,6 +653,7 @@ class CheersDriver(HttpDriver):
         transaction_id: str,
         body: dict[str, Any] | None,
         tx: Transaction | None,
+        currency: str | None = None,
     ) -> Exchange[Outcome]:
         path = COMMAND_PATHS[operation].format(transaction_id=quote(transaction_id, safe=""))
         retries = TRANSPORT_RETRIES if operation in ASSUMED_REPLAYED_COMMANDS else 0
@@ -668,7 +669,7 @@ class CheersDriver(HttpDriver):
             # Cheers already holds the state we asked for (a retry after a lost answer,
             # or a preview that expired on its side): the command is done.
             return Outcome(provider_ref=transaction_id, details={f"cheers_{operation}": refused.code})
-        self._check_confirmation(answer, transaction_id, tx, operation)
+        self._check_confirmation(answer, transaction_id, tx, operation, currency)
         return Outcome(provider_ref=transaction_id)
 
     # --- deferred delivery: free an expired preview at Cheers ---
@@ -676,14 +677,17 @@ class CheersDriver(HttpDriver):
     def delivery_payload(self, kind: str, tx: Transaction) -> Mapping[str, Any]:
         if kind != "release":
             raise ValueError(f"Cheers has no {kind!r} delivery")
-        return {"transactionId": self._transaction_id(tx)}
+        # The currency lets the release check Cheers' answer without the transaction.
+        return {"transactionId": self._transaction_id(tx), "currencyCode": tx.currency}
 
     def deliver(self, deliveries: tuple[Delivery, ...]) -> Exchange[None]:
         for delivery in deliveries:
             if delivery.kind != "release":
                 raise ValueError(f"Cheers has no {delivery.kind!r} delivery")
             # An expired or already cancelled preview is released: redelivery is a no-op.
-            yield from self._command("cancel", str(delivery.payload["transactionId"]), None, None)
+            payload = delivery.payload
+            yield from self._command("cancel", str(payload["transactionId"]), None, None,
+                                     payload.get("currencyCode"))  # absent from older payloads
 
     # --- validation of caller input ---
 
@@ -823,7 +827,8 @@ class CheersDriver(HttpDriver):
             raise self.unknown(f"cheers {where}: unusable priced line ({broken})") from None
 
     def _check_confirmation(
-        self, body: Mapping[str, Any], transaction_id: str, tx: Transaction | None, operation: str
+        self, body: Mapping[str, Any], transaction_id: str, tx: Transaction | None, operation: str,
+        currency: str | None = None,
     ) -> None:
         """The answer must be our transaction, in the preview's shape, with our credits.
 
@@ -833,8 +838,8 @@ class CheersDriver(HttpDriver):
         leave a committed finalize, or the cancel that clears such a basket, in doubt
         for ever.
         """
-        basket = self._basket(body, operation, transaction_id, tx.currency if tx else None)
-        if tx is None:  # a release knows only the id
+        basket = self._basket(body, operation, transaction_id, tx.currency if tx else currency)
+        if tx is None:  # a release knows the id and the currency, not the lines
             return
         ours = tuple(line.item for line in tx.items)
         known, extra = basket.lines[:len(ours)], basket.lines[len(ours):]

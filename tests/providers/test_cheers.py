@@ -858,7 +858,7 @@ def release(tx: Transaction, driver: CheersDriver, attempts: int = 0) -> Deliver
 def test_the_release_payload_is_json_and_carries_no_secret(driver, clock):
     tx = previewed(driver, clock)
     payload = driver.delivery_payload("release", tx)
-    assert payload == {"transactionId": SEED_TRANSACTION_ID}
+    assert payload == {"transactionId": SEED_TRANSACTION_ID, "currencyCode": "HUF"}
     assert json.loads(json.dumps(payload)) == payload
 
 
