@@ -51,8 +51,8 @@ class LoseAnswer(httpx.BaseTransport):
 
 @pytest.fixture
 def sandbox(clock) -> RekonectSandbox:
-    sandbox = RekonectSandbox(clock)
-    sandbox.add_member(PHONE, points=1200, credit=300)
+    sandbox = RekonectSandbox(clock, submit_answers_code=True)
+    sandbox.add_member(PHONE, points=1500, credit=0)
     return sandbox
 
 
