@@ -183,6 +183,9 @@ TIMERS = TimerPolicy(
     refund_window=timedelta(hours=24),
 )
 
+#: no documented answer comes near this; a bigger body is not a Rekonect answer
+ANSWER_LIMIT_BYTES = 1_000_000
+
 #: read-only calls are re-sent once in the same exchange when the answer is lost
 READ_RETRIES = 1
 
@@ -395,6 +398,8 @@ class RekonectDriver(HttpDriver):
         """
         if response.status_code >= 500:
             raise self.unknown(f"{where}: HTTP {response.status_code} from Rekonect")
+        if len(response.content) > ANSWER_LIMIT_BYTES:
+            raise self.unknown(f"{where}: an answer of {len(response.content)} bytes")
         envelope = Answer(self.json_of(response), provider=self.name, where=where)
         status = envelope.raw("status", None)
         if status == "error":
@@ -554,6 +559,8 @@ class RekonectDriver(HttpDriver):
         for field, value in asked.items():
             if field in member:
                 member.expect(field, value)
+        for wallet in WALLETS:  # the documented balances, even if the preview re-reads them
+            member.integer(wallet, optional=True, minimum=0)
         return member.text(MEMBER_KEY_FIELD)
 
     @staticmethod
