@@ -309,7 +309,7 @@ class RekonectSandbox(Sandbox):
         return any(member.phone_number == wanted for member in self.members.values())
 
     def _customer(self, token: str, who: str) -> dict[str, str]:
-        member = (self.members.get(token) if token in self.members else self.member(token))
+        member = self.members.get(token) or self.member(token)  # a membership key or a phone
         wallets = f"{member.points} points, {member.credit} credit"
         return {"customer_token": token,
                 "description": f"{who}: {wallets}; payments draw {self.payment_asset}"}
