@@ -300,3 +300,16 @@ def fake_paid_tx(clock):
     driver = RekonectDriver(environment="sandbox", api_key=sandbox.api_key, source_name="s", pos_id="p",
                             branch_id="b", transport=sandbox.transport())
     return previewed(driver, clock)
+
+
+def test_the_employee_travels_in_every_documented_transaction(clock, db_url):  # [member] [payment] [seed]
+    import json
+
+    sandbox, driver = rekonect_pair(clock, employee="Cashier #3")
+    sandbox.seed_demo()
+    with Engine.open(db_url, providers={"rekonect": driver}, clock=clock) as engine:
+        sale(engine, "5511122233")
+        engine.deliver_pending()
+    sent = [json.loads(request.body)["transaction"] for request in sandbox.requests[1:]]
+    assert [t["employee"] for t in sent] == ["Cashier #3"] * 3  # benefits, pay, submit
+    assert "employee" not in json.loads(sandbox.requests[0].body)  # identify: a member only
