@@ -712,6 +712,11 @@ def _check_currency(items: Sequence[LineItem], tx: Transaction) -> None:
         if item.currency != tx.currency:
             raise ValidationError(f"item {item.name!r} is in {item.currency}, the transaction in {tx.currency}",
                                   tx_id=tx.id, state=tx.state, event="update")
+    try:  # the new total must stay within Money's bound, like any basket
+        sum((item.gross for item in items), tx.gross)
+    except ValidationError as too_large:
+        raise ValidationError(f"the basket total would be {too_large.detail}",
+                              tx_id=tx.id, state=tx.state, event="update") from None
 
 
 def _new_items(tx: Transaction, params: Mapping[str, Any]) -> tuple[LineItem, ...]:

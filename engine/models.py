@@ -135,6 +135,9 @@ class Basket:
     def _currency(self) -> str:
         return _one_currency(self.items)
 
+    def __attrs_post_init__(self) -> None:
+        self.gross  # a total beyond Money's bound is refused here, not inside a driver
+
     @property
     def gross(self) -> Money:
         return sum((item.gross for item in self.items), Money.zero(self.currency))
