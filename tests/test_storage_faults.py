@@ -193,3 +193,17 @@ def test_a_file_that_is_not_a_database_is_store_unavailable(tmp_path, driver, cl
         Engine.open(f"sqlite:///{path}", providers={"reference": driver}, clock=clock)
     assert str(path) in str(refused.value)
     assert isinstance(refused.value, EngineError)
+
+
+def test_a_failed_write_after_a_preview_was_priced_is_outcome_unknown(small_disk, sandbox, clock, basket):
+    transport = FaultBefore(sandbox.transport(), "/previews", lambda: fill(small_disk))
+    with engine_on(small_disk / "txengine.db", sandbox, clock, transport=transport) as engine:
+        with pytest.raises(OutcomeUnknown, match="could not be stored") as unknown:
+            engine.preview("reference", basket, customer_token=CUSTOMER, idempotency_key="sale-1")
+        assert unknown.value.tx_id is not None and isinstance(unknown.value.__cause__, StoreUnavailable)
+        os.remove(small_disk / "filler")
+        # The claim committed before the call remains, leased: once the lease runs out the
+        # same key resumes the preview (the provider replays it: one preview, not two).
+        clock.advance(engine.core.intent_lease + timedelta(seconds=1))
+        assert engine.preview("reference", basket, customer_token=CUSTOMER,
+                              idempotency_key="sale-1").id == unknown.value.tx_id
