@@ -50,6 +50,7 @@ from .clock import Clock
 from .codec import decode_fields, decode_line, dumps, encode_fields, encode_line
 from .drivers import Capabilities, Delivery, PreviewRequest, ProviderDriver
 from .errors import (
+    ConcurrentModification,
     EngineError,
     IdempotencyConflict,
     OutcomeUnknown,
@@ -171,6 +172,13 @@ RECOVERY_BACKOFF: tuple[timedelta, ...] = (
     timedelta(0), timedelta(seconds=5), timedelta(seconds=30), timedelta(minutes=2), timedelta(minutes=10),
 )
 
+#: How much longer than its driver's call deadline an intent lease lasts: the claim's
+#: commit before the call and the outcome's commit after it.  A lease always outlives
+#: the call it covers, so a live call is never taken over.
+LEASE_MARGIN = timedelta(seconds=15)
+#: The deadline assumed for a driver that declares none (not an ``HttpDriver``).
+DEFAULT_CALL_DEADLINE = 30.0
+
 MAX_KEY_LENGTH = 255
 MAX_COMMENT_LENGTH = 500
 DEFAULT_PAYMENT_TYPE = "SPLIT_PAYMENT"
@@ -218,7 +226,7 @@ class Core:
         clock: Clock,
         *,
         timers: Mapping[str, TimerPolicy] | None = None,
-        intent_lease: timedelta = timedelta(seconds=60),
+        intent_lease: timedelta | None = None,
         delivery_lease: timedelta = timedelta(seconds=60),
         delivery_concurrency: int = 8,
         delivery_round: int = 100,
@@ -240,7 +248,7 @@ class Core:
             raise ValidationError("delivery_concurrency must be a positive integer")
         if not isinstance(delivery_round, int) or delivery_round < 1:
             raise ValidationError("delivery_round must be a positive integer")
-        self.intent_lease = intent_lease
+        self.intent_leases = {name: _intent_lease(name, driver, intent_lease) for name, driver in drivers.items()}
         self.delivery_lease = delivery_lease
         self.delivery_concurrency = delivery_concurrency
         self.delivery_round = delivery_round
@@ -329,7 +337,7 @@ class Core:
             token.fingerprint(hash_key) if token else None,
         )
         now = self.clock.now()
-        lease_until = now + self.intent_lease
+        lease_until = now + self.intent_leases[provider]
         record = yield StoreOp("load_command", (key,))
         if record is None:
             record = CommandRecord(key, "preview", fingerprint, _new_tx_id(), IN_FLIGHT, lease_until=lease_until)
@@ -430,12 +438,13 @@ class Core:
         attempt = journal.note_event(tx, now, journal.ATTEMPT, event=event, attempt=1)
         claimed = journal.apply(tx, attempt)
         record = CommandRecord(intent.idempotency_key, event, fingerprint, tx.id, IN_FLIGHT)
+        owner = _owner_token()
         yield _write(Commit(
             tx.id, tx.version, events=(attempt,), snapshot=claimed,
-            intent=IntentOp(PUT, intent, lease_until=now + self.intent_lease),
+            intent=IntentOp(PUT, intent, now=now, lease=self.intent_leases[tx.provider], owner=owner),
             command=CommandOp(record, insert=True),
         ))
-        return (yield from self._settle(claimed, intent, call, attempt=1))
+        return (yield from self._settle(claimed, intent, call, attempt=1, owner=owner))
 
     def _resume(self, tx: Transaction, event: str, key: str | None, now: datetime) -> Command:
         """Re-send the in-doubt side effect, if this command is its retry."""
@@ -451,39 +460,54 @@ class Core:
         attempt = journal.note_event(tx, now, journal.ATTEMPT, event=intent.event,
                                      attempt=intent.attempts + 1)
         claimed = journal.apply(tx, attempt)
+        owner = _owner_token()
         yield _write(Commit(tx.id, tx.version, events=(attempt,), snapshot=claimed,
-                            intent=IntentOp(TAKE, now=now, lease_until=now + self.intent_lease)))
-        return (yield from self._settle(claimed, intent, call, attempt=intent.attempts + 1))
+                            intent=IntentOp(TAKE, now=now, lease=self.intent_leases[tx.provider], owner=owner)))
+        return (yield from self._settle(claimed, intent, call, attempt=intent.attempts + 1, owner=owner))
 
-    def _settle(self, tx: Transaction, intent: Intent, call: ProviderOp, *, attempt: int) -> Command:
-        """Run the provider call of a claimed intent and commit whatever it answers."""
+    def _settle(self, tx: Transaction, intent: Intent, call: ProviderOp, *, attempt: int, owner: str) -> Command:
+        """Run the provider call of a claimed intent and commit whatever it answers.
+
+        Every write here is fenced by ``owner``: if the lease was taken over meanwhile,
+        the answer is not committed (the intent stays in doubt for whoever holds it now,
+        or ``recover()``), and the caller is told the outcome is unknown.
+        """
         event = intent.event
         # Settling updates the record the claim inserted; its fingerprint is not rewritten.
         record = CommandRecord(intent.idempotency_key, event, "", tx.id, IN_FLIGHT)
         try:
-            result = yield call
-            fields = _remote_effect(tx, event, result, intent.params)
-        except ProviderRejected as refusal:
-            note = journal.note_event(tx, self.clock.now(), journal.REJECTED, event=event,
-                                      code=refusal.code, message=refusal.provider_message)
-            rejected = attrs.evolve(record, status=REJECTED, code=refusal.code,
-                                    message=refusal.provider_message)
-            yield _write(Commit(tx.id, tx.version, events=(note,), snapshot=journal.apply(tx, note),
-                                intent=IntentOp(DROP), command=CommandOp(rejected)))
-            raise _in_context(refusal, tx, event) from None
-        except OutcomeUnknown as unknown:
-            now = self.clock.now()
-            note = journal.note_event(tx, now, journal.UNKNOWN, event=event, error=unknown.detail)
-            backoff = RECOVERY_BACKOFF[min(attempt, len(RECOVERY_BACKOFF)) - 1]
-            yield _write(Commit(tx.id, tx.version, events=(note,), snapshot=journal.apply(tx, note),
-                                intent=IntentOp(RELEASE, error=unknown.detail, retry_at=now + backoff)))
-            raise _in_context(unknown, tx, event) from None
-        fields = {**decode_fields(intent.changes, tx.currency), **fields}
-        target = machine.TABLE[(tx.state, event)].target
-        done = CommandOp(attrs.evolve(record, status=DONE, version=tx.version + 1))
-        return (yield from self._commit_transition(tx, event, target, fields, self.clock.now(),
-                                                  self._capabilities(tx.provider), command=done,
-                                                  intent=IntentOp(DROP)))
+            try:
+                result = yield call
+                fields = _remote_effect(tx, event, result, intent.params)
+            except ProviderRejected as refusal:
+                note = journal.note_event(tx, self.clock.now(), journal.REJECTED, event=event,
+                                          code=refusal.code, message=refusal.provider_message)
+                rejected = attrs.evolve(record, status=REJECTED, code=refusal.code,
+                                        message=refusal.provider_message)
+                yield _write(Commit(tx.id, tx.version, events=(note,), snapshot=journal.apply(tx, note),
+                                    intent=IntentOp(DROP, owner=owner), command=CommandOp(rejected)))
+                raise _in_context(refusal, tx, event) from None
+            except OutcomeUnknown as unknown:
+                now = self.clock.now()
+                note = journal.note_event(tx, now, journal.UNKNOWN, event=event, error=unknown.detail)
+                backoff = RECOVERY_BACKOFF[min(attempt, len(RECOVERY_BACKOFF)) - 1]
+                yield _write(Commit(tx.id, tx.version, events=(note,), snapshot=journal.apply(tx, note),
+                                    intent=IntentOp(RELEASE, error=unknown.detail, retry_at=now + backoff,
+                                                    owner=owner)))
+                raise _in_context(unknown, tx, event) from None
+            fields = {**decode_fields(intent.changes, tx.currency), **fields}
+            target = machine.TABLE[(tx.state, event)].target
+            done = CommandOp(attrs.evolve(record, status=DONE, version=tx.version + 1))
+            return (yield from self._commit_transition(tx, event, target, fields, self.clock.now(),
+                                                      self._capabilities(tx.provider), command=done,
+                                                      intent=IntentOp(DROP, owner=owner)))
+        except ConcurrentModification:
+            # While an intent is pending only its lease holder writes: a moved version or
+            # a lost fence both mean another attempt took this one over.
+            raise OutcomeUnknown(
+                f"the {event} answer came after this attempt's lease was taken over; it was not"
+                " recorded, and the intent stays in doubt for its new holder or recover()",
+                provider=tx.provider, tx_id=tx.id, state=tx.state, event=event) from None
 
     def _commit_transition(
         self, tx: Transaction, event: str, target: str, fields: Mapping[str, Any], now: datetime,
@@ -662,6 +686,26 @@ def _new_tx_id() -> str:
     """
     millis = time.time_ns() // 1_000_000
     return f"tx_{millis:012x}{secrets.token_hex(10)}"
+
+
+def _owner_token() -> str:
+    """Who holds an intent's lease for one attempt: the fence its outcome's write checks."""
+    return secrets.token_hex(8)
+
+
+def _intent_lease(provider: str, driver: ProviderDriver, configured: timedelta | None) -> timedelta:
+    """The intent lease for ``provider``: its call deadline plus ``LEASE_MARGIN``, or the
+    POS's ``intent_lease`` if that is at least as long (a shorter one could expire under a
+    live call, and another engine would send the call a second time)."""
+    deadline = getattr(driver, "call_deadline", None) or DEFAULT_CALL_DEADLINE
+    shortest = timedelta(seconds=deadline) + LEASE_MARGIN
+    if configured is None:
+        return shortest
+    if not isinstance(configured, timedelta) or configured < shortest:
+        raise ValidationError(
+            f"intent_lease must be a timedelta of at least {shortest.total_seconds():g} s for {provider}"
+            f" (its {deadline:g} s call deadline plus a {LEASE_MARGIN.total_seconds():g} s margin)")
+    return configured
 
 
 def _params(event: str, items: Sequence[LineItem] | None, comment: str | None) -> dict[str, Any]:

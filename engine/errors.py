@@ -79,6 +79,10 @@ class ConcurrentModification(EngineError):
     """Another caller changed the transaction first; reload it and decide again."""
 
 
+class LeaseLost(ConcurrentModification):
+    """This attempt's lease on an intent was taken over: its answer may not be committed."""
+
+
 class TransactionInDoubt(EngineError):
     """A side effect's outcome is unknown; only its retry or ``recover()`` may proceed."""
 

@@ -23,7 +23,8 @@ from datetime import datetime, timedelta, timezone
 
 from ..codec import decode_transaction, dumps, encode_transaction, loads
 from ..drivers import Delivery
-from ..errors import ConcurrentModification, IdempotencyConflict, TransactionInDoubt
+from ..clock import Clock
+from ..errors import ConcurrentModification, IdempotencyConflict, LeaseLost, TransactionInDoubt
 from ..machine import ACTIVE
 from ..models import Event
 from .base import (
@@ -149,11 +150,22 @@ MIGRATIONS: tuple[str, ...] = (
         totals TEXT NOT NULL
     );
     """,
+    # 3: fencing (the owner token of an intent's lease: a late answer of an attempt
+    # whose lease was taken over cannot commit) and operator attention (an intent the
+    # engine will not re-send blindly again waits for a person)
+    """
+    ALTER TABLE intents ADD COLUMN owner TEXT;
+    ALTER TABLE intents ADD COLUMN attention TEXT;
+    """,
 )
 
 
 class SQLiteStore:
-    def __init__(self, path: str, *, busy_timeout_ms: int = 30_000) -> None:
+    def __init__(self, path: str, *, busy_timeout_ms: int = 30_000, clock: Clock | None = None) -> None:
+        """``clock``: the one clock leases are measured on, for every engine sharing this
+        file (they run on one host: SQLite is not a network database).  None: each
+        engine's own clock, which is the host clock in production."""
+        self.clock = clock
         if path in ("", ":memory:"):
             raise ValueError("the SQLite store needs a file: an in-memory database is not durable")
         self.path = os.path.abspath(path)
@@ -236,12 +248,12 @@ class SQLiteStore:
     def load_intent(self, tx_id: str) -> Intent | None:
         row = self._connection().execute(
             "SELECT tx_id, event, idempotency_key, params, changes, attempts, lease_until, last_error,"
-            " retry_at FROM intents WHERE tx_id = ?", (tx_id,),
+            " retry_at, attention FROM intents WHERE tx_id = ?", (tx_id,),
         ).fetchone()
         if row is None:
             return None
         return Intent(row[0], row[1], row[2], loads(row[3]), loads(row[4]), row[5], from_us(row[6]), row[7],
-                      from_us(row[8]))
+                      from_us(row[8]), row[9])
 
     def load_command(self, key: str) -> CommandRecord | None:
         row = self._connection().execute(
@@ -274,14 +286,18 @@ class SQLiteStore:
         ).fetchall()
         return [row[0] for row in rows]
 
+    def lease_now(self, now: datetime) -> datetime:
+        return self.clock.now() if self.clock is not None else now
+
     def intents_to_recover(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]:
         rows = self._connection().execute(
             "SELECT intents.tx_id FROM intents JOIN transactions ON transactions.id = intents.tx_id"
             " WHERE (intents.lease_until IS NULL OR intents.lease_until <= ?)"
             " AND (intents.retry_at IS NULL OR intents.retry_at <= ?)"
             f" AND transactions.provider IN ({_placeholders(providers)})"
+            " AND intents.attention IS NULL"
             " ORDER BY intents.lease_until LIMIT ?",
-            (to_us(now), to_us(now), *providers, limit),
+            (to_us(self.lease_now(now)), to_us(now), *providers, limit),
         ).fetchall()
         return [row[0] for row in rows]
 
@@ -343,25 +359,40 @@ class SQLiteStore:
             intent = op.intent
             db.execute(
                 "INSERT INTO intents (tx_id, event, idempotency_key, params, changes, attempts,"
-                " lease_until) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " lease_until, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (tx_id, intent.event, intent.idempotency_key, dumps(dict(intent.params)),
-                 dumps(dict(intent.changes)), intent.attempts, to_us(op.lease_until)),
+                 dumps(dict(intent.changes)), intent.attempts, to_us(self._lease_until(op)), op.owner),
             )
         elif op.op == TAKE:
             taken = db.execute(
-                "UPDATE intents SET lease_until = ?, attempts = attempts + 1"
-                " WHERE tx_id = ? AND (lease_until IS NULL OR lease_until <= ?)",
-                (to_us(op.lease_until), tx_id, to_us(op.now)),
+                "UPDATE intents SET lease_until = ?, owner = ?, attempts = attempts + 1"
+                " WHERE tx_id = ? AND attention IS NULL AND (lease_until IS NULL OR lease_until <= ?)",
+                (to_us(self._lease_until(op)), op.owner, tx_id, to_us(self.lease_now(op.now))),
             ).rowcount
             if taken != 1:
                 raise TransactionInDoubt("its provider call is in flight in another process", tx_id=tx_id)
         elif op.op == RELEASE:
-            db.execute("UPDATE intents SET lease_until = NULL, last_error = ?, retry_at = ? WHERE tx_id = ?",
-                       (op.error, to_us(op.retry_at), tx_id))
+            self._fenced(db, "UPDATE intents SET lease_until = NULL, owner = NULL, last_error = ?, retry_at = ?"
+                             " WHERE tx_id = ?", (op.error, to_us(op.retry_at), tx_id), op.owner)
         elif op.op == DROP:
-            db.execute("DELETE FROM intents WHERE tx_id = ?", (tx_id,))
+            self._fenced(db, "DELETE FROM intents WHERE tx_id = ?", (tx_id,), op.owner)
         else:
             raise ValueError(f"unknown intent operation {op.op!r}")
+
+    def _lease_until(self, op: IntentOp) -> datetime | None:
+        if op.lease is None:
+            return None
+        return self.lease_now(op.now) + op.lease
+
+    @staticmethod
+    def _fenced(db: sqlite3.Connection, sql: str, values: tuple, owner: str | None) -> None:
+        """Run an intent change, only as its lease holder when ``owner`` is given."""
+        if owner is None:
+            db.execute(sql, values)
+            return
+        if db.execute(sql + " AND owner = ?", values + (owner,)).rowcount != 1:
+            raise LeaseLost("this attempt's lease was taken over; its answer is left for recover()",
+                            tx_id=values[-1])
 
     def _write_command(self, db: sqlite3.Connection, op: CommandOp) -> None:
         record = op.record
