@@ -412,7 +412,7 @@ class Core:
 
         now = self.clock.now()
         if tx.pending is not None:
-            return (yield from self._resume(tx, event, key, now))
+            return (yield from self._resume(tx, event, key, fingerprint, now))
         if machine.is_overdue(tx, now):
             expired = yield from self._expire(tx, now, capabilities)
             raise machine.preview_expired(expired, event, now)
@@ -446,10 +446,17 @@ class Core:
         ))
         return (yield from self._settle(claimed, intent, call, attempt=1, owner=owner))
 
-    def _resume(self, tx: Transaction, event: str, key: str | None, now: datetime) -> Command:
-        """Re-send the in-doubt side effect, if this command is its retry."""
+    def _resume(self, tx: Transaction, event: str, key: str | None, fingerprint: str | None,
+                now: datetime) -> Command:
+        """Re-send the in-doubt side effect, only if this command is exactly its retry: the
+        same event with the same parameters (an update with other lines, a refund with
+        another comment is another command, and must wait)."""
         intent = yield StoreOp("load_intent", (tx.id,))
-        if intent is None or intent.event != event or (key is not None and key != intent.idempotency_key):
+        same = intent is not None and intent.event == event and key in (None, intent.idempotency_key)
+        if same:
+            claimed = yield StoreOp("load_command", (intent.idempotency_key,))
+            same = claimed is not None and claimed.fingerprint == fingerprint
+        if not same:
             raise TransactionInDoubt(
                 f"the outcome of its {tx.pending} is unknown; retry {tx.pending} or run recover()",
                 tx_id=tx.id, state=tx.state, event=event)
