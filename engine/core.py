@@ -551,11 +551,16 @@ class Core:
         return (yield StoreOp("journal", (tx_id,)))
 
     def allowed_events(self, tx_id: str) -> Command:
+        """The POS commands that would succeed now, judged exactly as ``command`` judges."""
         tx = yield from self._load(tx_id)
         if tx.pending is not None:
             return [tx.pending]  # only its retry (or recover) may act
+        now = self.clock.now()
+        if machine.is_overdue(tx, now):
+            return []  # every command would expire it first and raise PreviewExpired
         supported = self._capabilities(tx.provider).supported
-        return [event for event in machine.allowed_events(tx, self.clock.now()) if event in supported]
+        return [event for event in machine.allowed_events(tx, now)
+                if event in supported and event != "expire"]  # expire is the engine's, not the POS's
 
     # --- sweeps ----------------------------------------------------------------------------------
 
