@@ -340,7 +340,8 @@ class Core:
         lease_until = now + self.intent_leases[provider]
         record = yield StoreOp("load_command", (key,))
         if record is None:
-            record = CommandRecord(key, "preview", fingerprint, _new_tx_id(), IN_FLIGHT, lease_until=lease_until)
+            record = CommandRecord(key, "preview", fingerprint, _new_tx_id(), IN_FLIGHT, lease_until=lease_until,
+                                   started_at=now)
             claim = CommandOp(record, insert=True)
         else:
             replayed = yield from self._replay(record, "preview", fingerprint)
@@ -348,9 +349,12 @@ class Core:
                 return replayed
             record = attrs.evolve(record, lease_until=lease_until)
             claim = CommandOp(record, take_lease_at=now)
-        step = decide(None, "preview", now, capabilities.timers)
+        # The provider's clock started at the first attempt: a retry keeps that time for
+        # every deadline, or allowed_events would offer what the provider then refuses.
+        started = record.started_at or now
+        step = decide(None, "preview", started, capabilities.timers)
         call = self._prepare(provider, "preview",
-                             PreviewRequest(record.tx_id, basket, token, payment_type, key, now))
+                             PreviewRequest(record.tx_id, basket, token, payment_type, key, started))
         yield _write(Commit(record.tx_id, 0, command=claim))
         try:
             quote = yield call

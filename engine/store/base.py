@@ -88,6 +88,7 @@ class CommandRecord:
     code: str | None = None
     message: str | None = None
     lease_until: datetime | None = None
+    started_at: datetime | None = None  # the first attempt's time: a retry keeps its deadlines
 
 
 @attrs.frozen

@@ -151,11 +151,13 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
     # 3: fencing (the owner token of an intent's lease: a late answer of an attempt
-    # whose lease was taken over cannot commit) and operator attention (an intent the
-    # engine will not re-send blindly again waits for a person)
+    # whose lease was taken over cannot commit), operator attention (an intent the
+    # engine will not re-send blindly again waits for a person), and when a command
+    # was first tried (a retried preview keeps that time for its deadlines)
     """
     ALTER TABLE intents ADD COLUMN owner TEXT;
     ALTER TABLE intents ADD COLUMN attention TEXT;
+    ALTER TABLE commands ADD COLUMN started_at INTEGER;
     """,
 )
 
@@ -257,12 +259,12 @@ class SQLiteStore:
 
     def load_command(self, key: str) -> CommandRecord | None:
         row = self._connection().execute(
-            "SELECT key, command, fingerprint, tx_id, status, version, code, message, lease_until"
+            "SELECT key, command, fingerprint, tx_id, status, version, code, message, lease_until, started_at"
             " FROM commands WHERE key = ?", (key,),
         ).fetchone()
         if row is None:
             return None
-        return CommandRecord(*row[:8], lease_until=from_us(row[8]))
+        return CommandRecord(*row[:8], lease_until=from_us(row[8]), started_at=from_us(row[9]))
 
     def journal(self, tx_id: str) -> list[Event]:
         rows = self._connection().execute(
@@ -404,9 +406,10 @@ class SQLiteStore:
                 raise ConcurrentModification("the same command is running elsewhere", tx_id=record.tx_id)
             db.execute(
                 "INSERT INTO commands (key, command, fingerprint, tx_id, status, version, code, message,"
-                " lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " lease_until, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.key, record.command, record.fingerprint, record.tx_id, record.status,
-                 record.version, record.code, record.message, to_us(record.lease_until)),
+                 record.version, record.code, record.message, to_us(record.lease_until),
+                 to_us(record.started_at)),
             )
             return
         condition, extra = "", ()
