@@ -70,10 +70,13 @@ from .store.base import (
     DONE,
     DROP,
     IN_FLIGHT,
+    PARK,
     PENDING,
     PUT,
     REJECTED,
     RELEASE,
+    REPLACE,
+    RESOLVE,
     TAKE,
     CommandOp,
     CommandRecord,
@@ -255,6 +258,11 @@ class Core:
         self.rng = rng or random.Random()
         self._hash_key: bytes | None = None
 
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """The configured providers' names, sorted."""
+        return self._providers
+
     # --- small helpers -------------------------------------------------------------------
 
     def _capabilities(self, provider: str) -> Capabilities:
@@ -416,6 +424,8 @@ class Core:
 
         now = self.clock.now()
         if tx.pending is not None:
+            if event == "cancel" and tx.pending == "update" and "cancel" in capabilities.remote:
+                return (yield from self._cancel_over_update(tx, key, fingerprint, now))
             return (yield from self._resume(tx, event, key, fingerprint, now))
         if machine.is_overdue(tx, now):
             expired = yield from self._expire(tx, now, capabilities)
@@ -467,6 +477,11 @@ class Core:
         return (yield from self._take_over(tx, intent, now))
 
     def _take_over(self, tx: Transaction, intent: Intent, now: datetime) -> Command:
+        if intent.attention is not None:
+            raise TransactionInDoubt(
+                f"its {intent.event} needs an operator: {intent.attention}", tx_id=tx.id, state=tx.state,
+                event=intent.event)
+        guarded = intent.event in self._capabilities(tx.provider).not_idempotent
         call = self._prepare(tx.provider, intent.event, *_driver_args(tx, intent))
         attempt = journal.note_event(tx, now, journal.ATTEMPT, event=intent.event,
                                      attempt=intent.attempts + 1)
@@ -474,7 +489,99 @@ class Core:
         owner = _owner_token()
         yield _write(Commit(tx.id, tx.version, events=(attempt,), snapshot=claimed,
                             intent=IntentOp(TAKE, now=now, lease=self.intent_leases[tx.provider], owner=owner)))
+        if guarded:
+            found = yield from self._reconcile(tx, intent)
+            if found is not None or intent.attempts >= 2:
+                if call.exchange is not None:
+                    call.exchange.close()  # built, never sent
+            if found is not None:  # the provider shows it applied: commit that, send nothing
+                call = ProviderOp(tx.provider, intent.event, result=found)
+            elif intent.attempts >= 2:  # its one blind re-send is spent: never a third
+                yield from self._park(claimed, intent, owner)
         return (yield from self._settle(claimed, intent, call, attempt=intent.attempts + 1, owner=owner))
+
+    def _reconcile(self, tx: Transaction, intent: Intent) -> Command:
+        """The driver's reading of whether the in-doubt call applied; None if it cannot tell."""
+        items = _new_items(tx, intent.params) if intent.event == "update" else ()
+        try:
+            return (yield self._prepare(tx.provider, "reconcile", tx, intent.event, intent.idempotency_key, items))
+        except EngineError:
+            return None  # no reading: treat as "cannot tell"
+
+    def _park(self, tx: Transaction, intent: Intent, owner: str) -> Command:
+        """Stop re-sending a call the provider may apply twice: an operator decides now."""
+        reason = (f"{intent.event} was sent {intent.attempts} times without a usable answer and is not"
+                  " idempotent at the provider; resolve it or cancel the transaction")
+        note = journal.note_event(tx, self.clock.now(), journal.ATTENTION, event=intent.event, reason=reason)
+        yield _write(Commit(tx.id, tx.version, events=(note,), snapshot=journal.apply(tx, note),
+                            intent=IntentOp(PARK, owner=owner, error=reason)))
+        raise TransactionInDoubt(f"its {intent.event} needs an operator: {reason}",
+                                 tx_id=tx.id, state=tx.state, event=intent.event)
+
+    def _cancel_over_update(self, tx: Transaction, key: str | None, fingerprint: str | None,
+                            now: datetime) -> Command:
+        """Cancel a transaction whose only doubt is a basket update.
+
+        Whatever became of the update, cancelling releases the whole preview at the
+        provider, so the customer's credits are never held hostage by a lost answer.
+        The cancel's intent replaces the update's (only when no call is live), and runs
+        like any other call: an unknown outcome leaves the cancel in doubt for a retry.
+        """
+        capabilities = self._capabilities(tx.provider)
+        step = decide(tx, "cancel", now, capabilities.timers)
+        abandoned = yield StoreOp("load_intent", (tx.id,))
+        intent = Intent(tx_id=tx.id, event="cancel", idempotency_key=key or f"auto:{tx.id}:cancel:{tx.version + 1}",
+                        params={}, changes=encode_fields(step.changes))
+        call = self._prepare(tx.provider, "cancel", *_driver_args(tx, intent))
+        attempt = journal.note_event(tx, now, journal.ATTEMPT, event="cancel", attempt=1,
+                                     abandons=abandoned.event if abandoned else None)
+        claimed = journal.apply(tx, attempt)
+        owner = _owner_token()
+        record = CommandRecord(intent.idempotency_key, "cancel", fingerprint, tx.id, IN_FLIGHT)
+        yield _write(Commit(
+            tx.id, tx.version, events=(attempt,), snapshot=claimed,
+            intent=IntentOp(REPLACE, intent, now=now, lease=self.intent_leases[tx.provider], owner=owner),
+            command=CommandOp(record, insert=True),
+        ))
+        return (yield from self._settle(claimed, intent, call, attempt=1, owner=owner))
+
+    # --- an operator settles what the engine will not -------------------------------------------
+
+    def resolve(self, tx_id: str, *, applied: bool) -> Command:
+        """Settle a transaction's in-doubt call by an operator's word, after checking with
+        the provider: ``applied=True`` commits the transition decided when it was claimed
+        (an update's lines are stored as sent, without the provider's discount, which
+        was never learned); ``applied=False`` records it as not applied.  Refused while a
+        call is live (``TransactionInDoubt``)."""
+        if not isinstance(applied, bool):
+            raise ValidationError("applied must be True or False")
+        tx = yield from self._load(tx_id)
+        intent = yield StoreOp("load_intent", (tx.id,))
+        if tx.pending is None or intent is None or intent.event != tx.pending:
+            raise ValidationError("the transaction has no call in doubt", tx_id=tx.id, state=tx.state)
+        now = self.clock.now()
+        event = intent.event
+        note = journal.note_event(tx, now, journal.RESOLVED, event=event, applied=applied, by="operator")
+        noted = journal.apply(tx, note)
+        record = CommandRecord(intent.idempotency_key, event, "", tx.id, IN_FLIGHT)
+        release = IntentOp(RESOLVE, now=now)
+        if not applied:
+            refused = journal.note_event(noted, now, journal.REJECTED, event=event, code="RESOLVED_NOT_APPLIED",
+                                         message="an operator found it was not applied")
+            settled = attrs.evolve(record, status=REJECTED, code="RESOLVED_NOT_APPLIED",
+                                   message="an operator found it was not applied")
+            after = journal.apply(noted, refused)
+            yield _write(Commit(tx.id, tx.version, events=(note, refused), snapshot=after, intent=release,
+                                command=CommandOp(settled)))
+            return after
+        fields = {**decode_fields(intent.changes, tx.currency), **_local_effect(tx, event, intent.params)}
+        target = machine.TABLE[(tx.state, event)].target
+        entry = journal.transition_event(noted, now, event=event, source=tx.state, target=target, fields=fields)
+        after = journal.apply(noted, entry)
+        done = attrs.evolve(record, status=DONE, version=after.version)
+        yield _write(Commit(tx.id, tx.version, events=(note, entry), snapshot=after, intent=release,
+                            command=CommandOp(done)))
+        return after
 
     def _settle(self, tx: Transaction, intent: Intent, call: ProviderOp, *, attempt: int, owner: str) -> Command:
         """Run the provider call of a claimed intent and commit whatever it answers.
@@ -545,10 +652,17 @@ class Core:
     # --- reads ---------------------------------------------------------------------------------
 
     def get(self, tx_id: str) -> Command:
-        """The snapshot, with its guaranteed deliveries' progress read from the outbox."""
+        """The snapshot, with its guaranteed deliveries' progress read from the outbox and,
+        when its pending call waits for an operator, why (``attention``)."""
         tx = yield from self._load(tx_id)
         deliveries = yield StoreOp("deliveries", (tx.id,))
-        return attrs.evolve(tx, deliveries=deliveries) if deliveries else tx
+        if deliveries:
+            tx = attrs.evolve(tx, deliveries=deliveries)
+        if tx.pending is not None:
+            intent = yield StoreOp("load_intent", (tx.id,))
+            if intent is not None and intent.attention is not None:
+                tx = attrs.evolve(tx, attention=intent.attention)
+        return tx
 
     def history(self, tx_id: str) -> Command:
         yield from self._load(tx_id)
@@ -557,8 +671,11 @@ class Core:
     def allowed_events(self, tx_id: str) -> Command:
         """The POS commands that would succeed now, judged exactly as ``command`` judges."""
         tx = yield from self._load(tx_id)
-        if tx.pending is not None:
-            return [tx.pending]  # only its retry (or recover) may act
+        if tx.pending is not None:  # only its retry (or recover) may act; cancel ends a doubtful update
+            intent = yield StoreOp("load_intent", (tx.id,))
+            retry = [tx.pending] if intent is None or intent.attention is None else []
+            cancel = tx.pending == "update" and "cancel" in self._capabilities(tx.provider).remote
+            return retry + ["cancel"] if cancel else retry
         now = self.clock.now()
         if machine.is_overdue(tx, now):
             return []  # every command would expire it first and raise PreviewExpired

@@ -80,11 +80,19 @@ class Capabilities:
     delivery_schedule: tuple[timedelta, ...] = DEFAULT_DELIVERY_SCHEDULE
     #: how many queued deliveries one ``deliver`` exchange may carry (Forloy sync: 100)
     delivery_batch: int = 1
+    #: remote events the provider does not make idempotent (a re-send may act twice:
+    #: Cheers adds an update's lines again).  After a lost answer the engine asks the
+    #: driver's ``reconcile`` first, re-sends blindly at most once, then parks the
+    #: intent as needing attention instead of re-sending again.
+    not_idempotent: frozenset[str] = attrs.field(default=frozenset(), converter=_events)
 
     def __attrs_post_init__(self) -> None:
         both = self.remote & self.local
         if both:
             raise ValueError(f"events both remote and local: {sorted(both)}")
+        if not self.not_idempotent <= self.remote:
+            raise ValueError(f"not_idempotent names events that are not remote: "
+                             f"{sorted(self.not_idempotent - self.remote)}")
         stray = set(self.deferred) - self.supported
         if stray:
             raise ValueError(f"deferred deliveries for unsupported events: {sorted(stray)}")
@@ -188,6 +196,22 @@ class ProviderDriver:
 
     def refund(self, tx: Transaction, key: str, comment: str | None) -> Exchange[Outcome]:
         raise NotImplementedError
+
+    def reconcile(self, tx: Transaction, event: str, key: str,
+                  items: tuple[LineItem, ...]) -> Exchange[Quote | Outcome | None]:
+        """Learn, without acting, whether an in-doubt call of ``event`` took effect.
+
+        The engine calls it before it would re-send an event in
+        ``capabilities.not_idempotent`` (``tx`` is the snapshot before that call,
+        ``key`` its idempotency key, ``items`` the lines an update added).  Return what
+        the call itself would have returned (a ``Quote`` of the whole basket for an
+        update) when the provider's answer shows the call was applied exactly once: the
+        engine commits it.  Return None when it cannot tell: the engine then re-sends
+        at most once, and after that parks the transaction for an operator.  It must
+        not change anything at the provider.  The default asks nothing and returns None.
+        """
+        return None
+        yield  # a generator that makes no request
 
     def delivery_payload(self, kind: str, tx: Transaction) -> Mapping[str, Any]:
         """Build a deferred delivery's payload at commit time (JSON-safe, no secrets)."""

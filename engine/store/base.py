@@ -24,6 +24,10 @@ from ..models import DeliveryRecord, Event, Transaction
 
 # intent operations
 PUT, TAKE, RELEASE, DROP = "put", "take", "release", "drop"
+#: PARK: the lease holder sets ``attention`` (recover() stops re-sending); REPLACE: a
+#: new intent replaces one whose lease is free (cancel over an in-doubt update);
+#: RESOLVE: drop an intent whose lease is free (an operator settled it)
+PARK, REPLACE, RESOLVE = "park", "replace", "resolve"
 
 # command record statuses
 IN_FLIGHT, DONE, REJECTED = "in_flight", "done", "rejected"
@@ -66,12 +70,12 @@ class IntentOp:
     agreeing (PostgreSQL: the server's ``now()``).
     """
 
-    op: str  # PUT, TAKE, RELEASE, DROP
-    intent: Intent | None = None  # for PUT
+    op: str  # PUT, TAKE, RELEASE, DROP, PARK, REPLACE, RESOLVE
+    intent: Intent | None = None  # for PUT and REPLACE
     now: datetime | None = None  # the engine's time (the store may prefer its own clock)
     lease: timedelta | None = None  # for PUT and TAKE: how long the owner holds it
     owner: str | None = None  # PUT/TAKE: the new holder; RELEASE/DROP: the holder it must be
-    error: str | None = None  # for RELEASE
+    error: str | None = None  # for RELEASE; for PARK: why it needs attention
     retry_at: datetime | None = None  # for RELEASE: recover() backs off until then
 
 
@@ -168,6 +172,9 @@ class Store(Protocol):
     def intents_to_recover(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]:
         """In-doubt intents whose lease is free on the store's clock and whose backoff
         (``retry_at``, engine time) has passed."""
+
+    def needing_attention(self, limit: int, providers: Sequence[str] | None = None) -> list[Intent]:
+        """Intents parked for an operator (``Intent.attention`` set), oldest first."""
 
     def lease_now(self, now: datetime) -> datetime:
         """The time leases are measured on: the store's own clock when it has one (one

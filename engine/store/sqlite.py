@@ -21,18 +21,23 @@ import threading
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 
+import attrs
+
+from ..clock import Clock
 from ..codec import decode_transaction, dumps, encode_transaction, loads
 from ..drivers import Delivery
-from ..clock import Clock
 from ..errors import ConcurrentModification, IdempotencyConflict, LeaseLost, TransactionInDoubt
 from ..machine import ACTIVE
 from ..models import Event
 from .base import (
     DEAD,
     DROP,
+    PARK,
     PENDING,
     PUT,
     RELEASE,
+    REPLACE,
+    RESOLVE,
     TAKE,
     CommandOp,
     CommandRecord,
@@ -288,6 +293,15 @@ class SQLiteStore:
         ).fetchall()
         return [row[0] for row in rows]
 
+    def needing_attention(self, limit: int, providers: Sequence[str] | None = None) -> list[Intent]:
+        only = "" if providers is None else f" AND transactions.provider IN ({_placeholders(providers)})"
+        rows = self._connection().execute(
+            "SELECT intents.tx_id FROM intents JOIN transactions ON transactions.id = intents.tx_id"
+            f" WHERE intents.attention IS NOT NULL{only} ORDER BY transactions.updated_at LIMIT ?",
+            (*(providers or ()), limit),
+        ).fetchall()
+        return [intent for intent in (self.load_intent(row[0]) for row in rows) if intent is not None]
+
     def lease_now(self, now: datetime) -> datetime:
         return self.clock.now() if self.clock is not None else now
 
@@ -373,6 +387,16 @@ class SQLiteStore:
             ).rowcount
             if taken != 1:
                 raise TransactionInDoubt("its provider call is in flight in another process", tx_id=tx_id)
+        elif op.op == PARK:
+            self._fenced(db, "UPDATE intents SET lease_until = NULL, owner = NULL, attention = ?"
+                             " WHERE tx_id = ?", (op.error, tx_id), op.owner)
+        elif op.op in (REPLACE, RESOLVE):
+            freed = db.execute("DELETE FROM intents WHERE tx_id = ? AND (lease_until IS NULL OR lease_until <= ?)",
+                               (tx_id, to_us(self.lease_now(op.now)))).rowcount
+            if freed != 1:
+                raise TransactionInDoubt("its provider call is in flight in another process", tx_id=tx_id)
+            if op.op == REPLACE:
+                self._write_intent(db, tx_id, attrs.evolve(op, op=PUT))
         elif op.op == RELEASE:
             self._fenced(db, "UPDATE intents SET lease_until = NULL, owner = NULL, last_error = ?, retry_at = ?"
                              " WHERE tx_id = ?", (op.error, to_us(op.retry_at), tx_id), op.owner)
