@@ -216,7 +216,8 @@ def _in_context(error: EngineError, tx: Transaction | None, event: str, tx_id: s
         return ProviderRejected(error.provider_message, code=error.code, retry_after=error.retry_after,
                                 provider=error.provider, **context)
     if isinstance(error, OutcomeUnknown):
-        return OutcomeUnknown(error.detail, provider=error.provider, **context)
+        return OutcomeUnknown(error.detail, provider=error.provider, idempotency_key=error.idempotency_key,
+                              **context)
     return type(error)(error.detail, **context)
 
 
@@ -300,6 +301,11 @@ class Core:
     def _load(self, tx_id: str) -> Command:
         tx = yield _load(_check_tx_id(tx_id))
         if tx is None:
+            lost = yield StoreOp("preview_in_doubt", (tx_id,))
+            if lost is not None:  # the id an OutcomeUnknown of a preview named
+                raise TransactionInDoubt(
+                    f"its preview's outcome is unknown; retry the preview with idempotency key {lost.key!r}",
+                    tx_id=tx_id, event="preview")
             raise TransactionNotFound("no such transaction", tx_id=tx_id)
         return tx
 
@@ -374,7 +380,8 @@ class Core:
             raise _in_context(refusal, None, "preview", record.tx_id) from None
         except OutcomeUnknown as unknown:
             yield _write(Commit(record.tx_id, 0, command=CommandOp(attrs.evolve(record, lease_until=None))))
-            raise _in_context(unknown, None, "preview", record.tx_id) from None
+            raise OutcomeUnknown(unknown.detail, provider=unknown.provider, idempotency_key=key,
+                                 tx_id=record.tx_id, event="preview") from None
 
         fields = {
             "id": record.tx_id, "provider": provider, "currency": basket.currency,
@@ -612,7 +619,9 @@ class Core:
                 yield _write(Commit(tx.id, tx.version, events=(note,), snapshot=journal.apply(tx, note),
                                     intent=IntentOp(RELEASE, error=unknown.detail, retry_at=now + backoff,
                                                     owner=owner)))
-                raise _in_context(unknown, tx, event) from None
+                raise OutcomeUnknown(unknown.detail, provider=unknown.provider,
+                                     idempotency_key=intent.idempotency_key,
+                                     tx_id=tx.id, state=tx.state, event=event) from None
             fields = {**decode_fields(intent.changes, tx.currency), **fields}
             target = machine.TABLE[(tx.state, event)].target
             done = CommandOp(attrs.evolve(record, status=DONE, version=tx.version + 1))

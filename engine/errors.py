@@ -124,7 +124,13 @@ class OutcomeUnknown(ProviderError):
     """The provider may or may not have acted (timeout, dropped connection, 5xx, bad body).
 
     The intent stays in doubt: retry with the same idempotency key, or run ``recover()``.
+    ``idempotency_key`` is the key to retry with (for a keyless preview, the one the
+    engine generated; None when the command needs none).
     """
+
+    def __init__(self, message: str, *, idempotency_key: str | None = None, **context) -> None:
+        self.idempotency_key = idempotency_key
+        super().__init__(message, **context)
 
 
 class StoreUnavailable(EngineError):

@@ -163,6 +163,9 @@ class Store(Protocol):
 
     def load_command(self, key: str) -> CommandRecord | None: ...
 
+    def preview_in_doubt(self, tx_id: str) -> CommandRecord | None:
+        """The in-flight claim of a preview whose answer was lost (there is no snapshot)."""
+
     def journal(self, tx_id: str) -> list[Event]: ...
 
     def write(self, commit: Commit) -> None: ...

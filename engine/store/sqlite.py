@@ -163,6 +163,8 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE intents ADD COLUMN owner TEXT;
     ALTER TABLE intents ADD COLUMN attention TEXT;
     ALTER TABLE commands ADD COLUMN started_at INTEGER;
+    CREATE INDEX commands_previews_in_doubt ON commands (tx_id)
+        WHERE command = 'preview' AND status = 'in_flight';
     """,
 )
 
@@ -261,6 +263,14 @@ class SQLiteStore:
             return None
         return Intent(row[0], row[1], row[2], loads(row[3]), loads(row[4]), row[5], from_us(row[6]), row[7],
                       from_us(row[8]), row[9])
+
+    def preview_in_doubt(self, tx_id: str) -> CommandRecord | None:
+        """The claim of a preview for ``tx_id`` whose outcome is not known (no snapshot yet)."""
+        row = self._connection().execute(
+            "SELECT key FROM commands INDEXED BY commands_previews_in_doubt"
+            " WHERE tx_id = ? AND command = 'preview' AND status = 'in_flight'", (tx_id,),
+        ).fetchone()
+        return None if row is None else self.load_command(row[0])
 
     def load_command(self, key: str) -> CommandRecord | None:
         row = self._connection().execute(
