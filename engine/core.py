@@ -388,7 +388,8 @@ class Core:
             "payment_type": payment_type, "items": quote.lines, "provider_ref": quote.provider_ref,
             "receipt": quote.receipt, "details": dict(quote.details), **step.changes,
         }
-        event = journal.transition_event(None, now, event=step.event, source=step.source,
+        # created at its first attempt, like its deadlines
+        event = journal.transition_event(None, started, event=step.event, source=step.source,
                                          target=step.target, fields=fields)
         tx = journal.apply(None, event)
         done = attrs.evolve(record, status=DONE, version=tx.version, lease_until=None)
@@ -407,7 +408,7 @@ class Core:
         idempotency_key: str | None = None,
     ) -> Command:
         key = _check_key(idempotency_key)
-        params = _params(event, items, comment)
+        params = command_params(event, items, comment)
         tx = yield from self._load(tx_id)
         if items is not None:
             _check_currency(items, tx)
@@ -850,7 +851,8 @@ def _intent_lease(provider: str, driver: ProviderDriver, configured: timedelta |
     return configured
 
 
-def _params(event: str, items: Sequence[LineItem] | None, comment: str | None) -> dict[str, Any]:
+def command_params(event: str, items: Sequence[LineItem] | None, comment: str | None) -> dict[str, Any]:
+    """A command's parameters as the engine stores and fingerprints them (validated)."""
     params: dict[str, Any] = {}
     if event == "update":
         if isinstance(items, (str, bytes)) or items is None:
