@@ -53,7 +53,12 @@ class _Facade:
     def open(cls, url: str, providers: Mapping[str, ProviderDriver], clock: Clock | None = None,
              **options: Any) -> Self:
         """Open (and migrate) the store at ``url`` and build an engine on it."""
-        return cls(open_store(url), providers, clock, **options)
+        store = open_store(url)
+        try:
+            return cls(store, providers, clock, **options)
+        except BaseException:
+            store.close()  # refused options (a lease shorter than a deadline) leave no open file
+            raise
 
     @property
     def drivers(self) -> Mapping[str, ProviderDriver]:
