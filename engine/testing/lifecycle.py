@@ -781,6 +781,13 @@ class LifecycleStateMachine(RuleBasedStateMachine):
             if not self._unsettled():
                 break
             self.clock.advance(SETTLE_STEP)
+            # A parked call (not idempotent at the provider, sent twice without an answer)
+            # waits for an operator; the operator's way out that needs no provider check is
+            # cancel, which releases the whole preview.
+            for parked in self.engine.needing_attention():
+                outcome = self._call(lambda: self.engine.cancel(parked.tx_id))
+                if isinstance(outcome, BaseException) and not isinstance(outcome, OutcomeUnknown):
+                    self._fail("contract", f"cancel of parked {self._name(parked.tx_id)} raised {outcome!r}")
             for sweep in (self.engine.recover, self.engine.deliver_pending):
                 outcome = self._call(sweep)
                 if isinstance(outcome, BaseException):
