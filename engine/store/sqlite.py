@@ -19,6 +19,7 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Sequence
+from urllib.parse import quote
 from datetime import datetime, timedelta, timezone
 
 from ..codec import decode_transaction, dumps, encode_transaction, loads
@@ -153,7 +154,7 @@ MIGRATIONS: tuple[str, ...] = (
 
 
 class SQLiteStore:
-    def __init__(self, path: str, *, busy_timeout_ms: int = 30_000) -> None:
+    def __init__(self, path: str, *, busy_timeout_ms: int = 30_000, read_only: bool = False) -> None:
         if path in ("", ":memory:"):
             raise ValueError("the SQLite store needs a file: an in-memory database is not durable")
         self.path = os.path.abspath(path)
@@ -164,7 +165,10 @@ class SQLiteStore:
         self._recent: dict[str, object] = {}
         self._recent_lock = threading.Lock()
         self._recent_size = 4096
-        self._migrate()
+        # read_only: an operator's view; it neither migrates nor takes the write lock
+        self.read_only = read_only
+        if not read_only:
+            self._migrate()
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -175,11 +179,12 @@ class SQLiteStore:
         connection = getattr(self._local, "connection", None)
         if connection is None:
             connection = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False,
-                timeout=self._busy_timeout_ms / 1000,
+                f"file:{quote(self.path)}?mode=ro" if self.read_only else self.path, uri=self.read_only,
+                isolation_level=None, check_same_thread=False, timeout=self._busy_timeout_ms / 1000,
             )
             connection.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
-            connection.execute("PRAGMA journal_mode = WAL")
+            if not self.read_only:
+                connection.execute("PRAGMA journal_mode = WAL")
             connection.execute("PRAGMA synchronous = FULL")
             connection.execute("PRAGMA foreign_keys = ON")
             self._local.connection = connection
