@@ -32,11 +32,11 @@ log = logging.getLogger("txengine.engine")
 _tracer = trace.get_tracer("txengine")
 _meter = metrics.get_meter("txengine")
 
-transitions = _meter.create_counter("txengine.transitions", unit="1",
+transitions = _meter.create_counter("txengine.transitions",
                                     description="lifecycle transitions committed")
-rejections = _meter.create_counter("txengine.rejections", unit="1",
+rejections = _meter.create_counter("txengine.rejections",
                                    description="provider calls definitively refused")
-unknown_outcomes = _meter.create_counter("txengine.unknown_outcomes", unit="1",
+unknown_outcomes = _meter.create_counter("txengine.unknown_outcomes",
                                          description="provider calls whose outcome could not be learned")
 call_duration = _meter.create_histogram("txengine.provider_call.duration", unit="s",
                                         description="provider calls, by outcome")
@@ -120,7 +120,7 @@ def watch_backlog(store: Any, clock: Any) -> None:
         def observe(options: Any) -> list[metrics.Observation]:
             value = backlog().get(key)
             return [] if value is None else [metrics.Observation(value)]
-        _meter.create_observable_gauge(name, [observe], unit="1", description=description)
+        _meter.create_observable_gauge(name, [observe], unit="", description=description)
 
     gauge("txengine.transactions_in_doubt", "in_doubt", "transactions whose last provider call is in doubt")
     gauge("txengine.transactions_needing_attention", "stuck", "in-doubt transactions no one holds a lease on")
