@@ -49,7 +49,7 @@ def deadline(tx: Transaction) -> str:
 def step_line(event: str, tx: Transaction, *, whole_units: bool = False) -> str:
     """One transition on one line (under 80 columns for amounts under a million)."""
     pay = f"to pay {money_text(tx.outstanding, whole_units)}"
-    return f"  {clock_time(tx.updated_at)}  {event:<13} -> {tx.state:<15} {pay:<19} {deadline(tx)}".rstrip()
+    return f"  {clock_time(tx.updated_at)}  {event:<13} -> {tx.state:<15} {pay:<18} {deadline(tx)}".rstrip()
 
 
 def lines_table(tx: Transaction, *, whole_units: bool = False) -> list[str]:

@@ -271,13 +271,18 @@ def list_(db: str, states: Sequence[str], provider: str | None, in_doubt: bool, 
     if not shown:
         click.echo("no transactions match" if not matches else f"page {page} is past the last ({len(matches)} match)")
         return OK
-    table = Table(box=box.SIMPLE, header_style="bold")
-    for name, justify in (("id", "left"), ("provider", "left"), ("state", "left"), ("to pay", "right"),
-                          ("updated", "left"), ("note", "left")):
-        table.add_column(name, justify=justify, overflow="ellipsis", no_wrap=True)  # type: ignore[arg-type]
+    # id, provider, state and amount fit 80 columns unabridged; times are in --json and show
+    notes = any(tx.pending for tx in shown)
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    table.add_column("id", no_wrap=True, min_width=len(shown[0].id))
+    table.add_column("provider", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("to pay", justify="right", no_wrap=True)
+    if notes:
+        table.add_column("note", overflow="ellipsis", no_wrap=True)
     for tx in shown:
-        table.add_row(tx.id, tx.provider, _state(str(tx.state)), str(tx.outstanding), when(tx.updated_at),
-                      f"in doubt: {tx.pending}" if tx.pending else "")
+        row = [tx.id, tx.provider, _state(str(tx.state)), str(tx.outstanding)]
+        table.add_row(*row, *([f"in doubt: {tx.pending}" if tx.pending else ""] if notes else []))
     out = console()
     out.print(table)
     pages = max(1, -(-len(matches) // limit))
