@@ -118,7 +118,8 @@ def describe(tx: Transaction, history: Iterable[Event] = (), *, deliveries: Sequ
         out.append("timeline:")
         out += [journal_line(event) for event in events]
     if intent is not None:
-        out.append(f"in doubt: {intent.event}, {intent.attempts} attempt(s)"  # type: ignore[attr-defined]
+        out.append(f"in doubt: {intent.event} under key {intent.idempotency_key!r},"  # type: ignore[attr-defined]
+                   f" {intent.attempts} attempt(s)"  # type: ignore[attr-defined]
                    + (f", last error: {intent.last_error}" if intent.last_error else ""))  # type: ignore[attr-defined]
     if deliveries:
         out.append("deliveries:")

@@ -35,12 +35,13 @@ from typing import Any
 import click
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .. import machine
 from ..errors import EngineError, StoreUnavailable, ValidationError
 from ..models import Transaction
-from ..report import describe, when
+from ..report import describe, shorten, when
 from ..settings import DEFAULT_DB, Settings, redacted_db
 from ..store import open_existing, sqlite_path
 from ..store.base import Store
@@ -210,7 +211,7 @@ def show(tx_id: str, db: str, as_json: bool) -> int:
                           "code": e.data.get("code")} for e in history],
             "deliveries": [delivery_json(row) for row in deliveries],
             "in_doubt": None if intent is None else {
-                "event": intent.event, "attempts": intent.attempts, "last_error": intent.last_error,
+                "event": intent.event, "idempotency_key": intent.idempotency_key, "attempts": intent.attempts, "last_error": intent.last_error,
                 "leased_until": iso(intent.lease_until), "retry_at": iso(intent.retry_at)},
             "next": allowed,
         })
@@ -486,15 +487,16 @@ def outbox_list(db: str, status: str | None, tx_id: str | None, limit: int, as_j
         return OK
     out = console()
     if rows:
-        table = Table(box=box.SIMPLE, header_style="bold")
-        for name, justify in (("id", "right"), ("status", "left"), ("provider", "left"), ("kind", "left"),
-                              ("tx", "left"), ("tries", "right"), ("next attempt", "left"), ("last error", "left")):
-            table.add_column(name, justify=justify, overflow="ellipsis", no_wrap=True)  # type: ignore[arg-type]
+        # two lines a delivery, so the transaction id and the error read whole on 80 columns
+        out.print(f"[bold]{'id':>6} {'status':<7} {'provider':<11} {'kind':<8} {'tries':>5}  tx[/]")
         for row in rows:
-            table.add_row(str(row.id), "[red]dead[/]" if row.status == "dead" else row.status, row.provider,
-                          row.kind, row.tx_id, str(row.attempts),
-                          when(row.next_attempt_at) if row.status == "pending" else "-", row.last_error or "")
-        out.print(table)
+            status = f"[red]{'dead':<7}[/]" if row.status == "dead" else f"{row.status:<7}"
+            out.print(f"{row.id:>6} {status} {row.provider:<11} {row.kind:<8} {row.attempts:>5}  {row.tx_id}")
+            detail = "; ".join(part for part in (
+                f"next attempt {when(row.next_attempt_at)}" if row.status == "pending" else "",
+                row.last_error or "") if part)
+            if detail:
+                out.print(escape(shorten(f"{'':>7}{detail}", 79)), style="dim")
     else:
         out.print("no deliveries match")
     out.print(f"pending {backlog['pending']}, dead {backlog['dead']}, transactions in doubt {backlog['in_doubt']}"
