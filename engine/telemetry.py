@@ -107,33 +107,48 @@ def provider_call(provider: str, operation: str) -> Iterator[None]:
                                  {"provider": provider, "operation": operation, "outcome": outcome})
 
 
+_watched: list[tuple[Any, Any]] = []  # the (store, clock) the backlog gauges read
+
+
 def watch_backlog(store: Any, clock: Any) -> None:
-    """Gauges of ``store``'s backlog, read when the metrics are collected (one store per
-    process: the worker's).  "Needing attention" is what waits for recover() today."""
-    def backlog() -> dict[str, int]:
-        try:
-            return dict(store.backlog(clock.now()))
-        except Exception:  # a scrape must not fail on a busy or closed store
-            return {}
+    """Let the backlog gauges read ``store`` (one store per process: the worker's; a second
+    call replaces the first).  "Needing attention" is what waits for recover() today."""
+    _watched[:] = [(store, clock)]
 
-    def gauge(name: str, key: str, description: str) -> None:
-        def observe(options: Any) -> list[metrics.Observation]:
-            value = backlog().get(key)
-            return [] if value is None else [metrics.Observation(value)]
-        _meter.create_observable_gauge(name, [observe], unit="", description=description)
 
-    gauge("txengine.transactions_in_doubt", "in_doubt", "transactions whose last provider call is in doubt")
-    gauge("txengine.transactions_needing_attention", "stuck", "in-doubt transactions no one holds a lease on")
-    gauge("txengine.outbox_pending", "pending", "guaranteed deliveries waiting to be sent")
-    gauge("txengine.outbox_dead", "dead", "guaranteed deliveries parked for an operator")
+def _backlog() -> dict[str, int]:
+    if not _watched:
+        return {}
+    store, clock = _watched[0]
+    try:
+        return dict(store.backlog(clock.now()))
+    except Exception:  # a scrape must not fail on a busy or closed store
+        return {}
 
-    def oldest(options: Any) -> list[metrics.Observation]:
-        try:
-            first = store.deliveries(None, "pending", limit=1)
-        except Exception:
-            return []
-        age = (clock.now() - first[0].created_at).total_seconds() if first else 0.0
-        return [metrics.Observation(max(age, 0.0))]
 
-    _meter.create_observable_gauge("txengine.outbox_oldest_pending_age", [oldest], unit="s",
-                                   description="age of the oldest pending delivery")
+def _gauge(name: str, key: str, description: str) -> None:
+    def observe(options: Any) -> list[metrics.Observation]:
+        value = _backlog().get(key)
+        return [] if value is None else [metrics.Observation(value)]
+
+    _meter.create_observable_gauge(name, [observe], description=description)
+
+
+def _oldest_pending_age(options: Any) -> list[metrics.Observation]:
+    if not _watched:
+        return []
+    store, clock = _watched[0]
+    try:
+        first = store.deliveries(None, "pending", limit=1)
+    except Exception:
+        return []
+    age = (clock.now() - first[0].created_at).total_seconds() if first else 0.0
+    return [metrics.Observation(max(age, 0.0))]
+
+
+_gauge("txengine.transactions_in_doubt", "in_doubt", "transactions whose last provider call is in doubt")
+_gauge("txengine.transactions_needing_attention", "stuck", "in-doubt transactions no one holds a lease on")
+_gauge("txengine.outbox_pending", "pending", "guaranteed deliveries waiting to be sent")
+_gauge("txengine.outbox_dead", "dead", "guaranteed deliveries parked for an operator")
+_meter.create_observable_gauge("txengine.outbox_oldest_pending_age", [_oldest_pending_age], unit="s",
+                               description="age of the oldest pending delivery")

@@ -236,7 +236,8 @@ def parse_time(value: str) -> datetime:
 @click.option("--in-doubt", is_flag=True, help="only transactions whose last provider call is in doubt")
 @click.option("--attention", is_flag=True,
               help="only those needing an operator: in doubt with no process holding the call")
-@click.option("--due-before", metavar="TIME", help="only live ones expiring before TIME (ISO, UTC unless given)")
+@click.option("--due-before", metavar="TIME",
+              help="only live ones (not in doubt) expiring before TIME (ISO, UTC unless given)")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, help="rows per page")
 @click.option("--page", type=click.IntRange(1), default=1, help="which page")
 @json_option
@@ -260,7 +261,7 @@ def list_(db: str, states: Sequence[str], provider: str | None, in_doubt: bool, 
             if (in_doubt and not tx.pending) or (held is not None and tx_id not in held):
                 continue
             if deadline is not None and not (str(tx.state) in ("previewed", "updated", "payment_pending")
-                                              and tx.expires_at and tx.expires_at < deadline):
+                                              and not tx.pending and tx.expires_at and tx.expires_at < deadline):
                 continue
             matches.append(tx)
     matches.sort(key=lambda tx: (tx.updated_at, tx.id), reverse=True)
@@ -391,15 +392,26 @@ def worker(db: str, providers: str | None, demo_sandboxes: bool, interval: float
     gracefully.  Logs are JSON lines on stderr, each naming the database."""
     from .. import telemetry
     from ..worker import Worker, configure_logging
+    from ..worker import log as worker_log
 
     configure_logging(log_level, context={"db": redacted_db(db)})
-    drivers = chosen_providers(providers, demo_sandboxes)
     server = None
-    if metrics_port is not None:
-        from .metrics import serve_metrics
+    try:
+        drivers = chosen_providers(providers, demo_sandboxes)
+        engine = engine_on(db, drivers, delivery_concurrency=concurrency)
+        if metrics_port is not None:
+            from .metrics import serve_metrics
 
-        server = serve_metrics(metrics_port)
-    engine = engine_on(db, drivers, delivery_concurrency=concurrency)
+            server = serve_metrics(metrics_port)
+    except (ValidationError, FileNotFoundError, Failure) as bad:  # the worker speaks JSON lines
+        message = bad.message if isinstance(bad, Failure) else str(bad.args[0] if bad.args else bad)
+        worker_log.error("bad_configuration", extra={"fields": {"event": "bad_configuration", "error": message}})
+        if "engine" in locals():
+            engine.close()
+        return USAGE
+    except (sqlite3.Error, StoreUnavailable) as down:
+        worker_log.error("store_unavailable", extra={"fields": {"event": "store_unavailable", "error": str(down)}})
+        return UNAVAILABLE
     telemetry.watch_backlog(engine.store, engine.clock)
     loop = Worker(engine, interval=interval, heartbeat_every=timedelta(seconds=heartbeat))
     if server is not None:
