@@ -52,6 +52,9 @@ def _log(level: int, message: str, tx_id: str, **fields: Any) -> None:
 def command_span(command: Any) -> Iterator[None]:
     """One span around one engine command (``command`` is the core's generator)."""
     name = getattr(command, "__name__", "command")
+    if name == "command":  # Core.command(tx_id, event, ...): name the span by its event
+        frame = getattr(command, "gi_frame", None)
+        name = str(frame.f_locals.get("event", name)) if frame is not None else name
     with _tracer.start_as_current_span(f"txengine.command {name}", attributes={"txengine.command": name}):
         yield
 

@@ -375,3 +375,36 @@ def test_metrics_after_a_session_with_failures_name_no_secret(engine, sandbox, b
     assert sample("txengine_outbox_dead") == 1
     for secret in (ReferenceSandbox.api_key, CUSTOMER):
         assert secret not in scraped
+
+
+def test_a_span_per_command_and_per_provider_call_naming_no_secret(engine, sandbox, basket):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    trace.set_tracer_provider(provider)  # once per process: this is the only test that sets it
+    tx = engine.preview("reference", basket, customer_token=CUSTOMER)
+    sandbox.faults.inject("finalize", Fault.SERVER_ERROR)
+    with pytest.raises(OutcomeUnknown):
+        engine.finalize(tx.id)
+    spans = [(span.name, dict(span.attributes or {})) for span in exported.get_finished_spans()]
+    assert [name for name, _ in spans] == ["txengine.provider_call", "txengine.command preview",
+                                           "txengine.provider_call", "txengine.command finalize"]
+    assert spans[2][1] == {"provider": "reference", "operation": "finalize", "outcome": "unknown"}
+    assert spans[3][1]["txengine.tx_id"] == tx.id
+    assert CUSTOMER not in repr(spans) and ReferenceSandbox.api_key not in repr(spans)
+
+
+def test_library_log_records_carry_the_transaction_id(engine, sandbox, basket, caplog):
+    with caplog.at_level("DEBUG", logger="txengine.engine"):
+        tx = engine.preview("reference", basket)
+        sandbox.faults.inject("finalize", Fault.TIMEOUT_AFTER_COMMIT)
+        with pytest.raises(OutcomeUnknown):
+            engine.finalize(tx.id)
+    records = [r for r in caplog.records if r.name == "txengine.engine"]
+    assert [r.getMessage() for r in records] == ["transition", "outcome_unknown"]
+    assert all(r.tx_id == tx.id for r in records)
