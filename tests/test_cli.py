@@ -399,12 +399,22 @@ def test_a_span_per_command_and_per_provider_call_naming_no_secret(engine, sandb
     assert CUSTOMER not in repr(spans) and ReferenceSandbox.api_key not in repr(spans)
 
 
-def test_library_log_records_carry_the_transaction_id(engine, sandbox, basket, caplog):
-    with caplog.at_level("DEBUG", logger="txengine.engine"):
+def test_library_log_records_carry_the_transaction_id(engine, sandbox, basket):
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("txengine.engine")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.DEBUG
+    try:
         tx = engine.preview("reference", basket)
         sandbox.faults.inject("finalize", Fault.TIMEOUT_AFTER_COMMIT)
         with pytest.raises(OutcomeUnknown):
             engine.finalize(tx.id)
-    records = [r for r in caplog.records if r.name == "txengine.engine"]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     assert [r.getMessage() for r in records] == ["transition", "outcome_unknown"]
     assert all(r.tx_id == tx.id for r in records)
