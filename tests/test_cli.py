@@ -407,7 +407,8 @@ def test_library_log_records_carry_the_transaction_id(engine, sandbox, basket):
     handler.emit = records.append  # type: ignore[method-assign]
     logger = logging.getLogger("txengine.engine")
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.DEBUG
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
     try:
         tx = engine.preview("reference", basket)
         sandbox.faults.inject("finalize", Fault.TIMEOUT_AFTER_COMMIT)
