@@ -80,6 +80,20 @@ def test_show_json_is_one_timeline_with_what_can_happen_next(demo_db):
     assert "timeline:" in text and "next: nothing: the transaction is final" in text and "None" not in text
 
 
+def test_next_steps_are_what_the_provider_supports(demo_db):
+    from txengine.app.cli import next_events
+    from txengine.store import open_existing
+
+    store = open_existing(demo_db, read_only=True)
+    try:
+        [forloy] = [store.load(t["id"]) for t in listed(demo_db, "--provider", "forloy")["transactions"]]
+        member = store.load(listed(demo_db, "--provider", "rekonect", "--state", "finalized")["transactions"][0]["id"])
+    finally:
+        store.close()
+    assert next_events(forloy, forloy.updated_at) == [], "Forloy offers no refund"
+    assert next_events(member, member.updated_at) == ["refund"]
+
+
 def test_show_of_an_unknown_transaction_exits_1(demo_db):
     result = run("show", "tx_nope", "--db", demo_db)
     assert result.exit_code == 1 and "no transaction tx_nope" in result.output
@@ -231,6 +245,17 @@ def test_worker_logs_json_lines_naming_its_database(overdue_db):
     lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     assert lines and all(line["db"] == overdue_db for line in lines)
     assert any(line["event"] == "expired" for line in lines)
+
+
+def test_worker_metrics_port_in_use_is_a_configuration_error(overdue_db):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = CliRunner().invoke(cli, ["worker", "--db", overdue_db, "--demo-sandboxes", "--iterations", "1",
+                                          "--metrics-port", str(taken.getsockname()[1])])
+    assert result.exit_code == 2
+    [line] = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert line["event"] == "bad_configuration" and "cannot serve metrics" in line["error"]
 
 
 def test_outbox_retry_of_nothing_is_nothing_to_do(overdue_db):

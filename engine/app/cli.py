@@ -180,8 +180,18 @@ def transaction_json(tx: Transaction) -> dict[str, Any]:
 
 
 def next_events(tx: Transaction, now: datetime) -> list[str]:
-    """What may happen to it now, by the lifecycle (a call in doubt: only its retry)."""
-    return [str(tx.pending)] if tx.pending else [str(e) for e in machine.allowed_events(tx, now)]
+    """What may happen to it now: the lifecycle's events its provider supports (a call in
+    doubt: only its retry)."""
+    if tx.pending:
+        return [str(tx.pending)]
+    allowed = [str(e) for e in machine.allowed_events(tx, now)]
+    try:
+        from ..diagrams import load_driver_class
+
+        supported = load_driver_class(tx.provider).capabilities.supported
+    except (LookupError, ImportError, AttributeError):  # a provider this install does not know
+        return allowed
+    return [event for event in allowed if event in supported]
 
 
 @cli.command()
