@@ -54,7 +54,7 @@ class Failure(click.ClickException):
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click declares it per class
 
 
 def handles_errors(command: Callable[..., int | None]) -> Callable[..., None]:
@@ -154,7 +154,7 @@ def migrate(db: str) -> int:
         raise Failure(f"no directory {Path(path).resolve().parent} for {path}", USAGE)
     store = open_store(db if "://" in db else f"sqlite:///{db}")
     try:
-        click.echo(f"{path or redacted_db(db)}: schema version {store.schema_version}")
+        click.echo(f"{path or redacted_db(db)}: schema version {getattr(store, 'schema_version', '?')}")
     finally:
         store.close()
     return OK
@@ -188,7 +188,7 @@ def next_events(tx: Transaction, now: datetime) -> list[str]:
     try:
         from ..diagrams import load_driver_class
 
-        supported = load_driver_class(tx.provider).capabilities.supported
+        supported = getattr(load_driver_class(tx.provider), "capabilities").supported
     except (LookupError, ImportError, AttributeError):  # a provider this install does not know
         return allowed
     return [event for event in allowed if event in supported]
@@ -330,7 +330,7 @@ def engine_on(db: str, drivers: dict[str, Any], **options: Any) -> Any:
     """An engine on the existing store at ``db`` (checked: never created on the way)."""
     from ..engine import Engine
 
-    settings = Settings()
+    settings = Settings()  # type: ignore[call-arg]  # pydantic-settings fills it from TXENGINE_*
     return Engine(open_existing(db), drivers, **settings.engine_options(drivers), **options)
 
 
@@ -613,7 +613,7 @@ def serve(name: str, host: str, port: int) -> int:
         raise Failure(f"port {port} on {host} is in use: pick another with --port (0: any free one)", USAGE)
     instance = sandbox_class()
     customers = seed(instance)
-    credentials = getattr(instance, "credentials", lambda: {})()
+    credentials: dict[str, str] = getattr(instance, "credentials", dict)()
     with serve_sandbox(instance, host=host, port=port) as served:
         click.echo(f"{name} sandbox listening on {served.base_url} (Ctrl-C to stop)")
         for key, value in credentials.items():

@@ -90,6 +90,7 @@ def reference_sessions(engine: Engine, sandbox, clock: FakeClock, say: Narrator)
 
     say.title("Session 2 (reference): the customer walks away; the preview expires")
     tx = say.step("preview", engine.preview("reference", beers, customer_token=customer))
+    assert tx.expires_at is not None  # a preview always has its deadline
     clock.set(tx.expires_at)
     say.write(f"    expire_due() expired {engine.expire_due()} transaction(s)")
     say.step("expire", engine.get(tx.id))
