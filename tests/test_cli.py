@@ -5,6 +5,7 @@ lock, a killed worker shown stale, and the metrics a platform team scrapes."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -444,3 +445,48 @@ def test_library_log_records_carry_the_transaction_id(engine, sandbox, basket):
         logger.setLevel(level)
     assert [r.getMessage() for r in records] == ["transition", "outcome_unknown"]
     assert all(r.tx_id == tx.id for r in records)
+
+
+# --- configuration, completion, sandboxes --------------------------------------------------------------
+
+
+def test_settings_come_from_the_environment_and_keep_secrets(monkeypatch):
+    from txengine.settings import Settings, redacted_db
+
+    monkeypatch.setenv("TXENGINE_CHEERS_API_KEY", "cheers-live-key-123")
+    monkeypatch.setenv("TXENGINE_PREVIEW_TTL", "30")
+    settings = Settings()
+    assert settings.cheers_api_key.get_secret_value() == "cheers-live-key-123"
+    assert "cheers-live-key-123" not in repr(settings) and "cheers-live-key-123" not in str(settings)
+    timers = settings.engine_options(demo_providers())["timers"]
+    assert {name: policy.preview_ttl for name, policy in timers.items()} == dict.fromkeys(timers, timedelta(seconds=30))
+    assert redacted_db("postgresql://pos:hunter2@127.0.0.1:5432/pos") == "postgresql://***@127.0.0.1:5432/pos"
+    assert redacted_db("/var/lib/pos/txengine.db") == "/var/lib/pos/txengine.db"
+
+
+def test_shell_completion_is_generated():
+    script = subprocess.run([sys.executable, "-c", "from txengine.app.cli import main; main()"],
+                            env={**os.environ, "_TXENGINE_COMPLETE": "bash_source"},
+                            capture_output=True, text=True, timeout=30)
+    assert "complete" in script.stdout and "_TXENGINE_COMPLETE" in script.stdout
+
+
+def test_sandbox_serve_says_how_to_get_a_customer():
+    server = subprocess.Popen([sys.executable, "-m", "txengine.app.cli", "sandbox", "serve", "reference", "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = [server.stdout.readline()]
+        while "a new customer" not in lines[-1]:
+            assert lines[-1], f"the sandbox said: {lines}"
+            lines.append(server.stdout.readline())
+        base_url = re.search(r"listening on (\S+)", lines[0]).group(1)
+        assert f"txengine sandbox customer --url {base_url}" in lines[-1]
+        assert f"{base_url}/_sandbox/customers" in lines[-1]
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(10)
+
+
+def test_sandbox_customer_refuses_a_host_off_loopback():
+    result = run("sandbox", "customer", "--url", "http://203.0.113.9:8765")
+    assert result.exit_code == 2 and "loopback" in result.output
