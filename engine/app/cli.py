@@ -394,7 +394,8 @@ def recover(db: str, providers: str | None, demo_sandboxes: bool, limit: int) ->
 @click.option("--iterations", type=click.IntRange(1), default=None, help="stop after this many (default: run until stopped)")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="serve Prometheus metrics and /healthz on this loopback port (needs txengine[worker])")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              help="the least important log lines written")
 @handles_errors
 def worker(db: str, providers: str | None, demo_sandboxes: bool, interval: float, heartbeat: float,
            concurrency: int, iterations: int | None, metrics_port: int | None, log_level: str) -> int:
