@@ -64,5 +64,18 @@ class FakeClock:
             self._now = when
             return self._now
 
+    def step_back(self, delta: timedelta | float | int) -> datetime:
+        """Move backwards, as a wall clock does when NTP corrects it or an operator sets it.
+
+        ``advance`` and ``set`` refuse to go back so a test cannot do it by accident;
+        this is the deliberate way, for tests of what the engine does when time does.
+        """
+        step = delta if isinstance(delta, timedelta) else timedelta(seconds=delta)
+        if step <= timedelta(0):
+            raise ValidationError("step_back takes a positive duration")
+        with self._lock:
+            self._now -= step
+            return self._now
+
     def __repr__(self) -> str:
         return f"FakeClock({self._now.isoformat()})"

@@ -55,13 +55,14 @@ from .errors import (
     OutcomeUnknown,
     ProtocolError,
     ProviderRejected,
+    StoreUnavailable,
     TransactionInDoubt,
     TransactionNotFound,
     UnsupportedOperation,
     ValidationError,
 )
 from .machine import TimerPolicy, decide
-from .models import MAX_LINES, Basket, LineItem, Outcome, PricedLine, Quote, Transaction
+from .models import MAX_LINES, Basket, LineItem, Outcome, PricedLine, Quote, Transaction, is_text
 from .secret import Secret, as_secret
 from .store.base import (
     DEAD,
@@ -193,8 +194,8 @@ def _check_key(key: str | None) -> str | None:
 
 
 def _check_tx_id(tx_id: str) -> str:
-    if not isinstance(tx_id, str) or not tx_id:
-        raise ValidationError("a transaction id is a non-empty string")
+    if not isinstance(tx_id, str) or not tx_id or not is_text(tx_id):
+        raise ValidationError("a transaction id is a non-empty string of valid Unicode text")
     return tx_id
 
 
@@ -207,6 +208,26 @@ def _in_context(error: EngineError, tx: Transaction | None, event: str, tx_id: s
     if isinstance(error, OutcomeUnknown):
         return OutcomeUnknown(error.detail, provider=error.provider, **context)
     return type(error)(error.detail, **context)
+
+
+def _steps(*ops: StoreOp) -> Command:
+    for op in ops:
+        yield op
+
+
+def _unknown_if_unstored(settling: Command, tx: Transaction | None, event: str, tx_id: str | None = None) -> Command:
+    """Run the writes that follow a provider call, where a store failure means OutcomeUnknown.
+
+    The provider may have acted and we could not record what it answered: the intent
+    claimed before the call (already committed) stays in doubt for ``recover()``.
+    """
+    try:
+        return (yield from settling)
+    except StoreUnavailable as failure:
+        raise OutcomeUnknown(
+            f"the provider was called but its answer could not be stored ({failure.detail});"
+            " recover() settles it once the store is back", tx_id=tx.id if tx else tx_id,
+            state=tx.state if tx else None, event=event) from failure
 
 
 class Core:
@@ -365,7 +386,8 @@ class Core:
                                          target=step.target, fields=fields)
         tx = journal.apply(None, event)
         done = attrs.evolve(record, status=DONE, version=tx.version, lease_until=None)
-        yield _write(Commit(tx.id, 0, events=(event,), snapshot=tx, command=CommandOp(done)))
+        stored = _write(Commit(tx.id, 0, events=(event,), snapshot=tx, command=CommandOp(done)))
+        yield from _unknown_if_unstored(_steps(stored), None, "preview", tx.id)
         return tx
 
     # --- commands on an existing transaction ---------------------------------------------------
@@ -435,7 +457,7 @@ class Core:
             intent=IntentOp(PUT, intent, lease_until=now + self.intent_lease),
             command=CommandOp(record, insert=True),
         ))
-        return (yield from self._settle(claimed, intent, call, attempt=1))
+        return (yield from _unknown_if_unstored(self._settle(claimed, intent, call, attempt=1), tx, event))
 
     def _resume(self, tx: Transaction, event: str, key: str | None, now: datetime) -> Command:
         """Re-send the in-doubt side effect, if this command is its retry."""
@@ -453,7 +475,8 @@ class Core:
         claimed = journal.apply(tx, attempt)
         yield _write(Commit(tx.id, tx.version, events=(attempt,), snapshot=claimed,
                             intent=IntentOp(TAKE, now=now, lease_until=now + self.intent_lease)))
-        return (yield from self._settle(claimed, intent, call, attempt=intent.attempts + 1))
+        return (yield from _unknown_if_unstored(
+            self._settle(claimed, intent, call, attempt=intent.attempts + 1), tx, intent.event))
 
     def _settle(self, tx: Transaction, intent: Intent, call: ProviderOp, *, attempt: int) -> Command:
         """Run the provider call of a claimed intent and commit whatever it answers."""
@@ -667,7 +690,7 @@ def _new_tx_id() -> str:
 def _params(event: str, items: Sequence[LineItem] | None, comment: str | None) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if event == "update":
-        if isinstance(items, (str, bytes)) or items is None:
+        if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
             raise ValidationError("update needs a sequence of LineItem")
         items = list(items)
         if not items or not all(isinstance(item, LineItem) for item in items):
@@ -678,7 +701,7 @@ def _params(event: str, items: Sequence[LineItem] | None, comment: str | None) -
     if comment is not None:
         if event != "refund":
             raise ValidationError(f"{event} takes no comment")
-        if not isinstance(comment, str) or len(comment) > MAX_COMMENT_LENGTH:
+        if not isinstance(comment, str) or len(comment) > MAX_COMMENT_LENGTH or not is_text(comment):
             raise ValidationError(f"comment must be a string of at most {MAX_COMMENT_LENGTH} characters")
         params["comment"] = comment
     return params
@@ -689,6 +712,11 @@ def _check_currency(items: Sequence[LineItem], tx: Transaction) -> None:
         if item.currency != tx.currency:
             raise ValidationError(f"item {item.name!r} is in {item.currency}, the transaction in {tx.currency}",
                                   tx_id=tx.id, state=tx.state, event="update")
+    try:  # the new total must stay within Money's bound, like any basket
+        sum((item.gross for item in items), tx.gross)
+    except ValidationError as too_large:
+        raise ValidationError(f"the basket total would be {too_large.detail}",
+                              tx_id=tx.id, state=tx.state, event="update") from None
 
 
 def _new_items(tx: Transaction, params: Mapping[str, Any]) -> tuple[LineItem, ...]:

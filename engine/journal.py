@@ -38,13 +38,20 @@ def transition_event(
     seq = tx.version + 1 if tx is not None else 1
     tx_id = tx.id if tx is not None else fields["id"]
     return Event(
-        tx_id=tx_id, seq=seq, kind=TRANSITION, at=at,
+        tx_id=tx_id, seq=seq, kind=TRANSITION, at=monotonic_at(tx, at),
         data={"event": event, "source": source, "target": target, "set": encode_fields(fields)},
     )
 
 
 def note_event(tx: Transaction, at: datetime, kind: str, **data: Any) -> Event:
-    return Event(tx_id=tx.id, seq=tx.version + 1, kind=kind, at=at, data=data)
+    return Event(tx_id=tx.id, seq=tx.version + 1, kind=kind, at=monotonic_at(tx, at), data=data)
+
+
+def monotonic_at(tx: Transaction | None, now: datetime) -> datetime:
+    """The time of the transaction's next journal entry: ``now``, but never earlier than
+    its last entry, whatever the wall clock did (NTP stepping back, a host with another
+    clock).  Only journal times use it: deadline checks compare the real ``now``."""
+    return now if tx is None or now >= tx.updated_at else tx.updated_at
 
 
 def apply(tx: Transaction | None, event: Event) -> Transaction:

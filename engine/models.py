@@ -27,11 +27,18 @@ def _fail(message: str) -> None:
     raise ValidationError(message)
 
 
-def _check_encodable(attribute, value: str) -> None:
-    # Lone surrogates are valid str but not text: no provider, file or header can carry them.
+def is_text(value: str) -> bool:
+    """False for a str holding lone surrogates: valid Python, but no provider, file,
+    database or header can carry it (encoding it raises ``UnicodeEncodeError``)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_encodable(attribute, value: str) -> None:
+    if not is_text(value):
         _fail(f"{attribute.name} is not valid Unicode text")
 
 
@@ -127,6 +134,9 @@ class Basket:
     @currency.default
     def _currency(self) -> str:
         return _one_currency(self.items)
+
+    def __attrs_post_init__(self) -> None:
+        self.gross  # a total beyond Money's bound is refused here, not inside a driver
 
     @property
     def gross(self) -> Money:

@@ -50,11 +50,28 @@ def currency_exponent(currency: str) -> int:
         raise ValidationError(f"unknown ISO 4217 currency {currency!r}") from None
 
 
+#: Amounts are bounded: ``abs(amount_minor) < 10**15`` minor units (10 trillion euros).
+#: Every provider can carry it: 10**15 < 2**53, so even a provider that parses JSON
+#: numbers as doubles (JavaScript backends, Rekonect's decimal majors) holds it exactly,
+#: and no real basket comes near it.  Bigger numbers are refused before they reach a
+#: driver, the JSON encoder or the database.
+MAX_AMOUNT_MINOR = 10**15 - 1
+
+#: A decimal amount string longer than this is refused unread: no real amount needs it,
+#: and ``Decimal`` would otherwise parse (and later scale) whatever it is given.
+MAX_AMOUNT_TEXT = 40
+
+
 def _check_amount(instance, attribute, value) -> None:
     # bool is an int subclass; True euros is a bug, not an amount.
     if type(value) is not int:
         raise ValidationError(
             f"Money.amount_minor must be an int of minor units, got {type(value).__name__}"
+        )
+    # Compare before formatting: str() of a 5000-digit int is itself refused by Python.
+    if not -MAX_AMOUNT_MINOR <= value <= MAX_AMOUNT_MINOR:
+        raise ValidationError(
+            f"Money.amount_minor is out of range: at most {MAX_AMOUNT_MINOR} minor units either way"
         )
 
 
@@ -80,16 +97,26 @@ class Money:
                 f"Money.of needs a decimal string, Decimal or int, not {type(amount).__name__}"
             )
         exponent = currency_exponent(currency)
+        if isinstance(amount, str) and len(amount) > MAX_AMOUNT_TEXT:
+            raise ValidationError(f"an amount is at most {MAX_AMOUNT_TEXT} characters")
+        if isinstance(amount, int) and not -MAX_AMOUNT_MINOR <= amount <= MAX_AMOUNT_MINOR:
+            raise ValidationError(f"the amount is out of range: at most {MAX_AMOUNT_MINOR} minor units")
         try:
             value = Decimal(amount) if not isinstance(amount, Decimal) else amount
         except (InvalidOperation, TypeError, ValueError):
-            raise ValidationError(f"{amount!r} is not a decimal amount") from None
+            raise ValidationError("the amount is not a decimal number") from None
         if not value.is_finite():
-            raise ValidationError(f"{amount!r} is not a finite amount")
+            raise ValidationError(f"{value} is not a finite amount")
+        # Decide on the exponent alone: scaling "1E+999997" would burn seconds of CPU
+        # and "1E+1000000" overflows the decimal context.
+        if value and value.adjusted() + exponent > len(str(MAX_AMOUNT_MINOR)):
+            raise ValidationError(f"the amount is out of range: at most {MAX_AMOUNT_MINOR} minor units")
+        if value.as_tuple().exponent < -(exponent + MAX_AMOUNT_TEXT):
+            raise ValidationError(f"the amount has more decimals than {currency} allows ({exponent})")
         minor = value.scaleb(exponent)
         if minor != minor.to_integral_value():
             raise ValidationError(
-                f"{amount!r} has more decimals than {currency} allows ({exponent})"
+                f"{value} has more decimals than {currency} allows ({exponent})"
             )
         return cls(int(minor), currency)
 

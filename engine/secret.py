@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from .errors import ValidationError
+
 
 class Secret:
     __slots__ = ("_value",)
@@ -20,6 +22,11 @@ class Secret:
             value = value.reveal()
         if not isinstance(value, str):
             raise TypeError("a Secret wraps a str")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # Refused here, before any hashing or header: never echo the value.
+            raise ValidationError("a secret (customer key, credential) must be valid Unicode text") from None
         self._value = value
 
     def reveal(self) -> str:

@@ -200,7 +200,7 @@ def serve_all():
 
     sandboxes = {
         "reference": ReferenceSandbox(Clock(T0)),
-        "rekonect": RekonectSandbox(Clock(T0), earn_points_per_100=5),
+        "rekonect": RekonectSandbox(Clock(T0), earn_points_per_100=5, submit_answers_code=True),
         "forloy": ForloySandbox(Clock(T0)),
     }
     sandboxes["reference"].set_discount("beer", 40)

@@ -51,8 +51,8 @@ class LoseAnswer(httpx.BaseTransport):
 
 @pytest.fixture
 def sandbox(clock) -> RekonectSandbox:
-    sandbox = RekonectSandbox(clock)
-    sandbox.add_member(PHONE, points=1200, credit=300)
+    sandbox = RekonectSandbox(clock, submit_answers_code=True)
+    sandbox.add_member(PHONE, points=1500, credit=0)
     return sandbox
 
 
@@ -151,3 +151,29 @@ def test_recovery_after_a_restart_uses_a_new_driver_and_the_same_keys(db_url, sa
                      clock=clock) as second:
         assert second.recover() == 1 and second.get(tx.id).state == "finalized"
         assert len(payments_of(sandbox, tx.id)) == 1
+
+
+@pytest.mark.parametrize("step", [1, 2], ids=["submit", "cancel-payment"])
+def test_a_refund_with_the_documented_submit_answer_is_recovered_to_one_return(db_url, clock, step):
+    # The seed's submit answer is ``data: {}``: no code to cancel the purchase by, so the
+    # refund is two steps (re-submit, cancel the payment); a loss at either settles once.
+    sandbox = RekonectSandbox(clock)
+    sandbox.add_member(PHONE, points=1500)
+    wire = LoseAnswer(sandbox)
+    driver = RekonectDriver(**sandbox.credentials(), environment="sandbox", transport=wire)
+    with Engine.open(db_url, providers={"rekonect": driver}, clock=clock) as engine:
+        tx = engine.finalize(engine.preview("rekonect", basket(), customer_token=PHONE).id)
+        assert engine.deliver_pending() == 1
+        wire.lose(step)
+        with pytest.raises(OutcomeUnknown):
+            engine.refund(tx.id)
+
+        assert engine.recover() == 1
+
+        refunded = engine.get(tx.id)
+    assert refunded.state == "refunded" and refunded.details["payment_cancelled"]
+    assert refunded.details["purchase_not_cancelled"] == policy.NO_PURCHASE_CODE_REASON
+    [payment] = payments_of(sandbox, tx.id)
+    assert payment.status == "cancelled"
+    assert sandbox.balance(PHONE) == sandbox.opening_balances[PHONE], "points back, once"
+    assert [p.transaction_id for p in sandbox.purchases.values()] == [tx.id]

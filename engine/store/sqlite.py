@@ -14,6 +14,7 @@ with the number due, not the number stored.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import sqlite3
@@ -24,7 +25,13 @@ from datetime import datetime, timedelta, timezone
 
 from ..codec import decode_transaction, dumps, encode_transaction, loads
 from ..drivers import Delivery
-from ..errors import ConcurrentModification, IdempotencyConflict, TransactionInDoubt
+from ..errors import (
+    ConcurrentModification,
+    IdempotencyConflict,
+    StoreUnavailable,
+    TransactionInDoubt,
+    ValidationError,
+)
 from ..machine import ACTIVE
 from ..models import Event
 from .base import (
@@ -153,10 +160,38 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
+def _unavailable_on_sqlite_error(method):
+    """Turn every ``sqlite3`` error of a store method into ``StoreUnavailable``.
+
+    Disk full, a read-only file, an I/O error, a lock held past the busy timeout, a file
+    that is not a database: the POS sees one ``EngineError`` naming the file and the
+    cause.  Each write is one SQLite transaction, rolled back on error, so nothing is
+    half-applied.  ``sqlite3.IntegrityError`` is translated where it means a race.
+    """
+
+    @functools.wraps(method)
+    def translated(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"the SQLite store {self.path} failed: {_cause(error)}") from error
+
+    return translated
+
+
+def _cause(error: sqlite3.Error) -> str:
+    name = getattr(error, "sqlite_errorname", None)  # e.g. SQLITE_FULL (Python 3.11+)
+    return f"{error} ({name})" if name else str(error)
+
+
 class SQLiteStore:
     def __init__(self, path: str, *, busy_timeout_ms: int = 30_000, read_only: bool = False) -> None:
-        if path in ("", ":memory:"):
-            raise ValueError("the SQLite store needs a file: an in-memory database is not durable")
+        if not isinstance(path, str) or path in ("", ":memory:"):
+            # Each thread has its own connection, and each in-memory connection its own
+            # empty database: refuse instead of silently losing every other thread's work.
+            raise ValidationError(
+                f"the SQLite store needs a file path, not {path!r}: an in-memory database is neither"
+                " durable nor shared between connections; use sqlite:///path/to/txengine.db")
         self.path = os.path.abspath(path)
         self._busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
@@ -165,10 +200,41 @@ class SQLiteStore:
         self._recent: dict[str, object] = {}
         self._recent_lock = threading.Lock()
         self._recent_size = 4096
+        self._identity: tuple[int, int] | None = None
         # read_only: an operator's view; it neither migrates nor takes the write lock
         self.read_only = read_only
-        if not read_only:
-            self._migrate()
+        try:
+            if not read_only:
+                self._migrate()
+            self._identity = self._file_identity()
+        except sqlite3.Error as error:
+            self.close()
+            raise StoreUnavailable(f"cannot open the SQLite store {self.path}: {_cause(error)}") from error
+        except OSError as error:
+            self.close()
+            raise StoreUnavailable(f"cannot open the SQLite store {self.path}: {error.strerror}") from error
+
+    def _file_identity(self) -> tuple[int, int]:
+        status = os.stat(self.path)
+        return status.st_dev, status.st_ino
+
+    def _check_same_file(self) -> None:
+        """Refuse to commit into a database file that was deleted or replaced.
+
+        SQLite keeps writing to the open (unlinked) inode: commits would vanish, or land
+        in another file than the one every other process opens.  One ``stat`` per write.
+        """
+        if self._identity is None:  # still opening: the file is being created
+            return
+        try:
+            identity = self._file_identity()
+        except FileNotFoundError:
+            raise StoreUnavailable(f"the SQLite store {self.path} was deleted under the running engine") from None
+        except OSError as error:
+            raise StoreUnavailable(f"the SQLite store {self.path} cannot be checked: {error.strerror}") from None
+        if identity != self._identity:
+            raise StoreUnavailable(f"the SQLite store {self.path} was replaced by another file under the"
+                                   " running engine; restart it on the intended database")
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -193,6 +259,7 @@ class SQLiteStore:
         return connection
 
     def _write_transaction(self):
+        self._check_same_file()
         return _Immediate(self._connection())
 
     def _migrate(self) -> None:
@@ -208,15 +275,18 @@ class SQLiteStore:
                 db.execute("INSERT INTO meta (key, value) VALUES ('hash_key', ?)", (secrets.token_hex(32),))
 
     @property
+    @_unavailable_on_sqlite_error
     def schema_version(self) -> int:
         return self._connection().execute("SELECT max(version) FROM schema_version").fetchone()[0]
 
+    @_unavailable_on_sqlite_error
     def keyed_hash_key(self) -> bytes:
         row = self._connection().execute("SELECT value FROM meta WHERE key = 'hash_key'").fetchone()
         return bytes.fromhex(row[0])
 
     # --- reads ---
 
+    @_unavailable_on_sqlite_error
     def load(self, tx_id: str):
         row = self._connection().execute(
             "SELECT snapshot FROM transactions WHERE id = ?", (tx_id,)
@@ -238,6 +308,7 @@ class SQLiteStore:
                 self._recent.pop(next(iter(self._recent)))
             self._recent[text] = tx
 
+    @_unavailable_on_sqlite_error
     def load_intent(self, tx_id: str) -> Intent | None:
         row = self._connection().execute(
             "SELECT tx_id, event, idempotency_key, params, changes, attempts, lease_until, last_error,"
@@ -248,6 +319,7 @@ class SQLiteStore:
         return Intent(row[0], row[1], row[2], loads(row[3]), loads(row[4]), row[5], from_us(row[6]), row[7],
                       from_us(row[8]))
 
+    @_unavailable_on_sqlite_error
     def load_command(self, key: str) -> CommandRecord | None:
         row = self._connection().execute(
             "SELECT key, command, fingerprint, tx_id, status, version, code, message, lease_until"
@@ -257,12 +329,14 @@ class SQLiteStore:
             return None
         return CommandRecord(*row[:8], lease_until=from_us(row[8]))
 
+    @_unavailable_on_sqlite_error
     def journal(self, tx_id: str) -> list[Event]:
         rows = self._connection().execute(
             "SELECT seq, kind, at, data FROM journal WHERE tx_id = ? ORDER BY seq", (tx_id,)
         ).fetchall()
         return [Event(tx_id, seq, kind, from_us(at), loads(data)) for seq, kind, at, data in rows]
 
+    @_unavailable_on_sqlite_error
     def transaction_ids(self) -> list[str]:
         return [row[0] for row in self._connection().execute("SELECT id FROM transactions ORDER BY id")]
 
@@ -270,6 +344,7 @@ class SQLiteStore:
     # for: engines configured for different providers can share one database without one
     # re-reading rows it can never act on (and starving the ones it can).
 
+    @_unavailable_on_sqlite_error
     def due_for_expiry(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]:
         rows = self._connection().execute(
             "SELECT id FROM transactions INDEXED BY transactions_due"
@@ -279,6 +354,7 @@ class SQLiteStore:
         ).fetchall()
         return [row[0] for row in rows]
 
+    @_unavailable_on_sqlite_error
     def intents_to_recover(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]:
         rows = self._connection().execute(
             "SELECT intents.tx_id FROM intents JOIN transactions ON transactions.id = intents.tx_id"
@@ -292,12 +368,15 @@ class SQLiteStore:
 
     # --- the one write path of the lifecycle ---
 
+    @_unavailable_on_sqlite_error
     def write(self, commit: Commit) -> None:
         with self._write_transaction() as db:
-            if commit.command is not None:
-                self._write_command(db, commit.command)
+            # The version compare-and-swap first: a command that lost a race learns it as
+            # ConcurrentModification, never as a clash with the winner's (automatic) key.
             if commit.snapshot is not None:
                 self._swap_snapshot(db, commit)
+            if commit.command is not None:
+                self._write_command(db, commit.command)
             for event in commit.events:
                 db.execute(
                     "INSERT INTO journal (tx_id, seq, kind, at, data) VALUES (?, ?, ?, ?, ?)",
@@ -397,6 +476,7 @@ class SQLiteStore:
 
     # --- the outbox ---
 
+    @_unavailable_on_sqlite_error
     def claim_deliveries(self, now: datetime, lease_until: datetime, limit: int,
                          owner: str | None = None, providers: Sequence[str] | None = None) -> list[Delivery]:
         only = "" if providers is None else f" AND provider IN ({_placeholders(providers)})"
@@ -412,6 +492,7 @@ class SQLiteStore:
         return [Delivery(id=r[0], tx_id=r[1], provider=r[2], kind=r[3], payload=loads(r[4]),
                          idempotency_key=r[5], attempts=r[6]) for r in rows]
 
+    @_unavailable_on_sqlite_error
     def settle_deliveries(self, settlements: Sequence[DeliverySettlement], now: datetime,
                           owner: str | None = None) -> int:
         # Only the lease holder settles: a worker whose lease ran out and was re-claimed
@@ -431,6 +512,7 @@ class SQLiteStore:
     _DELIVERY_COLUMNS = ("SELECT id, tx_id, provider, kind, status, attempts, next_attempt_at, last_error,"
                          " created_at, delivered_at FROM outbox")
 
+    @_unavailable_on_sqlite_error
     def deliveries(self, tx_id: str | None = None, status: str | None = None,
                    limit: int | None = None) -> list[DeliveryRecord]:
         conditions, values = [], []
@@ -447,6 +529,7 @@ class SQLiteStore:
         return [DeliveryRecord(r[0], r[1], r[2], r[3], r[4], r[5], from_us(r[6]), r[7], from_us(r[8]),
                                from_us(r[9])) for r in rows]
 
+    @_unavailable_on_sqlite_error
     def backlog(self, now: datetime) -> dict[str, int]:
         db = self._connection()
         in_doubt, stuck = db.execute(
@@ -462,6 +545,7 @@ class SQLiteStore:
             "stuck": stuck,
         }
 
+    @_unavailable_on_sqlite_error
     def retry_delivery(self, delivery_id: int, now: datetime) -> bool:
         with self._write_transaction() as db:
             return db.execute(
@@ -469,6 +553,7 @@ class SQLiteStore:
                 " lease_owner = NULL WHERE id = ? AND status = 'dead'", (to_us(now), delivery_id),
             ).rowcount == 1
 
+    @_unavailable_on_sqlite_error
     def retry_dead_deliveries(self, now: datetime) -> int:
         with self._write_transaction() as db:
             return db.execute(
@@ -478,6 +563,7 @@ class SQLiteStore:
 
     # --- workers ---
 
+    @_unavailable_on_sqlite_error
     def beat(self, worker: WorkerRecord) -> None:
         with self._write_transaction() as db:
             db.execute(
@@ -491,6 +577,7 @@ class SQLiteStore:
                  dumps(dict(worker.totals))),
             )
 
+    @_unavailable_on_sqlite_error
     def workers(self) -> list[WorkerRecord]:
         rows = self._connection().execute(
             "SELECT id, host, pid, status, started_at, heartbeat_at, stopped_at, iterations, totals"
@@ -519,9 +606,22 @@ class _Immediate:
 
     def __exit__(self, kind, error, trace) -> None:
         if kind is None:
-            self.connection.execute("COMMIT")
+            try:
+                self.connection.execute("COMMIT")
+            except sqlite3.Error:
+                self._roll_back()  # a failed COMMIT (disk full) can leave the transaction open
+                raise
         else:
-            self.connection.execute("ROLLBACK")
+            self._roll_back()
+
+    def _roll_back(self) -> None:
+        # SQLite may already have rolled back (SQLITE_FULL, SQLITE_IOERR); a failing
+        # ROLLBACK must not hide the error that caused it.
+        if self.connection.in_transaction:
+            try:
+                self.connection.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
 
 def _placeholders(values: Sequence[object]) -> str:

@@ -21,10 +21,24 @@ Every call carries ``X-API-Key`` (one key per terminal).
 
 Fidelity note
 =============
-Stated by Cheers' integration guide (``seeds/000_919258d34161637c.txt``) and relied on:
+Sources (stored copies are reachable with the ``search`` tool):
 
-- the five paths above, their methods and API versions; the three headers; the sandbox
-  host ``api.dev.votesess.com`` (production ``api.uniqpon.com``);
+- SEED: Cheers' integration guide (``/work/shared/seeds/000_919258d34161637c.txt``);
+- AUTH: https://integration.cheersapp.io/docs/integrations/cheers-loyalty/authentication
+  (headers and their formats, the environments table, the POS product endpoint);
+- FLOW: https://integration.cheersapp.io/docs/integrations/cheers-loyalty/integration-flow
+  (the seed's worked example, word for word);
+- OVERVIEW: https://integration.cheersapp.io/docs/integrations/cheers-loyalty/overview
+  (payment types, 1 credit = 1 unit of local currency, the endpoint summary).
+No public client library exists.  Contract tests name their source:
+``tests/providers/test_cheers.py`` (SEED/FLOW, field by field) and
+``tests/providers/test_cheers_public_docs.py`` (AUTH, FLOW).
+
+Settled by those sources and relied on:
+
+- the five paths above, their methods and API versions; the three headers (AUTH); the
+  hosts: sandbox ``api.dev.votesess.com``, production ``api.uniqpon.com`` (AUTH's
+  environments table, ``CheersDriver.environments``);
 - request bodies ``{paymentType, currencyCode, items[{productId, quantity, unitPrice,
   name, vat}]}``, ``{currencyCode, newItems[...]}`` and ``{comment}``; the preview and
   update answer ``{transactionId, totalCredits, totalDiscount, outstandingBalance,
@@ -41,11 +55,18 @@ Stated by Cheers' integration guide (``seeds/000_919258d34161637c.txt``) and rel
 - update adds items with zero discount and zero credits and extends the preview by
   ``UPDATE_EXTENSION``; finalize deducts the credits; cancel deducts nothing; refund
   returns the credits, only within ``REFUND_WINDOW`` of finalize, else
-  ``CREDIT_TRANSACTION_CAN_NO_LONGER_BE_REFUNDED_BY_EXTERNAL_DEVICE``.
+  ``CREDIT_TRANSACTION_CAN_NO_LONGER_BE_REFUNDED_BY_EXTERNAL_DEVICE``;
+- AUTH: "Your POS must expose a product query endpoint so Cheers can synchronize product
+  data for discount validation", each product with name, product id, gross price and
+  VAT rate.  txengine serves no HTTP of its own; it offers ``product_catalog`` (with
+  ``CatalogProduct``), which renders the POS's products as that list for the POS to
+  return from its own endpoint.  The URL, method and authentication of that endpoint
+  are agreed with Cheers at onboarding: not published.
 
 ASSUMED (no public source states it; each is one policy constant below, tested as such):
 
-- ``ASSUMED_PREVIEW_LIFETIME``: a preview lives 10 minutes (from the product design);
+- ``ASSUMED_PREVIEW_LIFETIME``: a preview lives 10 minutes (from the product design;
+  AUTH says only that a QR key "has an expiration window");
 - ``ASSUMED_ERROR_STATUS``: the HTTP status of every error code, and the names of every
   code except the two the guide names (``INSUFFICIENT_CREDIT`` and the refund one);
 - ``ASSUMED_ERROR_ENVELOPE``: error bodies are ``{"code", "message"}``; the driver also
@@ -57,23 +78,39 @@ ASSUMED (no public source states it; each is one policy constant below, tested a
   that as the success it is (``ALREADY_DONE``), and a 4xx whose code it cannot read
   as an unknown outcome (it might be that answer).  Only the preview's replay is documented;
 - ``ASSUMED_COMMAND_ANSWER``: finalize, cancel and refund answer the transaction in the
-  preview's shape (the guide says the POS then has everything to print the receipt);
-  an empty 2xx body is accepted too; a body for another transaction, or a finalize or
-  refund moving other credits than the transaction holds, is a protocol error;
+  preview's shape (the guide says the POS then has everything to print the receipt).
+  The driver requires it: an empty 2xx body proves nothing and is an unknown outcome;
+- ``ASSUMED_CATALOG_FIELDS``: the field names of the product list (AUTH names the
+  contents only; we reuse the API's own names for the same facts);
 - ``ASSUMED_DEFAULT_REFUND_COMMENT``: sent when the POS gives no refund comment (the guide
   always shows one, so we never omit it);
 - a cancel of a preview that already expired at Cheers (``CREDIT_TRANSACTION_EXPIRED``)
   freed it as surely as the cancel would have, so cancel and the release delivery
   count it as done.
 
-Retries: after a transport failure the driver re-sends a safe call once, at once
-(``TRANSPORT_RETRIES``): the preview under its idempotency key, and the replayed
-commands.  ``update`` is the one call that is not idempotent (the guide gives it no
-idempotency key), so it is never re-sent here; if the engine's recovery re-sends it
-after a lost answer, Cheers adds the lines twice.  The driver recognises that answer
-and refuses it with ``UPDATE_APPLIED_TWICE`` (our code, not Cheers'), telling the
-cashier to cancel and start again, rather than storing a basket that differs from the
-provider's.  The credits at stake are unaffected: added lines never carry credits.
+A success must prove itself: every 2xx answer is read through ``txengine.answers.Answer``
+as the documented transaction (types exact: no numbers as strings, no booleans for
+numbers; amounts whole and non-negative; each line's credits + discount + outstanding is
+its gross; the totals are the lines' sums) and must agree with the call: the
+transaction id (beyond the preview, which names it), the currency, and the lines (the
+preview's and update's exactly ours; a command's begin with ours, and lines after ours
+may only be uncredited ones a re-sent update added).  Finalize, cancel and refund must
+show exactly the credits the transaction holds.  Anything else is a ``ProtocolError``
+(an unknown outcome: recovery asks again), never a commit.
+
+Retries and the update that is not idempotent: after a transport failure the driver
+re-sends a safe call once, at once (``TRANSPORT_RETRIES``): the preview under its
+idempotency key, and the replayed commands.  ``update`` has no idempotency key and no
+status query exists, so the driver never re-sends it; when the engine does (after a
+lost answer), Cheers adds the lines again and extends its own deadline.  Every update
+answer carries Cheers' whole basket, so ``reconcile_update`` (pure) decides from it how
+often the added lines are there: once is a clean success (the first send had not
+landed); twice, n times, or a basket that is not ours plus whole copies of the new lines
+raises ``UpdateNotReconciled`` (a ``ProviderRejected`` with our own code
+``UPDATE_APPLIED_TWICE``, ``UPDATE_APPLIED_REPEATEDLY`` or ``UPDATE_BASKET_DIVERGED``)
+carrying Cheers' basket, and we never store a basket Cheers does not hold.  The cashier
+cancels (cancel is accepted on such a basket); the credits at stake are unaffected,
+added lines never carry credits.
 """
 
 from __future__ import annotations
@@ -86,8 +123,10 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote
 
+import attrs
 import httpx
 
+from txengine.answers import Answer
 from txengine.drivers import Capabilities, Delivery, Exchange, HttpDriver, PreviewRequest
 from txengine.errors import OutcomeUnknown, ProviderRejected, ValidationError
 from txengine.machine import TimerPolicy
@@ -176,11 +215,10 @@ ASSUMED_ERROR_ENVELOPE = ("code", "message")
 ASSUMED_REPLAYED_COMMANDS = frozenset({"finalize", "cancel", "refund"})
 
 #: ASSUMED: finalize, cancel and refund answer the transaction in the preview's shape;
-#: the driver reads these two fields of it, when present.
-ASSUMED_COMMAND_ANSWER = ("transactionId", "totalCredits")
-
-#: The commands whose answer must show the credits the transaction holds.
-CREDIT_MOVING_COMMANDS = frozenset({"finalize", "refund"})
+#: the driver requires all of these fields (an empty 2xx body is an unknown outcome).
+ASSUMED_COMMAND_ANSWER = (
+    "transactionId", "totalCredits", "totalDiscount", "outstandingBalance", "currencyCode", "items",
+)
 
 #: ASSUMED: the comment sent with a refund when the POS gives none.
 ASSUMED_DEFAULT_REFUND_COMMENT = "Refunded at the point of sale"
@@ -194,8 +232,16 @@ TRANSPORT_RETRIES = 1
 #: refund it is an unknown outcome, not a refusal: it might hide an ``ALREADY_...`` answer.
 UNREADABLE_CODE_PREFIX = "HTTP_"
 
-#: Our own code (not Cheers'): an update re-sent after a lost answer landed twice.
+# Our own codes (not Cheers'): the answer to an update shows a basket that is not ours
+# plus the new lines once (see ``reconcile_update``).
 UPDATE_APPLIED_TWICE = "UPDATE_APPLIED_TWICE"
+UPDATE_APPLIED_REPEATEDLY = "UPDATE_APPLIED_REPEATEDLY"
+UPDATE_BASKET_DIVERGED = "UPDATE_BASKET_DIVERGED"
+
+#: ASSUMED: the field names of the POS's product list.  The authentication page names
+#: the contents (name, product id, gross price, VAT rate), not the fields; these reuse
+#: the names Cheers' own API gives the same facts.
+ASSUMED_CATALOG_FIELDS = ("productId", "name", "unitPrice", "vat")
 
 #: A transaction already in the state a command asked for: the command is done.
 ALREADY_DONE: Mapping[str, frozenset[str]] = MappingProxyType({
@@ -236,6 +282,14 @@ CASHIER_MESSAGES: Mapping[str, str] = MappingProxyType({
     UPDATE_APPLIED_TWICE: (
         "Cheers recorded the added items twice after a lost answer. Cancel this payment"
         " and start again with a new QR code."
+    ),
+    UPDATE_APPLIED_REPEATEDLY: (
+        "Cheers recorded the added items several times after lost answers. Cancel this"
+        " payment and start again with a new QR code."
+    ),
+    UPDATE_BASKET_DIVERGED: (
+        "Cheers holds a different basket than the till after adding items. Cancel this"
+        " payment and start again with a new QR code."
     ),
 })
 
@@ -302,13 +356,193 @@ def _wire_items(items: Iterable[LineItem], currency: str) -> list[dict[str, Any]
     return lines
 
 
-def _same_line(answer: Mapping[str, Any], item: LineItem) -> bool:
-    return (
-        isinstance(answer, Mapping)
-        and answer.get("productId") == item.product_id
-        and answer.get("quantity") == item.quantity
-        and money_of(answer.get("unitPrice"), item.currency, "unitPrice") == item.unit_price
+# --- what Cheers holds: its answers, read strictly ----------------------------------------
+
+
+def _whole(answer: Answer, field: str) -> int:
+    """A whole, non-negative amount (Cheers counts whole currency units and credits)."""
+    value = answer.number(field)
+    if value != value.to_integral_value() or value < 0:
+        raise answer.fail(f"{field} is not a whole, non-negative amount")
+    return int(value)
+
+
+@attrs.frozen
+class ProviderLine:
+    """One line of a basket as Cheers holds it: an entry of an answer's ``items``."""
+
+    product_id: str | None
+    name: str
+    unit_price: int
+    quantity: int
+    credits: int
+    discount: int
+    outstanding: int
+    vat: int | None
+
+    def is_item(self, item: LineItem) -> bool:
+        """The line Cheers priced for ``item`` (same product, quantity and unit price)."""
+        return (
+            self.product_id == item.product_id
+            and self.quantity == item.quantity
+            and Money.of(self.unit_price, item.currency) == item.unit_price
+        )
+
+    def priced(self, item: LineItem) -> PricedLine:
+        currency = item.currency
+        return PricedLine(
+            item=item,
+            discount=Money.of(self.discount, currency),
+            credits=Money.of(self.credits, currency),
+            outstanding=Money.of(self.outstanding, currency),
+        )
+
+
+def _provider_line(line: Answer) -> ProviderLine:
+    product_id = line.raw("productId")  # documented as present, possibly null
+    if product_id is not None and (not isinstance(product_id, str) or not product_id.strip()):
+        raise line.fail("productId is neither a string nor null")
+    read = ProviderLine(
+        product_id=product_id,
+        name=line.text("name"),
+        unit_price=_whole(line, "unitPrice"),
+        quantity=line.integer("quantity", minimum=1),
+        credits=_whole(line, "credits"),
+        discount=_whole(line, "discount"),
+        outstanding=_whole(line, "outstandingBalance"),
+        vat=line.integer("vat", optional=True, minimum=0),
     )
+    if read.credits + read.discount + read.outstanding != read.unit_price * read.quantity:
+        raise line.fail("credits + discount + outstandingBalance is not unitPrice x quantity")
+    return read
+
+
+@attrs.frozen
+class ProviderBasket:
+    """A whole transaction as Cheers answered it (every answer carries the full basket)."""
+
+    transaction_id: str
+    lines: tuple[ProviderLine, ...]
+
+    @property
+    def total_credits(self) -> int:
+        return sum(line.credits for line in self.lines)
+
+
+# --- reconciling an update Cheers may have applied more than once -----------------------
+
+
+@attrs.frozen
+class Reconciled:
+    """What an update answer says about how often Cheers applied the added lines.
+
+    ``times_applied`` is 1 for the clean case (Cheers holds our lines plus the new ones
+    once), n when it holds them n times, and None when its basket is not ours plus
+    whole copies of the new lines.  ``provider_basket`` is Cheers' basket, as answered.
+    """
+
+    times_applied: int | None
+    provider_basket: tuple[ProviderLine, ...]
+
+    @property
+    def clean(self) -> bool:
+        return self.times_applied == 1
+
+
+def reconcile_update(
+    answer_items: Sequence[ProviderLine], before: Sequence[LineItem], added: Sequence[LineItem]
+) -> Reconciled:
+    """How many times Cheers applied ``added`` on top of ``before``, from its answered basket.
+
+    Pure: a re-sent update (Cheers gives it no idempotency key) adds its lines again, so
+    the answer to the re-send shows ``before`` followed by ``added`` once (the first
+    send never landed), twice (it did), or more.  Added lines never carry discount or
+    credits at Cheers; a copy that does is not one of ours.
+    """
+    basket = tuple(answer_items)
+    diverged = Reconciled(None, basket)
+    if not added or len(basket) < len(before):
+        return diverged
+    if not all(line.is_item(item) for line, item in zip(basket, before)):
+        return diverged
+    rest = basket[len(before):]
+    if len(rest) % len(added):
+        return diverged
+    for index, line in enumerate(rest):
+        if not line.is_item(added[index % len(added)]) or line.credits or line.discount:
+            return diverged
+    return Reconciled(len(rest) // len(added), basket)
+
+
+class UpdateNotReconciled(ProviderRejected):
+    """Cheers' basket is not ours plus the added lines once: the update needs attention.
+
+    Raised (instead of storing a basket Cheers does not hold) when an update re-sent
+    after a lost answer landed again, or the answered basket is otherwise not ours.
+    ``reconciled`` carries Cheers' basket and how often the lines were applied.  Our
+    transaction keeps its basket; the cashier cancels at Cheers (which deducts nothing)
+    and starts again.  No secret is in it: baskets hold products and amounts.
+    """
+
+    def __init__(self, reconciled: Reconciled, *, provider: str) -> None:
+        self.reconciled = reconciled
+        times = reconciled.times_applied
+        if times == 2:
+            code = UPDATE_APPLIED_TWICE
+        elif times is not None and times > 2:
+            code = UPDATE_APPLIED_REPEATEDLY
+        else:
+            code = UPDATE_BASKET_DIVERGED
+        super().__init__(CASHIER_MESSAGES[code], code=code, provider=provider)
+
+
+# --- the POS's product list, which Cheers synchronises ------------------------------------
+
+
+@attrs.frozen
+class CatalogProduct:
+    """A product as the POS sells it, for Cheers' product synchronisation.
+
+    The public authentication page requires the POS to expose a product query endpoint
+    with each product's name, product id, gross price and VAT rate.
+    """
+
+    product_id: str = attrs.field(validator=attrs.validators.instance_of(str))
+    name: str = attrs.field(validator=attrs.validators.instance_of(str))
+    gross_price: Money = attrs.field(validator=attrs.validators.instance_of(Money))
+    vat_percent: int = attrs.field(validator=attrs.validators.instance_of(int))
+
+    def __attrs_post_init__(self) -> None:
+        if not self.product_id.strip() or not self.name.strip():
+            raise ValidationError("a catalog product needs a product id and a name")
+        if isinstance(self.vat_percent, bool) or not 0 <= self.vat_percent <= 100:
+            raise ValidationError(f"the VAT of {self.name!r} must be an integer percent")
+        if self.gross_price.amount_minor < 0:
+            raise ValidationError(f"the price of {self.name!r} must not be negative")
+
+
+def product_catalog(products: Iterable[CatalogProduct]) -> list[dict[str, Any]]:
+    """The body of the POS's product query endpoint, in ``ASSUMED_CATALOG_FIELDS``.
+
+    txengine serves no HTTP itself: the POS returns this list as JSON from its own web
+    framework at the URL it registers with Cheers.  Prices are whole units, as in
+    every Cheers call; a product id appears once (Cheers matches discounts by it).
+    """
+    catalog, seen = [], set()
+    for product in products:
+        if not isinstance(product, CatalogProduct):
+            raise ValidationError("every catalog entry must be a CatalogProduct")
+        if product.product_id in seen:
+            raise ValidationError(f"product id {product.product_id!r} appears twice")
+        seen.add(product.product_id)
+        product_id, name, price, vat = ASSUMED_CATALOG_FIELDS
+        catalog.append({
+            product_id: product.product_id,
+            name: product.name,
+            price: whole_units(product.gross_price),
+            vat: product.vat_percent,
+        })
+    return catalog
 
 
 # --- the driver --------------------------------------------------------------------------
@@ -378,7 +612,8 @@ class CheersDriver(HttpDriver):
     ) -> Exchange[Quote]:
         # Documented: a duplicate X-Idempotency-Key answers the same preview.
         answer = yield from self._call(PREVIEW_PATH, body, headers, retries=TRANSPORT_RETRIES)
-        return self._quote(answer, items, body["currencyCode"])
+        currency = body["currencyCode"]
+        return self._quote(self._basket(answer, "preview", None, currency), items, currency, "preview")
 
     def update(self, tx: Transaction, items: tuple[LineItem, ...], key: str) -> Exchange[Quote]:
         transaction_id = self._transaction_id(tx)
@@ -392,10 +627,12 @@ class CheersDriver(HttpDriver):
     ) -> Exchange[Quote]:
         # Never re-sent inline: the guide gives update no idempotency key.
         answer = yield from self._call(path, body, retries=0)
+        basket = self._basket(answer, "update", tx.provider_ref, tx.currency)
         before = tuple(line.item for line in tx.items)
-        if self._applied_twice(answer, before, added):
-            raise self.rejected(UPDATE_APPLIED_TWICE, CASHIER_MESSAGES[UPDATE_APPLIED_TWICE])
-        return self._quote(answer, before + added, tx.currency, expected_id=tx.provider_ref)
+        reconciled = reconcile_update(basket.lines, before, added)
+        if not reconciled.clean:
+            raise UpdateNotReconciled(reconciled, provider=self.name)
+        return self._quote(basket, before + added, tx.currency, "update")
 
     def finalize(self, tx: Transaction, key: str) -> Exchange[Outcome]:
         return self._command("finalize", self._transaction_id(tx), None, tx)
@@ -416,6 +653,7 @@ class CheersDriver(HttpDriver):
         transaction_id: str,
         body: dict[str, Any] | None,
         tx: Transaction | None,
+        currency: str | None = None,
     ) -> Exchange[Outcome]:
         path = COMMAND_PATHS[operation].format(transaction_id=quote(transaction_id, safe=""))
         retries = TRANSPORT_RETRIES if operation in ASSUMED_REPLAYED_COMMANDS else 0
@@ -431,7 +669,7 @@ class CheersDriver(HttpDriver):
             # Cheers already holds the state we asked for (a retry after a lost answer,
             # or a preview that expired on its side): the command is done.
             return Outcome(provider_ref=transaction_id, details={f"cheers_{operation}": refused.code})
-        self._check_confirmation(answer, transaction_id, tx, operation)
+        self._check_confirmation(answer, transaction_id, tx, operation, currency)
         return Outcome(provider_ref=transaction_id)
 
     # --- deferred delivery: free an expired preview at Cheers ---
@@ -439,14 +677,17 @@ class CheersDriver(HttpDriver):
     def delivery_payload(self, kind: str, tx: Transaction) -> Mapping[str, Any]:
         if kind != "release":
             raise ValueError(f"Cheers has no {kind!r} delivery")
-        return {"transactionId": self._transaction_id(tx)}
+        # The currency lets the release check Cheers' answer without the transaction.
+        return {"transactionId": self._transaction_id(tx), "currencyCode": tx.currency}
 
     def deliver(self, deliveries: tuple[Delivery, ...]) -> Exchange[None]:
         for delivery in deliveries:
             if delivery.kind != "release":
                 raise ValueError(f"Cheers has no {delivery.kind!r} delivery")
             # An expired or already cancelled preview is released: redelivery is a no-op.
-            yield from self._command("cancel", str(delivery.payload["transactionId"]), None, None)
+            payload = delivery.payload
+            yield from self._command("cancel", str(payload["transactionId"]), None, None,
+                                     payload.get("currencyCode"))  # absent from older payloads
 
     # --- validation of caller input ---
 
@@ -506,8 +747,7 @@ class CheersDriver(HttpDriver):
     def _answer(self, response: httpx.Response) -> dict[str, Any]:
         status = response.status_code
         if 200 <= status < 300:
-            if not response.content.strip():
-                return {}
+            # Every success carries the transaction: an empty body proves nothing.
             body = self.json_of(response)
             if not isinstance(body, dict):
                 raise self.unknown(f"HTTP {status} with a body that is not a JSON object")
@@ -547,91 +787,68 @@ class CheersDriver(HttpDriver):
             return None
 
     # --- reading answers ---
+    # Every success answer is read through ``Answer``: the documented shape, field by
+    # field, and then it must agree with the transaction.  Anything else may hide a
+    # commit, so it is ProtocolError (an unknown outcome), never a success.
 
-    def _quote(
-        self,
-        answer: Mapping[str, Any],
-        items: Sequence[LineItem],
-        currency: str,
-        *,
-        expected_id: str | None = None,
-    ) -> Quote:
-        """The priced basket, or ProtocolError if the answer is not ``items`` priced."""
-        try:
-            transaction_id = answer["transactionId"]
-            if not isinstance(transaction_id, str) or not transaction_id:
-                raise ValueError("transactionId is missing")
-            if expected_id is not None and transaction_id != expected_id:
-                raise ValueError(f"the answer is for transaction {transaction_id}")
-            if answer["currencyCode"] != currency:
-                raise ValueError(f"currencyCode {answer['currencyCode']!r} is not {currency}")
-            answered = answer["items"]
-            if not isinstance(answered, list) or len(answered) != len(items):
-                raise ValueError(f"expected {len(items)} priced lines")
-            lines = []
-            for item, line in zip(items, answered):
-                if not _same_line(line, item):
-                    raise ValueError(f"the priced line for {item.name!r} does not match the basket")
-                lines.append(PricedLine(
-                    item=item,
-                    discount=money_of(line["discount"], currency, "discount"),
-                    credits=money_of(line["credits"], currency, "credits"),
-                    outstanding=money_of(line["outstandingBalance"], currency, "outstandingBalance"),
-                ))
-            quote = Quote(lines=lines, provider_ref=transaction_id, receipt=_receipt(lines, currency))
-            self._check_totals(answer, quote.lines, currency)
-        except (KeyError, TypeError, ValueError) as broken:
-            # ValidationError is a ValueError: parts that do not add up are never stored.
-            raise self.unknown(f"unusable Cheers answer: {broken}") from None
-        return quote
+    def _basket(self, body: Mapping[str, Any], where: str, transaction_id: str | None,
+                currency: str | None) -> ProviderBasket:
+        """The transaction Cheers answers (preview, update, finalize, cancel, refund)."""
+        answer = Answer(body, provider=self.name, where=f"cheers {where}")
+        if transaction_id is None:
+            answered_id = answer.text("transactionId")
+        else:
+            answer.expect("transactionId", transaction_id)
+            answered_id = transaction_id
+        if currency is None:  # a release knows only the id: any currency, but one
+            answer.text("currencyCode")
+        else:
+            answer.expect("currencyCode", currency)
+        lines = tuple(_provider_line(line) for line in answer.objects("items"))
+        if not lines:
+            raise answer.fail("items is empty")
+        for field, part in (("totalCredits", "credits"), ("totalDiscount", "discount"),
+                            ("outstandingBalance", "outstanding")):
+            if _whole(answer, field) != sum(getattr(line, part) for line in lines):
+                raise answer.fail(f"{field} is not the sum of the lines' {part}")
+        return ProviderBasket(transaction_id=answered_id, lines=lines)
 
-    @staticmethod
-    def _check_totals(answer: Mapping[str, Any], lines: Sequence[PricedLine], currency: str) -> None:
-        for field, part in (
-            ("totalCredits", "credits"),
-            ("totalDiscount", "discount"),
-            ("outstandingBalance", "outstanding"),
+    def _quote(self, basket: ProviderBasket, items: Sequence[LineItem], currency: str,
+               where: str) -> Quote:
+        """``items`` priced as ``basket`` says, or ProtocolError if it is another basket."""
+        if len(basket.lines) != len(items) or not all(
+            line.is_item(item) for line, item in zip(basket.lines, items)
         ):
-            expected = sum((getattr(line, part) for line in lines), Money.zero(currency))
-            if money_of(answer[field], currency, field) != expected:
-                raise ValueError(f"{field} is not the sum of the lines' {part}")
-
-    def _applied_twice(
-        self, answer: Mapping[str, Any], before: tuple[LineItem, ...], added: tuple[LineItem, ...]
-    ) -> bool:
-        """True when the answer is ``before + added + added``: a re-sent update landed again."""
-        answered = answer.get("items")
-        if not isinstance(answered, list) or len(answered) != len(before) + 2 * len(added):
-            return False
+            raise self.unknown(f"cheers {where}: the priced lines are not the basket's lines")
         try:
-            return all(_same_line(line, item) for line, item in zip(answered, before + added + added))
-        except ValueError:
-            return False
+            lines = [line.priced(item) for line, item in zip(basket.lines, items)]
+            return Quote(lines=lines, provider_ref=basket.transaction_id, receipt=_receipt(lines, currency))
+        except ValueError as broken:  # ValidationError: parts that do not add up
+            raise self.unknown(f"cheers {where}: unusable priced line ({broken})") from None
 
     def _check_confirmation(
-        self, answer: Mapping[str, Any], transaction_id: str, tx: Transaction | None, operation: str
+        self, body: Mapping[str, Any], transaction_id: str, tx: Transaction | None, operation: str,
+        currency: str | None = None,
     ) -> None:
-        """The answer must be about our transaction; finalize and refund must move our credits.
+        """The answer must be our transaction, in the preview's shape, with our credits.
 
-        Discount and outstanding balance are not compared: they move no credits, and a
-        mismatch there must not leave a committed transaction in doubt forever.
+        It must show the lines we know first and exactly the credits the transaction
+        holds.  Lines after ours are tolerated only without credits: they are what a
+        re-sent update added at Cheers (see ``reconcile_update``); refusing them would
+        leave a committed finalize, or the cancel that clears such a basket, in doubt
+        for ever.
         """
-        id_field, credits_field = ASSUMED_COMMAND_ANSWER
-        if not answer:
+        basket = self._basket(body, operation, transaction_id, tx.currency if tx else currency)
+        if tx is None:  # a release knows the id and the currency, not the lines
             return
-        answered_id = answer.get(id_field)
-        if answered_id is not None and answered_id != transaction_id:
-            raise self.unknown(f"Cheers answered for transaction {answered_id!r}")
-        if tx is None or operation not in CREDIT_MOVING_COMMANDS or credits_field not in answer:
-            return
-        try:
-            credits = money_of(answer[credits_field], tx.currency, credits_field)
-        except ValueError as broken:
-            raise self.unknown(f"unusable Cheers answer: {broken}") from None
-        if credits != tx.total_credits:
-            raise self.unknown(
-                f"Cheers {operation}d {credits} of credits, the transaction holds {tx.total_credits}"
-            )
+        ours = tuple(line.item for line in tx.items)
+        known, extra = basket.lines[:len(ours)], basket.lines[len(ours):]
+        if len(known) != len(ours) or not all(line.is_item(item) for line, item in zip(known, ours)):
+            raise self.unknown(f"cheers {operation}: the answered lines are not the transaction's")
+        if any(line.credits for line in extra):
+            raise self.unknown(f"cheers {operation}: lines we never sent carry credits")
+        if Money.of(basket.total_credits, tx.currency) != tx.total_credits:
+            raise self.unknown(f"cheers {operation}: the credits moved are not the transaction's")
 
 
 def _receipt(lines: Sequence[PricedLine], currency: str) -> tuple[ReceiptLine, ...]:

@@ -96,6 +96,11 @@ WORKED_EXAMPLE_WALLET = "worked-example-customer"
 WORKED_EXAMPLE_CREDITS = 800
 WORKED_EXAMPLE_DISCOUNT_PERCENT = 40  # 3 x 500 = 1500, 40 % off = 600
 
+# A demo customer beside the worked example, and the wallets ``issue_customer`` funds.
+DEMO_WALLET = "demo-customer"
+DEMO_TRANSACTION_KEY = "de000000c0ffeec0ffeec0ffeec0ffee"
+DEMO_CREDITS = 10_000
+
 
 def _fail(code: str, message: str) -> BadRequest:
     return BadRequest(message, ASSUMED_ERROR_STATUS[code], code)
@@ -257,6 +262,11 @@ class CheersSandbox(Sandbox):
         preview_lifetime: timedelta = ASSUMED_PREVIEW_LIFETIME,
     ) -> None:
         super().__init__(clock)
+        api_keys = tuple(api_keys)
+        if not api_keys:
+            raise ValueError("a Cheers sandbox needs at least one terminal API key")
+        self._demo_api_key = api_keys[0]
+        self._issued_customers = 0
         self.preview_lifetime = preview_lifetime
         self._terminals: set[str] = set(api_keys)
         self._wallets: dict[str, Wallet] = {}
@@ -310,6 +320,53 @@ class CheersSandbox(Sandbox):
         self.issue_transaction_key(WORKED_EXAMPLE_WALLET, WORKED_EXAMPLE_TRANSACTION_KEY)
         self.add_discount(WORKED_EXAMPLE_PRODUCT_ID, percent=WORKED_EXAMPLE_DISCOUNT_PERCENT)
         self.reserve_transaction_id(WORKED_EXAMPLE_TRANSACTION_ID)
+
+    # --- for a newcomer: demo customers and the keys that reach them ---
+
+    def credentials(self) -> dict[str, str]:
+        """The driver's keyword arguments (besides the base URL) for this sandbox."""
+        return {"api_key": self._demo_api_key}
+
+    def seed_demo(self) -> list[dict[str, str]]:
+        """The guide's worked example and a well-funded demo customer; idempotent.
+
+        QR keys are one-time, as at Cheers: once a sale used one, ask
+        ``issue_customer`` for a fresh key.
+        """
+        with self.lock:
+            if WORKED_EXAMPLE_WALLET not in self._wallets:
+                self.seed_worked_example()
+            if DEMO_WALLET not in self._wallets:
+                self.add_wallet(DEMO_WALLET, DEMO_CREDITS)
+                self.issue_transaction_key(DEMO_WALLET, DEMO_TRANSACTION_KEY)
+        return [
+            {
+                "customer_token": WORKED_EXAMPLE_TRANSACTION_KEY,
+                "description": (
+                    f"the guide's worked example: {WORKED_EXAMPLE_CREDITS} credits,"
+                    f" {WORKED_EXAMPLE_DISCOUNT_PERCENT}% off product {WORKED_EXAMPLE_PRODUCT_ID};"
+                    " one-time QR key"
+                ),
+            },
+            {
+                "customer_token": DEMO_TRANSACTION_KEY,
+                "description": f"demo customer with {DEMO_CREDITS} credits; one-time QR key",
+            },
+        ]
+
+    def issue_customer(self) -> dict[str, str]:
+        """A new customer with a funded wallet and a fresh one-time QR key."""
+        with self.lock:
+            wallet_id = ""
+            while not wallet_id or wallet_id in self._wallets:
+                self._issued_customers += 1
+                wallet_id = f"issued-customer-{self._issued_customers}"
+            self.add_wallet(wallet_id, DEMO_CREDITS)
+            key = self.issue_transaction_key(wallet_id)
+        return {
+            "customer_token": key,
+            "description": f"{wallet_id} with {DEMO_CREDITS} credits; one-time QR key",
+        }
 
     # --- inspection ---
 

@@ -16,8 +16,8 @@ preview                   member: two ``POST /v1/member/details`` calls: identif
                           member (balances, active gifts), then the benefits preview
                           (``x-return-benefits: true`` with the draft basket and the
                           member's active gifts in ``usedAssets``).  Deals and gifts
-                          become line discounts; with ``SPLIT_PAYMENT`` the member's
-                          points and credit then cover what they can.
+                          become line discounts; with ``SPLIT_PAYMENT`` the wallet the
+                          business pays with (``payment_asset``) covers what it can.
                           Non-member (``customer_token=None``): no call; no benefits,
                           the whole basket is outstanding.
 update                    local: fees and tips carry no discount and no points or
@@ -33,10 +33,12 @@ finalize                  ``POST /v1/payment`` ``action: pay`` when points or cr
                           ``delivery_payload`` builds the whole body at commit time,
                           ``deliver`` sends it on ``DELIVERY_SCHEDULE``.
 cancel                    local: nothing is charged before finalize.
-refund                    re-send the submit (idempotent: it returns the purchase's
-                          confirmation code, and delivers the purchase first if the
-                          queue has not yet), cancel the transaction by that code,
-                          then, when points or credit paid, cancel the payment too:
+refund                    re-send the submit (idempotent; it delivers the purchase
+                          first if the queue has not yet); when its answer carries
+                          the purchase's confirmation code, cancel the transaction by
+                          it (the documented answer, ``data: {}``, carries none: the
+                          purchase record stays, said on the receipt).  Then, when
+                          points or credit paid, cancel the payment by its own code:
                           cancelling a transaction does not cancel its payment.  A
                           purchase Rekonect refused to record (``522``, its submit
                           parked) has nothing to cancel: only the payment is.
@@ -49,54 +51,75 @@ never by the customer's phone number: the engine keeps no customer key (it is a
 
 Fidelity note
 =============
-Stated by the integration docs (seed excerpt and the public Rekonect / Protel Loyalty
-docs) and relied on here:
+Sources:
 
-- headers ``x-api-key``, ``x-source-type``, ``x-source-name``, ``x-pos-id``,
-  ``x-branch-id`` on every call; ``x-return-assets`` (active, inactive, all) and
-  ``x-return-benefits`` (boolean) on ``/member/details``;
-- ``/member/details`` takes ``member`` and an optional ``transaction``; the member
-  response carries ``membershipKey``, ``points`` and ``credit``;
-- ``/payment`` takes ``member``, ``payment{action, amount, confirmationCode}`` and the
-  ``transaction``; ``pay`` answers ``data.confirmationCode`` and
-  ``newBalance{points, credit}``; a cancel carries the confirmation code and a negative
-  amount; the wallet drawn (points or credit) is chosen by the business' configuration;
-- ``/transaction`` submits the purchase in the seed's shape (``member``,
-  ``transaction{transactionId, openTime, totalAmount, totalTaxAmount,
-  totalGeneralDiscount, items[], meansOfPayment[]}``, ``usedAssets[]``,
-  ``appliedDeals[]``) for every purchase, with guaranteed delivery (retry on 5xx or a
-  communication failure: two quick retries near the purchase time, then later in the
-  day; a 5-10 s timeout), or cancels one by its confirmation code;
-- envelope ``{status: "success", data}`` / ``{status: "error", error{code, message}}``;
-  codes ``407`` (balance insufficient) and ``522`` (used asset already used);
-- amounts in the smallest currency unit, discounts negative; ISO 8601 UTC times; no
-  empty or null fields.  The docs' own examples send ``tags: []``; we have no tags, so
-  we send no ``tags`` at all rather than an empty list.
+- [seed] ``/work/shared/seeds/001_275983c781b9ee73.txt``: the ``/transaction`` call
+  (submit and cancel flows, request example, answer ``{"status": "success", "data": {}}``,
+  error ``522``, guaranteed delivery).
+- [format] https://docs.rekonect.works/docs/overview/communication-format and
+  https://docs.protelloyalty.com/docs/overview/communication-format: every call is an
+  HTTPS POST with a JSON body to ``https://pos-api.fidelizacion.app/v1/{apiCall}``;
+  headers ``x-api-key`` (which the seed's table omits), ``x-branch-id``, ``x-pos-id``,
+  ``x-source-type``, ``x-source-name``; errors ``{"status": "error", "error": {"code",
+  "message", "path"}}``, e.g. ``4001012`` "Member not found" at
+  ``body.member.phoneNumber``.
+- [flow] https://docs.rekonect.works/docs/flows/general-flow: member details, then the
+  benefits preview (a transaction and ``x-return-benefits: true``), an optional
+  ``/payment`` ``pay`` whose asset (points or credit) "is determined automatically
+  based on business' configuration", then the mandatory ``/transaction`` submit for
+  members and non-members; payment cancels are separate.
+- [member] https://bade-docs.netlify.app/docs/api-calls/member-details and [payment]
+  https://bade-docs.netlify.app/docs/api-calls/payment (the same API's docs, another
+  deployment): the ``/member/details`` and ``/payment`` bodies carry ``transaction
+  {transactionId, dateTime, totalAmount, items[{lineId, code, name, quantity,
+  subtotal, total}], payments[{type, amount}], employee}``; ``pay`` answers
+  ``data{confirmationCode, newBalance{points, credit}}`` (example: 300 paid with points,
+  new balance 1700 points, 0 credit) and ``407`` when the balance is short; a cancel
+  sends ``action: "cancel"`` with the ``confirmationCode`` (a reimbursement is a
+  negative amount).  The docs' example members: ``530229344`` (John Doe, membership key
+  ``0fe31b8b-5ad5-48af-81e9-4adc7d596042``) and ``5511122233`` (2000 points before
+  the payment example).  That deployment's member-details *answer* (``status: "ok"``,
+  member at the top level) and host (``api.prod.bcomo.com/api/v4``) are a different
+  API generation; we follow the ``fidelizacion.app`` envelope of [format] and [payment].
 
-ASSUMED (no public source states it; each is one policy constant below):
+Settled there and relied on: the hosts in ``ENVIRONMENTS``; POST everywhere; the five
+headers; the public basket shape for ``/member/details`` and ``/payment`` and the seed's
+shape for ``/transaction`` (each call gets its own); the envelope and ``407``, ``522``,
+``4001012``; amounts in minor units, discounts negative, ISO 8601 UTC times, no empty
+or null fields (the docs' own ``tags: []``: we have no tags and send none).
 
-- ``ASSUMED_BASE_URL``: the dev host in the public docs' curl examples; the production
-  host of a given white label is not published.  ``/v1`` comes from the same examples.
-- ``ASSUMED_METHOD``: POST for every call (the docs show it for ``/member/details``).
+ASSUMED (no public source states it; each is one policy constant below, and tested):
+
+- ``ASSUMED_METHOD``: POST also for ``/payment`` and ``/transaction`` ([format] says all
+  calls; no per-call page shows the method).
 - ``ASSUMED_ERROR_STATUS``: the HTTP status of an error envelope (the driver trusts the
   envelope, not the status, below 500).
-- ``MEMBER_KEY_FIELD``: the member object accepts ``membershipKey`` as an identifier.
+- ``MEMBER_KEY_FIELD``: the member object accepts ``membershipKey`` as an identifier
+  (the ``customer`` field page lists it; the ``member`` object is assumed alike).
 - ``IDEMPOTENCY_FIELD``: ``pay`` and the submit are de-duplicated by
   ``transaction.transactionId`` (a repeat answers the original confirmation code);
   guaranteed delivery with retries is only safe if this holds.  Cancels of an already
   cancelled transaction or payment answer success again.
 - ``NOT_RECORDED_CODES``: a submit refused with ``522`` recorded nothing (given the
   idempotency above), so a refund has no purchase to cancel, only the payment.
-- ``SUBMIT_CONFIRMATION_FIELD``: the submit answers ``data.confirmationCode`` (the seed
-  shows ``data: {}`` yet says cancels use "the confirmation code received from the
-  transaction response").
+- ``SUBMIT_CONFIRMATION_FIELD``: the seed documents the submit's answer as ``data: {}``
+  yet cancels "using the confirmation code received from the transaction response".
+  The driver accepts both: with ``data.confirmationCode`` a refund cancels the purchase
+  by it; with the documented empty ``data`` the refund still returns the points or
+  credit (the payment has its own code) and records ``NO_PURCHASE_CODE_REASON``
+  instead of an unknown outcome.  Answers of the cancels are read as success envelopes
+  whose ``data`` may be empty; a code in them must be the one cancelled.
 - ``TRANSACTION_CANCEL_SHAPE``: a transaction cancel is ``{transaction: {action:
   "cancel", confirmationCode}}``, by analogy with the payment object.
 - ``BENEFITS_FIELD``: the benefits preview answers ``data.benefits{totalDiscount,
   items[{lineId, discountAmount}], appliedDeals[{key, name, appliedAmount}],
-  usedAssets[{key, code, name, appliedAmount}]}``, amounts negative.
-- ``WALLET_ORDER``: a payment draws credit first, then points; one point or one unit
-  of credit is worth one minor unit (the docs' example pays 300 with 300 points).
+  usedAssets[{key, code, name, appliedAmount}]}``, amounts negative; ``data.member``
+  repeats the member (its ``membershipKey`` must be the one first identified).
+- ``ASSUMED_DEFAULT_PAYMENT_ASSET``: which wallet pays is business configuration the
+  API does not expose, so the operator passes ``payment_asset`` ("points" or
+  "credit"); the default is points, as in [payment]'s example.  The quote spends only
+  that wallet, so it never promises what ``pay`` refuses with ``407``.  One point or
+  one unit of credit is worth one minor unit (the example pays 300 with 300 points).
 - ``AUTO_REDEEM_ASSETS``: every active gift of the member is offered to the benefits
   preview; only the gifts that earn a discount are used.
 - ``EXTERNAL_TENDER_TYPE``: the engine does not learn whether the outstanding balance
@@ -118,6 +141,7 @@ from typing import Any
 
 import httpx
 
+from txengine.answers import Answer
 from txengine.drivers import Capabilities, Delivery, Exchange, HttpDriver, PreviewRequest
 from txengine.errors import OutcomeUnknown, ProviderRejected, ValidationError
 from txengine.machine import TimerPolicy
@@ -127,7 +151,11 @@ from txengine.secret import Secret
 
 # --- policy: where and how ------------------------------------------------------------------
 
-ASSUMED_BASE_URL = "https://dev-pos-api.fidelizacion.app"
+#: published hosts (docs.rekonect.works/docs/overview/communication-format and the dev host
+#: of the docs' curl examples); paths are ``/v1/{apiCall}``
+DEV_BASE_URL = "https://dev-pos-api.fidelizacion.app"
+PRODUCTION_BASE_URL = "https://pos-api.fidelizacion.app"
+ENVIRONMENTS: Mapping[str, str] = {"sandbox": DEV_BASE_URL, "production": PRODUCTION_BASE_URL}
 API_PREFIX = "/v1"
 ASSUMED_METHOD = "POST"
 MEMBER_DETAILS_PATH = f"{API_PREFIX}/member/details"
@@ -155,6 +183,9 @@ TIMERS = TimerPolicy(
     refund_window=timedelta(hours=24),
 )
 
+#: no documented answer comes near this; a bigger body is not a Rekonect answer
+ANSWER_LIMIT_BYTES = 1_000_000
+
 #: read-only calls are re-sent once in the same exchange when the answer is lost
 READ_RETRIES = 1
 
@@ -169,7 +200,15 @@ BENEFITS_FIELD = "benefits"
 #: a submit refused with these codes was not recorded (the id is new to Rekonect), so a
 #: refund has no purchase to cancel; it still returns the points or credit
 NOT_RECORDED_CODES = frozenset({"522"})
-WALLET_ORDER = ("credit", "points")
+#: the member's two wallets, as ``/member/details`` and ``newBalance`` name them
+WALLETS = ("credit", "points")
+#: "The type of asset (e.g., points or credit) is determined automatically based on
+#: business' configuration" (general-flow): the operator tells the driver which one
+PAYMENT_ASSETS = frozenset(WALLETS)
+#: the docs' payment example pays 300 with points (newBalance points 1700, credit 0)
+ASSUMED_DEFAULT_PAYMENT_ASSET = "points"
+PAID_WITH = {"points": "Paid with points", "credit": "Paid with credit"}
+RETURNED_TO = {"points": "Returned to points", "credit": "Returned to credit"}
 AUTO_REDEEM_ASSETS = True
 EXTERNAL_TENDER_TYPE = "EXTERNAL"
 LOYALTY_TENDER_TYPES = {"credit": "CREDIT", "points": "POINTS"}
@@ -178,10 +217,21 @@ SALE_ACTION = "sale"
 #: SPLIT_PAYMENT: points and credit cover what they can; EXTERNAL_PAYMENT: benefits only
 PAYMENT_TYPES = frozenset({"SPLIT_PAYMENT", "EXTERNAL_PAYMENT"})
 
+#: communication-format: ``{"code": "4001012", "message": "Member not found", "path": ...}``
+MEMBER_NOT_FOUND = "4001012"
+
+#: a refund whose submit answered the documented ``data: {}`` has no code to cancel by
+NO_PURCHASE_CODE_REASON = (
+    "Rekonect's submit answer carried no confirmation code (the documented answer is"
+    " an empty data object), so the purchase record could not be cancelled"
+)
+NO_PURCHASE_CODE_RECEIPT = "Loyalty purchase record kept (no confirmation code to cancel by)"
+
 #: what a cashier reads for the documented codes; other codes show the provider's message
 CASHIER_MESSAGES = {
     "407": "The member's points or credit do not cover this payment.",
     "522": "A gift in this purchase has already been used.",
+    MEMBER_NOT_FOUND: "No loyalty member has this phone number or membership key.",
 }
 
 _PHONE = re.compile(r"^\+?[0-9]{6,15}$")
@@ -244,19 +294,6 @@ def _header_value(name: str, value: Any) -> str:
     return value
 
 
-def _int(value: Any, what: str, *, sign: int = 0) -> int:
-    """An integer amount from the provider; ``sign`` -1 means <= 0, +1 means >= 0."""
-    if type(value) is not int or (sign < 0 and value > 0) or (sign > 0 and value < 0):
-        raise ValueError(f"{what} is {value!r}")
-    return value
-
-
-def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{what} is {value!r}")
-    return value
-
-
 # --- the driver ---------------------------------------------------------------------------------
 
 
@@ -264,7 +301,7 @@ class RekonectDriver(HttpDriver):
     """Rekonect's POS API.  Credentials by keyword; every one becomes a request header."""
 
     name = "rekonect"
-    environments: Mapping[str, str] = {"sandbox": ASSUMED_BASE_URL}
+    environments: Mapping[str, str] = ENVIRONMENTS
     timeout = REQUEST_TIMEOUT
     capabilities = Capabilities(
         remote={"preview", "finalize", "refund"},
@@ -292,6 +329,8 @@ class RekonectDriver(HttpDriver):
         source_name: str,
         pos_id: str,
         branch_id: str,
+        payment_asset: str = ASSUMED_DEFAULT_PAYMENT_ASSET,
+        employee: str | None = None,
         **http: Any,
     ) -> None:
         api_key = Secret(api_key)
@@ -301,6 +340,15 @@ class RekonectDriver(HttpDriver):
         self.source_name = _header_value("source_name", source_name)
         self.pos_id = _header_value("pos_id", pos_id)
         self.branch_id = _header_value("branch_id", branch_id)
+        if payment_asset not in PAYMENT_ASSETS:
+            raise ValidationError(
+                f"payment_asset must be one of {sorted(PAYMENT_ASSETS)} (the wallet this business's"
+                f" Rekonect configuration draws), got {payment_asset!r}"
+            )
+        self.payment_asset = payment_asset
+        if employee is not None and (not isinstance(employee, str) or not employee.strip()):
+            raise ValidationError("employee must be a non-empty name, or None")
+        self.employee = employee
         super().__init__(**http)
 
     def __repr__(self) -> str:
@@ -323,8 +371,9 @@ class RekonectDriver(HttpDriver):
         return self.request(ASSUMED_METHOD, path, json=compact(body), headers=headers)
 
     def _call(
-        self, build: Callable[[], httpx.Request], *, retries: int = 0, redact: Iterable[str] = ()
-    ) -> Exchange[dict[str, Any]]:
+        self, build: Callable[[], httpx.Request], where: str, *, retries: int = 0,
+        redact: Iterable[str] = (),
+    ) -> Exchange[Answer]:
         """Send one request and return its ``data``; re-send read-only ones when lost."""
         attempt = 0
         while True:
@@ -337,25 +386,28 @@ class RekonectDriver(HttpDriver):
                 continue
             if response.status_code >= 500 and attempt <= retries:
                 continue
-            return self._data(response, redact)
+            return self._data(response, where, redact)
 
-    def _data(self, response: httpx.Response, redact: Iterable[str] = ()) -> dict[str, Any]:
+    def _data(self, response: httpx.Response, where: str, redact: Iterable[str] = ()) -> Answer:
+        """The ``data`` of a success envelope, a typed refusal, or ``ProtocolError``.
+
+        A success needs HTTP 2xx, ``status: "success"`` and a ``data`` object; a refusal
+        needs ``status: "error"`` with an ``error`` object whose ``code`` is a string.
+        Anything else (``{}``, ``{"status": "error", "code": ...}`` without the error
+        object, ``"ok"``, a list...) may hide an action: the outcome is unknown.
+        """
         if response.status_code >= 500:
-            raise self.unknown(f"HTTP {response.status_code} from Rekonect")
-        body = self.json_of(response)
-        if not isinstance(body, dict):
-            raise self.unknown(f"HTTP {response.status_code}: the answer is not a JSON object")
-        if body.get("status") == "error":
-            error = body.get("error")
-            if not isinstance(error, dict) or error.get("code") in (None, ""):
-                raise self.unknown(f"HTTP {response.status_code}: an error without a code")
-            raise self._rejected(str(error["code"]), error.get("message"), redact)
-        if body.get("status") != "success" or not 200 <= response.status_code < 300:
-            raise self.unknown(f"HTTP {response.status_code} without a success envelope")
-        data = body.get("data")
-        if not isinstance(data, dict):
-            raise self.unknown("a success envelope without a data object")
-        return data
+            raise self.unknown(f"{where}: HTTP {response.status_code} from Rekonect")
+        if len(response.content) > ANSWER_LIMIT_BYTES:
+            raise self.unknown(f"{where}: an answer of {len(response.content)} bytes")
+        envelope = Answer(self.json_of(response), provider=self.name, where=where)
+        status = envelope.raw("status", None)
+        if status == "error":
+            error = envelope.obj("error")
+            raise self._rejected(error.text("code"), error.raw("message", None), redact)
+        if status != "success" or not 200 <= response.status_code < 300:
+            raise self.unknown(f"{where}: HTTP {response.status_code} without a success envelope")
+        return envelope.obj("data")
 
     def _rejected(self, code: str, message: Any, redact: Iterable[str]) -> ProviderRejected:
         text = CASHIER_MESSAGES.get(code)
@@ -372,6 +424,7 @@ class RekonectDriver(HttpDriver):
 
     @staticmethod
     def _item(line_id: int, item: LineItem, discount_minor: int) -> dict[str, Any]:
+        """An item of the purchase submit (the seed's ``/transaction`` shape)."""
         gross = item.gross.amount_minor
         return {
             "lineId": str(line_id),
@@ -383,27 +436,57 @@ class RekonectDriver(HttpDriver):
             "action": SALE_ACTION,
         }
 
-    def _draft_transaction(self, request: PreviewRequest) -> dict[str, Any]:
-        """The basket before benefits: what the benefits preview prices."""
-        items = request.basket.items
+    @staticmethod
+    def _basket_item(line_id: int, item: LineItem, discount_minor: int) -> dict[str, Any]:
+        """An item of ``/member/details`` and ``/payment`` (the public pages' shape)."""
+        gross = item.gross.amount_minor
         return {
-            IDEMPOTENCY_FIELD: request.tx_id,
-            "openTime": iso_utc(request.now),
-            "totalAmount": request.basket.gross.amount_minor,
-            "totalTaxAmount": sum(vat_inside(i.gross.amount_minor, i.vat_percent) for i in items),
-            "items": [self._item(n, item, 0) for n, item in enumerate(items, start=1)],
+            "lineId": str(line_id),
+            "code": item.product_id,
+            "name": item.name,
+            "quantity": item.quantity,
+            "subtotal": gross,
+            "total": gross - discount_minor,
         }
 
-    def _completed_transaction(self, tx: Transaction) -> dict[str, Any]:
-        """The purchase as paid: line discounts, loyalty tenders, the external tender."""
-        lines = tx.items
-        net = [line.gross.amount_minor - line.discount.amount_minor for line in lines]
+    def _draft_transaction(self, request: PreviewRequest) -> dict[str, Any]:
+        """The basket before benefits, in the public ``/member/details`` shape."""
+        return {
+            IDEMPOTENCY_FIELD: request.tx_id,
+            "dateTime": iso_utc(request.now),
+            "totalAmount": request.basket.gross.amount_minor,
+            "items": [self._basket_item(n, item, 0) for n, item in enumerate(request.basket.items, 1)],
+            "employee": self.employee,
+        }
+
+    def _tenders(self, tx: Transaction) -> list[dict[str, Any]]:
         split = tx.details.get("loyalty_payment") or {}
         tenders = [
             {"type": LOYALTY_TENDER_TYPES[wallet], "amount": int(split.get(wallet, 0))}
-            for wallet in WALLET_ORDER
+            for wallet in WALLETS
         ]
         tenders.append({"type": EXTERNAL_TENDER_TYPE, "amount": tx.outstanding.amount_minor})
+        return [tender for tender in tenders if tender["amount"]]
+
+    def _paid_basket(self, tx: Transaction) -> dict[str, Any]:
+        """The purchase as paid, in the public ``/payment`` shape."""
+        lines = tx.items
+        return {
+            IDEMPOTENCY_FIELD: tx.id,
+            "dateTime": iso_utc(tx.created_at),
+            "totalAmount": sum(line.gross.amount_minor - line.discount.amount_minor for line in lines),
+            "items": [
+                self._basket_item(n, line.item, line.discount.amount_minor)
+                for n, line in enumerate(lines, start=1)
+            ],
+            "payments": self._tenders(tx),
+            "employee": self.employee,
+        }
+
+    def _completed_transaction(self, tx: Transaction) -> dict[str, Any]:
+        """The purchase as paid, in the seed's ``/transaction`` shape."""
+        lines = tx.items
+        net = [line.gross.amount_minor - line.discount.amount_minor for line in lines]
         return {
             IDEMPOTENCY_FIELD: tx.id,
             "openTime": iso_utc(tx.created_at),
@@ -415,7 +498,8 @@ class RekonectDriver(HttpDriver):
                 self._item(n, line.item, line.discount.amount_minor)
                 for n, line in enumerate(lines, start=1)
             ],
-            "meansOfPayment": [tender for tender in tenders if tender["amount"]],
+            "meansOfPayment": self._tenders(tx),
+            "employee": self.employee,
         }
 
     @staticmethod
@@ -451,15 +535,16 @@ class RekonectDriver(HttpDriver):
 
         identified = yield from self._call(
             lambda: self._post(MEMBER_DETAILS_PATH, {"member": member}, **{"x-return-assets": "active"}),
-            retries=READ_RETRIES, redact=redact,
+            "member details", retries=READ_RETRIES, redact=redact,
         )
+        member_key = self._identified_member(identified, member)
         offered = self._active_assets(identified) if AUTO_REDEEM_ASSETS else []
         body = {"member": member, "transaction": self._draft_transaction(request), "usedAssets": offered}
         priced = yield from self._call(
             lambda: self._post(MEMBER_DETAILS_PATH, body, **{"x-return-benefits": "true"}),
-            retries=READ_RETRIES, redact=redact,
+            "benefits preview", retries=READ_RETRIES, redact=redact,
         )
-        return self._member_quote(request, priced)
+        return self._member_quote(request, priced, member_key)
 
     def _non_member_quote(self, request: PreviewRequest) -> Quote:
         return Quote(
@@ -467,29 +552,37 @@ class RekonectDriver(HttpDriver):
             details={"member": False},
         )
 
-    def _active_assets(self, data: dict[str, Any]) -> list[dict[str, str]]:
-        assets = data.get("assets") or []
-        try:
-            return [
-                {"key": _text(asset["key"], "asset key"), "code": _text(asset["code"], "asset code")}
-                for asset in assets
-                if asset.get("status", "active") == "active"
-            ]
-        except (KeyError, TypeError, AttributeError, ValueError) as broken:
-            raise self.unknown(f"unusable member assets: {broken}") from None
+    @staticmethod
+    def _identified_member(data: Answer, asked: Mapping[str, str]) -> str:
+        """The member's ``membershipKey``; the answer must be about the member asked for."""
+        member = data.obj("member")
+        for field, value in asked.items():
+            if field in member:
+                member.expect(field, value)
+        for wallet in WALLETS:  # the documented balances, even if the preview re-reads them
+            member.integer(wallet, optional=True, minimum=0)
+        return member.text(MEMBER_KEY_FIELD)
 
-    def _member_quote(self, request: PreviewRequest, data: dict[str, Any]) -> Quote:
+    @staticmethod
+    def _active_assets(data: Answer) -> list[dict[str, str]]:
+        return [
+            {"key": asset.text("key"), "code": asset.text("code")}
+            for asset in data.objects("assets", optional=True)
+            if (asset.text("status", optional=True) or "active") == "active"
+        ]
+
+    def _member_quote(self, request: PreviewRequest, data: Answer, member_key: str) -> Quote:
         basket = request.basket
         currency = basket.currency
-        try:
-            member = data["member"]
-            member_key = _text(member[MEMBER_KEY_FIELD], "membershipKey")
-            balance = {wallet: _int(member.get(wallet, 0), wallet, sign=1) for wallet in WALLET_ORDER}
-            discounts, deals, assets = self._benefits(data[BENEFITS_FIELD], basket)
-        except (KeyError, TypeError, AttributeError, ValueError) as broken:
-            raise self.unknown(f"unusable benefits preview: {broken}") from None
+        member = data.obj("member")
+        member.expect(MEMBER_KEY_FIELD, member_key)
+        balance = {wallet: member.integer(wallet, optional=True, minimum=0) or 0 for wallet in WALLETS}
+        discounts, deals, assets = self._benefits(data.obj(BENEFITS_FIELD), basket)
 
-        spendable = sum(balance.values()) if request.payment_type == "SPLIT_PAYMENT" else 0
+        # Only the wallet the business configured pays: promising the other one would
+        # quote a payment Rekonect refuses with 407.
+        asset = self.payment_asset
+        spendable = balance[asset] if request.payment_type == "SPLIT_PAYMENT" else 0
         lines = []
         for item, discount in zip(basket.items, discounts):
             credits = min(spendable, item.gross.amount_minor - discount)
@@ -501,10 +594,7 @@ class RekonectDriver(HttpDriver):
                 outstanding=Money(item.gross.amount_minor - discount - credits, currency),
             ))
         paid = sum(line.credits.amount_minor for line in lines)
-        split, rest = {}, paid
-        for wallet in WALLET_ORDER:
-            split[wallet] = min(balance[wallet], rest)
-            rest -= split[wallet]
+        split = {wallet: paid if wallet == asset else 0 for wallet in WALLETS}
 
         receipt = [
             ReceiptLine("name-value", name=offer.get("name") or offer["key"],
@@ -512,7 +602,7 @@ class RekonectDriver(HttpDriver):
             for offer in (*deals, *assets)
         ]
         if paid:
-            receipt.append(ReceiptLine("name-value", name="Paid with points/credit",
+            receipt.append(ReceiptLine("name-value", name=PAID_WITH[asset],
                                        value=str(Money(-paid, currency))))
         return Quote(
             lines=lines,
@@ -521,14 +611,16 @@ class RekonectDriver(HttpDriver):
                 "member": True,
                 "member_key": member_key,
                 "balance": balance,
+                "payment_asset": asset,
                 "loyalty_payment": split,
                 "applied_deals": deals,
                 "used_assets": assets,
             },
         )
 
+    @staticmethod
     def _benefits(
-        self, benefits: dict[str, Any], basket
+        benefits: Answer, basket
     ) -> tuple[list[int], list[dict[str, Any]], list[dict[str, Any]]]:
         """Per-line discounts (positive minor units), the deals and the gifts applied.
 
@@ -537,32 +629,32 @@ class RekonectDriver(HttpDriver):
         """
         gross = [item.gross.amount_minor for item in basket.items]
         discounts = [0] * len(gross)
-        for entry in benefits.get("items") or []:
-            index = int(_text(entry["lineId"], "lineId")) - 1
-            if not 0 <= index < len(gross):
-                raise ValueError(f"unknown lineId {entry['lineId']!r}")
-            discounts[index] += -_int(entry.get("discountAmount", 0), "discountAmount", sign=-1)
+        seen: set[str] = set()
+        for entry in benefits.objects("items", optional=True):
+            line_id = entry.text("lineId")
+            if line_id in seen or not line_id.isdigit() or not 1 <= int(line_id) <= len(gross):
+                raise entry.fail("lineId is not a line of this basket")
+            seen.add(line_id)
+            discounts[int(line_id) - 1] = -_not_positive(entry, "discountAmount", optional=True)
         deals = [
-            {"key": _text(deal["key"], "deal key"), "name": deal.get("name") or "",
-             "appliedAmount": _int(deal["appliedAmount"], "deal appliedAmount", sign=-1)}
-            for deal in benefits.get("appliedDeals") or []
+            {"key": deal.text("key"), "name": deal.text("name", optional=True) or "",
+             "appliedAmount": _not_positive(deal, "appliedAmount")}
+            for deal in benefits.objects("appliedDeals", optional=True)
         ]
         assets = [
-            {"key": _text(asset["key"], "asset key"), "code": _text(asset["code"], "asset code"),
-             "name": asset.get("name") or "",
-             "appliedAmount": _int(asset["appliedAmount"], "asset appliedAmount", sign=-1)}
-            for asset in benefits.get("usedAssets") or []
+            {"key": asset.text("key"), "code": asset.text("code"),
+             "name": asset.text("name", optional=True) or "",
+             "appliedAmount": _not_positive(asset, "appliedAmount")}
+            for asset in benefits.objects("usedAssets", optional=True)
         ]
         deals = [deal for deal in deals if deal["appliedAmount"]]
         assets = [asset for asset in assets if asset["appliedAmount"]]
-        total = -_int(benefits.get("totalDiscount", 0), "totalDiscount", sign=-1)
+        total = -_not_positive(benefits, "totalDiscount", optional=True)
         offered = -sum(offer["appliedAmount"] for offer in (*deals, *assets))
         if sum(discounts) != total or offered != total:
-            raise ValueError(
-                f"line discounts {sum(discounts)}, deals and gifts {offered}, total {total} disagree"
-            )
+            raise benefits.fail("line discounts, deals and gifts and totalDiscount disagree")
         if any(discount > line for discount, line in zip(discounts, gross)):
-            raise ValueError("a line is discounted beyond its price")
+            raise benefits.fail("a line is discounted beyond its price")
         return discounts, deals, assets
 
     # --- finalize and refund (update and cancel are local) ---
@@ -576,18 +668,15 @@ class RekonectDriver(HttpDriver):
         body = {
             "member": member,
             "payment": {"action": "pay", "amount": loyalty},
-            "transaction": self._completed_transaction(tx),
+            "transaction": self._paid_basket(tx),
         }
-        data = yield from self._call(lambda: self._post(PAYMENT_PATH, body))
-        try:
-            code = _text(data["confirmationCode"], "confirmationCode")
-            balance = self._balance(data["newBalance"])
-        except (KeyError, TypeError, AttributeError, ValueError) as broken:
-            raise self.unknown(f"unusable payment answer: {broken}") from None
+        data = yield from self._call(lambda: self._post(PAYMENT_PATH, body), "payment pay")
+        code = data.text(SUBMIT_CONFIRMATION_FIELD)
+        balance = self._balance(data.obj("newBalance"))
         return Outcome(
             provider_ref=code,
             receipt=[
-                ReceiptLine("name-value", name="Paid with points/credit",
+                ReceiptLine("name-value", name=PAID_WITH[self._asset_of(tx)],
                             value=str(tx.total_credits)),
                 ReceiptLine("name-value", name="Points left", value=str(balance["points"])),
                 ReceiptLine("name-value", name="Credit left",
@@ -597,19 +686,32 @@ class RekonectDriver(HttpDriver):
         )
 
     def refund(self, tx: Transaction, key: str, comment: str | None) -> Exchange[Outcome]:
-        # The queued submit may not have been delivered yet; re-sending it is idempotent
-        # and answers the purchase's confirmation code either way.
+        """Cancel the purchase when Rekonect told us its code; always return points or credit.
+
+        The seed documents the submit's answer as ``data: {}``, yet cancels a purchase by
+        "the confirmation code received from the transaction response".  The submit is
+        re-sent (idempotent, and it delivers the purchase if the queue has not yet): when
+        its answer carries ``confirmationCode`` the purchase is cancelled by it; when it
+        is the documented empty ``data`` there is no code to cancel by, and the refund
+        says so on its receipt instead of guessing.  A loyalty payment has its own code
+        (from ``pay``) and is cancelled either way.
+        """
         details: dict[str, Any] = {}
         receipt: list[ReceiptLine] = []
-        purchase_code = yield from self._purchase_code(tx)
+        recorded, purchase_code = yield from self._purchase_code(tx)
         if purchase_code is not None:
             container, field, value = TRANSACTION_CANCEL_SHAPE
             cancel = {container: {field: value, "confirmationCode": purchase_code}}
-            yield from self._call(lambda: self._post(TRANSACTION_PATH, cancel))
+            data = yield from self._call(lambda: self._post(TRANSACTION_PATH, cancel), "transaction cancel")
+            if SUBMIT_CONFIRMATION_FIELD in data:
+                data.expect(SUBMIT_CONFIRMATION_FIELD, purchase_code)
             details.update(purchase_confirmation_code=purchase_code, purchase_cancelled=True)
             receipt.append(ReceiptLine("textline", text="Loyalty purchase cancelled"))
         else:
             details.update(purchase_cancelled=False)
+            if recorded:
+                details.update(purchase_not_cancelled=NO_PURCHASE_CODE_REASON)
+                receipt.append(ReceiptLine("textline", text=NO_PURCHASE_CODE_RECEIPT))
         payment_code = tx.details.get("payment_confirmation_code")
         if payment_code:
             # Cancelling the transaction does not return the points or credit it used.
@@ -621,29 +723,26 @@ class RekonectDriver(HttpDriver):
                     "amount": -tx.total_credits.amount_minor,
                 },
             }
-            data = yield from self._call(lambda: self._post(PAYMENT_PATH, body))
-            try:
-                balance = self._balance(data["newBalance"])
-            except (KeyError, TypeError, AttributeError, ValueError) as broken:
-                raise self.unknown(f"unusable payment cancel answer: {broken}") from None
-            details.update(payment_cancelled=True, balance=balance)
-            receipt.append(ReceiptLine("name-value", name="Returned to points/credit",
+            data = yield from self._call(lambda: self._post(PAYMENT_PATH, body), "payment cancel")
+            if SUBMIT_CONFIRMATION_FIELD in data:
+                data.expect(SUBMIT_CONFIRMATION_FIELD, payment_code)
+            details.update(payment_cancelled=True)
+            if "newBalance" in data:
+                details.update(balance=self._balance(data.obj("newBalance")))
+            receipt.append(ReceiptLine("name-value", name=RETURNED_TO[self._asset_of(tx)],
                                        value=str(tx.total_credits)))
         return Outcome(receipt=receipt, details=details)
 
-    def _purchase_code(self, tx: Transaction) -> Exchange[str | None]:
-        """The purchase's confirmation code, or None when Rekonect refused to record it."""
+    def _purchase_code(self, tx: Transaction) -> Exchange[tuple[bool, str | None]]:
+        """Whether Rekonect recorded the purchase, and its confirmation code when it said."""
         submit = self._submit_body(tx)
         try:
-            submitted = yield from self._call(lambda: self._post(TRANSACTION_PATH, submit))
+            submitted = yield from self._call(lambda: self._post(TRANSACTION_PATH, submit), "transaction submit")
         except ProviderRejected as refusal:
             if refusal.code in NOT_RECORDED_CODES:
-                return None  # its queued submit is parked for the same reason
+                return False, None  # its queued submit is parked for the same reason
             raise
-        try:
-            return _text(submitted[SUBMIT_CONFIRMATION_FIELD], "confirmationCode")
-        except (KeyError, TypeError, ValueError) as broken:
-            raise self.unknown(f"unusable submit answer: {broken}") from None
+        return True, submitted.text(SUBMIT_CONFIRMATION_FIELD, optional=True)
 
     def _require_member(self, tx: Transaction, purpose: str) -> dict[str, str]:
         member = self._member_of(tx)
@@ -654,9 +753,13 @@ class RekonectDriver(HttpDriver):
             )
         return member
 
+    def _asset_of(self, tx: Transaction) -> str:
+        # transactions previewed before payment_asset existed drew either wallet
+        return tx.details.get("payment_asset") or "points"
+
     @staticmethod
-    def _balance(value: Any) -> dict[str, int]:
-        return {wallet: _int(value[wallet], f"newBalance.{wallet}", sign=1) for wallet in WALLET_ORDER}
+    def _balance(value: Answer) -> dict[str, int]:
+        return {wallet: value.integer(wallet, minimum=0) for wallet in WALLETS}
 
     # --- the guaranteed submit ---
 
@@ -670,7 +773,19 @@ class RekonectDriver(HttpDriver):
             if delivery.kind != "submit":
                 raise ValueError(f"Rekonect has no {delivery.kind!r} delivery")
             payload = _plain(delivery.payload)
-            yield from self._call(lambda: self._post(TRANSACTION_PATH, payload))
+            data = yield from self._call(lambda: self._post(TRANSACTION_PATH, payload), "transaction submit")
+            # The documented answer is an empty data object; a code, when sent, is a string.
+            data.text(SUBMIT_CONFIRMATION_FIELD, optional=True)
+
+
+def _not_positive(answer: Answer, name: str, *, optional: bool = False) -> int:
+    """A discount amount: an integer, zero or negative (the docs' sign for discounts)."""
+    value = answer.integer(name, optional=optional)
+    if value is None:
+        return 0
+    if value > 0:
+        raise answer.fail(f"{name} is positive")
+    return value
 
 
 def _plain(value: Any) -> Any:

@@ -2,8 +2,9 @@
 
 Business rules, on the sandbox's own clock:
 
-- members hold ``points`` and ``credit``; a ``pay`` draws credit first, then points
-  (one minor unit each), and answers ``407`` when they do not cover the amount;
+- members hold ``points`` and ``credit``; a ``pay`` draws the one wallet the business
+  is configured for (``payment_asset``, points by default, one minor unit each) and
+  answers ``407`` when it does not cover the amount;
 - ``pay`` is idempotent by ``transaction.transactionId``: a repeat answers the original
   confirmation code and balance (the same id with another amount is refused);
 - a payment ``cancel`` by confirmation code restores exactly what the payment drew,
@@ -13,10 +14,16 @@ Business rules, on the sandbox's own clock:
   purchase's ``openTime``, so a purchase delivered late still counts);
 - deals discount eligible lines (by product code, above a minimum spend), then gifts
   discount what is left; discounts never take a line below zero;
-- the submit records each ``transactionId`` once (a repeat answers the original
-  confirmation code and is counted in ``submissions``), consumes its gifts and awards
+- the submit records each ``transactionId`` once (a repeat answers the same and is
+  counted in ``submissions``), answers the seed's ``data: {}`` (or, with
+  ``submit_answers_code``, the ``confirmationCode`` a cancel needs), consumes its gifts and awards
   ``earn_points_per_100`` points per 100 minor units; a transaction ``cancel`` revokes
   the awarded points and frees the gifts, and does NOT touch the payment;
+- ``/member/details`` and ``/payment`` take the public pages' transaction (``dateTime``,
+  ``items[].subtotal/total``, ``payments[]``, ``employee``); ``/transaction`` takes the
+  seed's (``openTime``, ``grossAmount/netAmount``, ``meansOfPayment[]``);
+- errors carry ``code``, ``message`` and, for a field at fault, ``path`` (an unknown
+  member is ``4001012`` at ``body.member.phoneNumber``);
 - requests with ``null``, ``""`` or ``{}`` values are refused (the docs ask clients not
   to send empty fields; ``[]`` is accepted because the docs' own examples send it).
 
@@ -26,6 +33,7 @@ note); the sandbox imports them so one constant describes each assumption.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import uuid
@@ -38,19 +46,20 @@ from txengine.clock import Clock
 
 from ..sandbox import BadRequest, Sandbox, SandboxRequest, SandboxResponse, route
 from .driver import (
-    ASSUMED_BASE_URL,
     ASSUMED_ERROR_STATUS,
+    DEV_BASE_URL,
     ASSUMED_METHOD,
     BENEFITS_FIELD,
     IDEMPOTENCY_FIELD,
     MEMBER_DETAILS_PATH,
     MEMBER_KEY_FIELD,
+    MEMBER_NOT_FOUND,
     PAYMENT_PATH,
     PHONE_FIELD,
     SUBMIT_CONFIRMATION_FIELD,
     TRANSACTION_CANCEL_SHAPE,
     TRANSACTION_PATH,
-    WALLET_ORDER,
+    WALLETS,
     RekonectDriver,
 )
 
@@ -60,6 +69,13 @@ ASSET_FILTERS = ("active", "inactive", "all")
 # ASSUMED codes for errors the docs do not number (the documented ones are 407 and 522)
 UNAUTHORIZED, BAD_REQUEST, NOT_FOUND = "401", "400", "404"
 INSUFFICIENT_BALANCE, ASSET_ALREADY_USED = "407", "522"
+
+#: the docs' example members (bade-docs.netlify.app member-details and payment pages)
+DOCS_MEMBER_PHONE = "530229344"
+DOCS_MEMBER_KEY = "0fe31b8b-5ad5-48af-81e9-4adc7d596042"
+DOCS_PAYER_PHONE = "5511122233"
+DEMO_DEAL = "10% off pastries"
+NEW_CUSTOMER_POINTS, NEW_CUSTOMER_CREDIT = 5000, 2000
 
 _NAMESPACE = uuid.UUID("6f1c1b1e-0b7e-4c55-9d2a-5e3f3c1a7b00")
 
@@ -154,19 +170,45 @@ class Purchase:
 Rule = Asset | Deal
 
 
+class Refused(BadRequest):
+    """A refusal that names the request field at fault (the envelope's ``path``)."""
+
+    def __init__(self, message: str, status: int, code: str, path: str) -> None:
+        super().__init__(message, status, code)
+        self.path = path
+
+
+def _pointing_at_the_field(handler):
+    @functools.wraps(handler)
+    def answer(self, request: SandboxRequest) -> SandboxResponse:
+        try:
+            return handler(self, request)
+        except Refused as refused:
+            return self.error(refused.status, refused.code, str(refused), path=refused.path)
+    return answer
+
+
 class RekonectSandbox(Sandbox):
     """Rekonect's POS API with real wallets, gifts, deals, payments and a purchase ledger."""
 
     name = "rekonect"
-    host = ASSUMED_BASE_URL.removeprefix("https://")
+    host = DEV_BASE_URL.removeprefix("https://")
     api_key = DEFAULT_API_KEY
 
     def __init__(
-        self, clock: Clock | None = None, *, api_key: str = DEFAULT_API_KEY, earn_points_per_100: int = 0
+        self, clock: Clock | None = None, *, api_key: str = DEFAULT_API_KEY, earn_points_per_100: int = 0,
+        payment_asset: str = "points", submit_answers_code: bool = False,
     ) -> None:
         super().__init__(clock)
+        if payment_asset not in WALLETS:
+            raise ValueError(f"payment_asset must be one of {WALLETS}")
         self.api_key = api_key
         self.earn_points_per_100 = earn_points_per_100
+        #: the business configuration: the one wallet a ``pay`` draws
+        self.payment_asset = payment_asset
+        #: the seed documents the submit's answer as ``data: {}``; True adds the
+        #: ``confirmationCode`` that the cancel flow says the answer carries
+        self.submit_answers_code = submit_answers_code
         self.members: dict[str, Member] = {}  # by membershipKey
         self.assets: dict[str, Asset] = {}
         self.deals: dict[str, Deal] = {}
@@ -183,9 +225,10 @@ class RekonectSandbox(Sandbox):
     def add_member(
         self, phone_number: str, *, points: int = 0, credit: int = 0,
         first_name: str = "Test", last_name: str = "Member", status: str = "active",
+        membership_key: str | None = None,
     ) -> Member:
         member = Member(
-            phone_number=_phone(phone_number), membership_key=self._new_id("member"),
+            phone_number=_phone(phone_number), membership_key=membership_key or self._new_id("member"),
             first_name=first_name, last_name=last_name, points=points, credit=credit, status=status,
         )
         self.members[member.membership_key] = member
@@ -220,13 +263,56 @@ class RekonectSandbox(Sandbox):
         self.deals[deal.key] = deal
         return deal
 
-    def seed_demo(self) -> Member:
-        """A member with points, credit, a gift and a deal: enough for a demo session."""
-        member = self.add_member("5511122233", points=1500, credit=500, first_name="Dana")
-        self.add_asset("5511122233", "FREECOFFEE", name="Free coffee", amount_off=350,
-                       product_codes={"COFFEE"})
-        self.add_deal("10% off pastries", percent_off=10, product_codes={"PASTRY"})
-        return member
+    def seed_demo(self) -> list[dict[str, str]]:
+        """The docs' example members, plus a gift and a deal; safe to call twice.
+
+        ``530229344`` and its membership key are the member-details example's John Doe;
+        ``5511122233`` holds the 2000 points the payment example draws 300 from.
+        """
+        if not self._has_member(DOCS_MEMBER_PHONE):
+            self.add_member(DOCS_MEMBER_PHONE, points=1000, first_name="John", last_name="Doe",
+                            membership_key=DOCS_MEMBER_KEY)
+        if not self._has_member(DOCS_PAYER_PHONE):
+            self.add_member(DOCS_PAYER_PHONE, points=2000, credit=0, first_name="Dana")
+            self.add_asset(DOCS_PAYER_PHONE, "FREECOFFEE", name="Free coffee", amount_off=350,
+                           product_codes={"COFFEE"})
+        if not any(deal.name == DEMO_DEAL for deal in self.deals.values()):
+            self.add_deal(DEMO_DEAL, percent_off=10, product_codes={"PASTRY"})
+        return [
+            self._customer(DOCS_MEMBER_PHONE, "John Doe, the docs' member-details example"),
+            self._customer(DOCS_MEMBER_KEY, "John Doe again, by his membership key"),
+            self._customer(DOCS_PAYER_PHONE, "the docs' payment example member, with a free-coffee gift"),
+        ]
+
+    def credentials(self) -> dict[str, str]:
+        """The driver's keyword arguments (besides ``base_url``) for this sandbox."""
+        return {
+            "api_key": self.api_key,
+            "source_type": "POS",
+            "source_name": "txengine-sandbox",
+            "pos_id": "POS-1",
+            "branch_id": "BR-1",
+            "payment_asset": self.payment_asset,
+        }
+
+    def issue_customer(self) -> dict[str, str]:
+        """A new member with funded wallets, ready for a sale."""
+        phone = next(
+            candidate for candidate in (f"555{n:07d}" for n in itertools.count(len(self.members) + 1))
+            if not self._has_member(candidate)
+        )
+        self.add_member(phone, points=NEW_CUSTOMER_POINTS, credit=NEW_CUSTOMER_CREDIT, first_name="New")
+        return self._customer(phone, "a new member")
+
+    def _has_member(self, phone_number: str) -> bool:
+        wanted = _phone(phone_number)
+        return any(member.phone_number == wanted for member in self.members.values())
+
+    def _customer(self, token: str, who: str) -> dict[str, str]:
+        member = self.members.get(token) or self.member(token)  # a membership key or a phone
+        wallets = f"{member.points} points, {member.credit} credit"
+        return {"customer_token": token,
+                "description": f"{who}: {wallets}; payments draw {self.payment_asset}"}
 
     def member(self, phone_number: str) -> Member:
         wanted = _phone(phone_number)
@@ -249,7 +335,10 @@ class RekonectSandbox(Sandbox):
     # --- envelope, authentication, strict input ---
 
     def error(self, status: int, code: str, message: str, **extra: Any) -> SandboxResponse:
-        return SandboxResponse.json(status, {"status": "error", "error": {"code": code, "message": message}})
+        error = {"code": code, "message": message}
+        if extra.get("path"):
+            error["path"] = extra["path"]  # communication-format: where the request failed
+        return SandboxResponse.json(status, {"status": "error", "error": error})
 
     def refuse(self, code: str, message: str, status: int = ASSUMED_ERROR_STATUS) -> SandboxResponse:
         return self.error(status, code, message)
@@ -283,17 +372,18 @@ class RekonectSandbox(Sandbox):
             try:
                 return self.member(str(given[PHONE_FIELD]))
             except KeyError:
-                raise BadRequest("Member not found", 404, NOT_FOUND) from None
+                raise Refused("Member not found", 404, MEMBER_NOT_FOUND, f"body.member.{PHONE_FIELD}") from None
         if MEMBER_KEY_FIELD in given:
             member = self.members.get(str(given[MEMBER_KEY_FIELD]))
             if member is None:
-                raise BadRequest("Member not found", 404, NOT_FOUND)
+                raise Refused("Member not found", 404, MEMBER_NOT_FOUND, f"body.member.{MEMBER_KEY_FIELD}")
             return member
         raise BadRequest(f"member needs {PHONE_FIELD} or {MEMBER_KEY_FIELD}", 400, BAD_REQUEST)
 
     # --- /member/details ---
 
     @route(ASSUMED_METHOD, MEMBER_DETAILS_PATH, "member_details")
+    @_pointing_at_the_field
     def member_details(self, request: SandboxRequest) -> SandboxResponse:
         body = self._body(request)
         member = self._member(body)
@@ -338,7 +428,8 @@ class RekonectSandbox(Sandbox):
     def _benefits(
         self, member: Member, transaction: dict[str, Any], offered: list[Any], at: datetime
     ) -> dict[str, Any]:
-        lines = _lines(transaction)
+        _basket(transaction, "transaction")
+        lines = _lines(transaction, PUBLIC_SHAPE)
         remaining = {line_id: gross for line_id, _, gross in lines}
         discounts = {line_id: 0 for line_id, _, _ in lines}
         deals = []
@@ -382,6 +473,7 @@ class RekonectSandbox(Sandbox):
     # --- /payment ---
 
     @route(ASSUMED_METHOD, PAYMENT_PATH, "payment")
+    @_pointing_at_the_field
     def payment(self, request: SandboxRequest) -> SandboxResponse:
         body = self._body(request)
         member = self._member(body)
@@ -398,6 +490,7 @@ class RekonectSandbox(Sandbox):
     def _pay(self, member: Member, payment: dict[str, Any], transaction: Any) -> SandboxResponse:
         if not isinstance(transaction, dict) or not isinstance(transaction.get(IDEMPOTENCY_FIELD), str):
             raise BadRequest(f"a payment needs a transaction with a {IDEMPOTENCY_FIELD}", 400, BAD_REQUEST)
+        _basket(transaction, "transaction")
         amount = payment.get("amount")
         if type(amount) is not int or amount <= 0:
             raise BadRequest("payment.amount must be a positive integer", 400, BAD_REQUEST)
@@ -408,14 +501,13 @@ class RekonectSandbox(Sandbox):
                 raise BadRequest(f"{IDEMPOTENCY_FIELD} {transaction_id} was paid with other details",
                                  ASSUMED_ERROR_STATUS, BAD_REQUEST)
             return self._payment_answer(earlier)
-        if member.balance.total < amount:
+        # The business configuration picks the one wallet a payment draws (general-flow).
+        wallet = self.payment_asset
+        if getattr(member, wallet) < amount:
             return self.refuse(INSUFFICIENT_BALANCE,
-                               "creditBalance balance for members is insufficient to process the payment!")
-        drawn, rest = {}, amount
-        for wallet in WALLET_ORDER:
-            drawn[wallet] = min(getattr(member, wallet), rest)
-            setattr(member, wallet, getattr(member, wallet) - drawn[wallet])
-            rest -= drawn[wallet]
+                               f"{wallet}Balance balance for members is insufficient to process the payment!")
+        setattr(member, wallet, getattr(member, wallet) - amount)
+        drawn = {wallet: amount}
         record = Payment(
             confirmation_code=self._new_id("payment"), member_key=member.membership_key,
             transaction_id=transaction_id, amount=amount, drawn=drawn, balance_after=member.balance,
@@ -443,6 +535,7 @@ class RekonectSandbox(Sandbox):
     # --- /transaction ---
 
     @route(ASSUMED_METHOD, TRANSACTION_PATH, "transaction")
+    @_pointing_at_the_field
     def transaction(self, request: SandboxRequest) -> SandboxResponse:
         body = self._body(request)
         container, field, cancel = TRANSACTION_CANCEL_SHAPE
@@ -459,20 +552,18 @@ class RekonectSandbox(Sandbox):
             raise BadRequest(f"transaction.{IDEMPOTENCY_FIELD} is required", 400, BAD_REQUEST)
         earlier = self.purchases.get(transaction_id)
         if earlier is not None:
-            # Guaranteed delivery re-sends: record once, answer the same code every time.
+            # Guaranteed delivery re-sends: record once, answer the same every time.
             earlier.submissions += 1
-            return self.success({SUBMIT_CONFIRMATION_FIELD: earlier.confirmation_code})
+            return self._submit_answer(earlier)
         member = self._member(body, required=False)
         opened = _utc_time(transaction.get("openTime"), "transaction.openTime")
-        _lines(transaction)
+        _lines(transaction, SEED_SHAPE)
         total = transaction.get("totalAmount")
         if type(total) is not int or total < 0:
             raise BadRequest("transaction.totalAmount must be a non-negative integer", 400, BAD_REQUEST)
         tenders = transaction.get("meansOfPayment") or []
         if tenders and sum(_amount(t) for t in tenders) != total:
             raise BadRequest("meansOfPayment does not add up to totalAmount", 400, BAD_REQUEST)
-        if not all(isinstance(item.get("netAmount"), int) for item in transaction["items"]):
-            raise BadRequest("each item needs an integer netAmount", 400, BAD_REQUEST)
         for deal in body.get("appliedDeals") or []:
             if not isinstance(deal, dict) or deal.get("key") not in self.deals:
                 raise BadRequest("Deal not found", 404, NOT_FOUND)
@@ -491,7 +582,12 @@ class RekonectSandbox(Sandbox):
         if member is not None:
             member.points += awarded
         self.purchases[transaction_id] = purchase
-        return self.success({SUBMIT_CONFIRMATION_FIELD: purchase.confirmation_code})
+        return self._submit_answer(purchase)
+
+    def _submit_answer(self, purchase: Purchase) -> SandboxResponse:
+        if self.submit_answers_code:
+            return self.success({SUBMIT_CONFIRMATION_FIELD: purchase.confirmation_code})
+        return self.success({})  # the seed's documented answer
 
     def _cancel_purchase(self, transaction: dict[str, Any]) -> SandboxResponse:
         code = transaction.get("confirmationCode")
@@ -536,12 +632,33 @@ def _utc_time(value: Any, where: str) -> datetime:
 
 def _amount(tender: Any) -> int:
     if not isinstance(tender, dict) or type(tender.get("amount")) is not int or not tender.get("type"):
-        raise BadRequest("each meansOfPayment needs a type and an integer amount", 400, BAD_REQUEST)
+        raise BadRequest("each tender needs a type and an integer amount", 400, BAD_REQUEST)
     return tender["amount"]
 
 
-def _lines(transaction: dict[str, Any]) -> list[tuple[str, str | None, int]]:
-    """(lineId, code, grossAmount) of each item, validated."""
+#: ``/member/details`` and ``/payment`` (public pages): dateTime, subtotal/total, payments[]
+PUBLIC_SHAPE = ("subtotal", "total")
+#: ``/transaction`` (seed): openTime, grossAmount/netAmount, meansOfPayment[]
+SEED_SHAPE = ("grossAmount", "netAmount")
+
+
+def _basket(transaction: dict[str, Any], where: str) -> None:
+    """The public pages' transaction: a UTC ``dateTime``; ``payments``, when sent, add up."""
+    _utc_time(transaction.get("dateTime"), f"{where}.dateTime")
+    if "openTime" in transaction or "meansOfPayment" in transaction:
+        raise BadRequest(f"{where} uses the /transaction shape; this call takes dateTime and payments",
+                         400, BAD_REQUEST)
+    total = transaction.get("totalAmount")
+    if type(total) is not int or total < 0:
+        raise BadRequest(f"{where}.totalAmount must be a non-negative integer", 400, BAD_REQUEST)
+    tenders = transaction.get("payments") or []
+    if tenders and sum(_amount(t) for t in tenders) != total:
+        raise BadRequest(f"{where}.payments does not add up to totalAmount", 400, BAD_REQUEST)
+
+
+def _lines(transaction: dict[str, Any], shape: tuple[str, str]) -> list[tuple[str, str | None, int]]:
+    """(lineId, code, gross amount) of each item, validated in the call's own shape."""
+    gross_field, net_field = shape
     items = transaction.get("items")
     if not isinstance(items, list) or not items:
         raise BadRequest("transaction.items must be a non-empty list", 400, BAD_REQUEST)
@@ -549,11 +666,13 @@ def _lines(transaction: dict[str, Any]) -> list[tuple[str, str | None, int]]:
     for item in items:
         if not isinstance(item, dict):
             raise BadRequest("each item must be an object", 400, BAD_REQUEST)
-        line_id, gross, quantity = item.get("lineId"), item.get("grossAmount"), item.get("quantity")
+        line_id, gross, quantity = item.get("lineId"), item.get(gross_field), item.get("quantity")
         if not isinstance(line_id, str) or line_id in seen:
             raise BadRequest("each item needs a unique lineId", 400, BAD_REQUEST)
         if type(gross) is not int or gross < 0 or type(quantity) is not int or quantity <= 0:
-            raise BadRequest("each item needs a quantity and a non-negative grossAmount", 400, BAD_REQUEST)
+            raise BadRequest(f"each item needs a quantity and a non-negative {gross_field}", 400, BAD_REQUEST)
+        if type(item.get(net_field)) is not int:
+            raise BadRequest(f"each item needs an integer {net_field}", 400, BAD_REQUEST)
         if not isinstance(item.get("name"), str):
             raise BadRequest("each item needs a name", 400, BAD_REQUEST)
         seen.add(line_id)
@@ -587,9 +706,11 @@ def _apply(
     return taken
 
 
-def rekonect_pair(clock: Clock, **driver_options: Any) -> tuple[RekonectSandbox, RekonectDriver]:
+def rekonect_pair(
+    clock: Clock, *, sandbox_options: dict[str, Any] | None = None, **driver_options: Any
+) -> tuple[RekonectSandbox, RekonectDriver]:
     """A sandbox and a driver wired to it in-process: the tests' and the demo's usual set-up."""
-    sandbox = RekonectSandbox(clock)
-    options = {"source_name": "txengine-tests", "pos_id": "POS-1", "branch_id": "BR-1",
-               "transport": sandbox.transport(), "environment": "sandbox", **driver_options}
-    return sandbox, RekonectDriver(api_key=sandbox.api_key, **options)
+    sandbox = RekonectSandbox(clock, **(sandbox_options or {}))
+    options = {**sandbox.credentials(), "transport": sandbox.transport(), "environment": "sandbox",
+               **driver_options}
+    return sandbox, RekonectDriver(**options)

@@ -34,8 +34,8 @@ AFTER_COMMIT = {Fault.TIMEOUT_AFTER_COMMIT, Fault.GARBAGE_AFTER_COMMIT, Fault.TR
 
 @pytest.fixture
 def sandbox(clock) -> RekonectSandbox:
-    sandbox = RekonectSandbox(clock)
-    sandbox.add_member(PHONE, points=1200, credit=300)
+    sandbox = RekonectSandbox(clock, submit_answers_code=True)
+    sandbox.add_member(PHONE, points=1500, credit=0)
     sandbox.add_asset(PHONE, "FREECOFFEE", name="Free coffee", amount_off=350, product_codes={"COFFEE"})
     sandbox.add_deal("10% off pastries", percent_off=10, product_codes={"PASTRY"})
     return sandbox
@@ -151,19 +151,18 @@ class TestWire:
         gift = next(iter(sandbox.assets.values()))
         assert benefits == {
             "member": {"phoneNumber": PHONE},
+            # the public member-details page's transaction: dateTime, subtotal/total
             "transaction": {
                 "transactionId": "tx-1",
-                "openTime": "2026-01-15T10:00:00Z",
+                "dateTime": "2026-01-15T10:00:00Z",
                 "totalAmount": 2850,
-                # VAT inside each gross amount, half up: 31.8 -> 32, 45.45 -> 45, 333.3 -> 333
-                "totalTaxAmount": 410,
                 "items": [
                     {"lineId": "1", "code": "COFFEE", "name": "Flat white", "quantity": 1,
-                     "grossAmount": 350, "netAmount": 350, "action": "sale"},
+                     "subtotal": 350, "total": 350},
                     {"lineId": "2", "code": "PASTRY", "name": "Croissant", "quantity": 2,
-                     "grossAmount": 500, "netAmount": 500, "action": "sale"},
+                     "subtotal": 500, "total": 500},
                     {"lineId": "3", "name": "Sparkling water", "quantity": 1,
-                     "grossAmount": 2000, "netAmount": 2000, "action": "sale"},
+                     "subtotal": 2000, "total": 2000},
                 ],
             },
             "usedAssets": [{"key": gift.key, "code": "FREECOFFEE"}],
@@ -178,19 +177,19 @@ class TestWire:
         driver.run(driver.preview(preview_request(clock, token=" 551-112 (22) 33 ")))
         assert bodies(sandbox)[0] == {"member": {"phoneNumber": PHONE}}
 
-    def test_benefits_become_line_discounts_then_points_and_credit_cover_the_rest(self, driver, clock):
+    def test_benefits_become_line_discounts_then_points_cover_the_rest(self, driver, clock):
         quote = driver.run(driver.preview(preview_request(clock)))
         priced = [(l.discount.amount_minor, l.credits.amount_minor, l.outstanding.amount_minor)
                   for l in quote.lines]
-        # gift: 350 off the coffee; deal: 10% off pastries; 1500 of points+credit, line by line
+        # gift: 350 off the coffee; deal: 10% off pastries; 1500 points, line by line
         assert priced == [(350, 0, 0), (50, 450, 0), (0, 1050, 950)]
-        assert quote.details["balance"] == {"credit": 300, "points": 1200}
-        assert quote.details["loyalty_payment"] == {"credit": 300, "points": 1200}
+        assert quote.details["balance"] == {"credit": 0, "points": 1500}
+        assert quote.details["loyalty_payment"] == {"credit": 0, "points": 1500}
         assert [(d["key"], d["appliedAmount"]) for d in quote.details["applied_deals"]] == [("deal-1", -50)]
         assert [(a["code"], a["appliedAmount"]) for a in quote.details["used_assets"]] == [("FREECOFFEE", -350)]
         assert [(r.name, r.value) for r in quote.receipt] == [
             ("10% off pastries", "-0.50 EUR"), ("Free coffee", "-3.50 EUR"),
-            ("Paid with points/credit", "-15.00 EUR"),
+            ("Paid with points", "-15.00 EUR"),
         ]
 
     def test_external_payment_keeps_the_benefits_and_uses_no_points(self, driver, sandbox, clock):
@@ -207,6 +206,37 @@ class TestWire:
         assert bodies(sandbox, "/v1/payment") == [{
             "member": {"membershipKey": member_key},
             "payment": {"action": "pay", "amount": 1500},
+            # the public payment page's transaction: dateTime, subtotal/total, payments[]
+            "transaction": {
+                "transactionId": "tx-1",
+                "dateTime": "2026-01-15T10:00:00Z",
+                "totalAmount": 2450,
+                "items": [
+                    {"lineId": "1", "code": "COFFEE", "name": "Flat white", "quantity": 1,
+                     "subtotal": 350, "total": 0},
+                    {"lineId": "2", "code": "PASTRY", "name": "Croissant", "quantity": 2,
+                     "subtotal": 500, "total": 450},
+                    {"lineId": "3", "name": "Sparkling water", "quantity": 1,
+                     "subtotal": 2000, "total": 2000},
+                ],
+                "payments": [{"type": "POINTS", "amount": 1500}, {"type": "EXTERNAL", "amount": 950}],
+            },
+        }]
+        code = next(iter(sandbox.payments))
+        assert outcome.provider_ref == code
+        assert outcome.details == {"loyalty_paid": True, "payment_confirmation_code": code,
+                                   "balance": {"credit": 0, "points": 0}}
+        assert [(r.name, r.value) for r in outcome.receipt] == [
+            ("Paid with points", "15.00 EUR"), ("Points left", "0"), ("Credit left", "0.00 EUR")]
+
+    def test_the_submit_body_is_the_seeds_shape_built_at_commit_time(self, driver, sandbox, clock):
+        tx = previewed(driver, clock)
+        tx = finalized(tx, driver.run(driver.finalize(tx, "fin-1")))
+        payload = driver.delivery_payload("submit", tx)
+        assert json.loads(json.dumps(payload)) == payload  # JSON-safe as stored
+        gift = next(iter(sandbox.assets.values()))
+        assert payload == {
+            "member": {"membershipKey": sandbox.member(PHONE).membership_key},
             "transaction": {
                 "transactionId": "tx-1",
                 "openTime": "2026-01-15T10:00:00Z",
@@ -222,26 +252,8 @@ class TestWire:
                     {"lineId": "3", "name": "Sparkling water", "quantity": 1,
                      "grossAmount": 2000, "netAmount": 2000, "action": "sale"},
                 ],
-                "meansOfPayment": [{"type": "CREDIT", "amount": 300}, {"type": "POINTS", "amount": 1200},
-                                   {"type": "EXTERNAL", "amount": 950}],
+                "meansOfPayment": [{"type": "POINTS", "amount": 1500}, {"type": "EXTERNAL", "amount": 950}],
             },
-        }]
-        code = next(iter(sandbox.payments))
-        assert outcome.provider_ref == code
-        assert outcome.details == {"loyalty_paid": True, "payment_confirmation_code": code,
-                                   "balance": {"credit": 0, "points": 0}}
-        assert [(r.name, r.value) for r in outcome.receipt] == [
-            ("Paid with points/credit", "15.00 EUR"), ("Points left", "0"), ("Credit left", "0.00 EUR")]
-
-    def test_the_submit_body_is_the_seeds_shape_built_at_commit_time(self, driver, sandbox, clock):
-        tx = previewed(driver, clock)
-        tx = finalized(tx, driver.run(driver.finalize(tx, "fin-1")))
-        payload = driver.delivery_payload("submit", tx)
-        assert json.loads(json.dumps(payload)) == payload  # JSON-safe as stored
-        gift = next(iter(sandbox.assets.values()))
-        assert payload == {
-            "member": {"membershipKey": sandbox.member(PHONE).membership_key},
-            "transaction": bodies(sandbox, "/v1/payment")[0]["transaction"],
             "usedAssets": [{"key": gift.key, "code": "FREECOFFEE", "appliedAmount": -350}],
             "appliedDeals": [{"key": "deal-1", "appliedAmount": -50}],
         }
@@ -267,12 +279,12 @@ class TestWire:
         assert [r.path for r in sandbox.requests] == ["/v1/transaction", "/v1/transaction", "/v1/payment"]
         assert outcome.details == {"purchase_confirmation_code": purchase.confirmation_code,
                                    "purchase_cancelled": True, "payment_cancelled": True,
-                                   "balance": {"credit": 300, "points": 1200}}
+                                   "balance": {"credit": 0, "points": 1500}}
         assert sandbox.balance(PHONE) == sandbox.opening_balances[PHONE]
         assert purchase.status == "cancelled" and sandbox.payments[payment_code].status == "cancelled"
 
     def test_sandbox_accepts_the_seeds_own_example(self, clock):
-        sandbox = RekonectSandbox(clock)
+        sandbox = RekonectSandbox(clock, submit_answers_code=True)
         sandbox.add_member("1234567890")
         sandbox.add_asset("1234567890", "string", key="string")
         sandbox.add_deal("any", key="string")
@@ -292,6 +304,13 @@ def _paths(value, prefix="") -> set[str]:
     if isinstance(value, list):
         return set().union(*(_paths(item, prefix) for item in value)) if value else set()
     return set()
+
+
+#: a /payment transaction in the public pages' shape, for direct sandbox calls
+PAYMENT_BASKET = {
+    "transactionId": "t", "dateTime": "2026-01-15T10:00:00Z", "totalAmount": 1000,
+    "items": [{"lineId": "1", "name": "Thing", "quantity": 1, "subtotal": 1000, "total": 1000}],
+}
 
 
 SEED_SUBMIT_EXAMPLE = {
@@ -326,20 +345,20 @@ class TestErrors:
             driver.run(driver.finalize(tx, "fin-1"))
         assert refused.value.code == "407"
         assert refused.value.provider_message == policy.CASHIER_MESSAGES["407"]
-        assert sandbox.balance(PHONE).total == 400 and not sandbox.payments
+        assert sandbox.balance(PHONE).total == 100 and not sandbox.payments
 
     def test_407_travels_with_the_assumed_error_status(self, driver, sandbox, clock):
         tx = previewed(driver, clock)
-        sandbox.member(PHONE).credit = 0
+        sandbox.member(PHONE).points = 0
         with pytest.raises(ProviderRejected):
             driver.run(driver.finalize(tx, "fin-1"))
         assert policy.ASSUMED_ERROR_STATUS == 400
         answer = _api_post(sandbox, "/v1/payment", {
             "member": {"phoneNumber": PHONE}, "payment": {"action": "pay", "amount": 99999},
-            "transaction": {"transactionId": "t"}})
+            "transaction": PAYMENT_BASKET})
         assert answer.status_code == policy.ASSUMED_ERROR_STATUS
         assert answer.json() == {"status": "error", "error": {
-            "code": "407", "message": "creditBalance balance for members is insufficient to process the payment!"}}
+            "code": "407", "message": "pointsBalance balance for members is insufficient to process the payment!"}}
 
     def test_522_a_gift_used_at_another_till_parks_the_second_submit(self, driver, sandbox, clock):
         first = previewed(driver, clock, tx_id="tx-1", payment_type="EXTERNAL_PAYMENT")
@@ -368,8 +387,9 @@ class TestErrors:
     def test_an_unknown_member_is_refused_with_the_providers_code(self, driver, clock):
         with pytest.raises(ProviderRejected) as refused:
             driver.run(driver.preview(preview_request(clock, token="5550000000")))
-        assert refused.value.code == "404"
-        assert "Member not found" in refused.value.provider_message
+        # communication-format: {"code": "4001012", "message": "Member not found", "path": ...}
+        assert refused.value.code == policy.MEMBER_NOT_FOUND == "4001012"
+        assert refused.value.provider_message == policy.CASHIER_MESSAGES["4001012"]
 
     def test_a_wrong_api_key_is_refused(self, sandbox, clock):
         wrong = RekonectDriver(environment="sandbox", api_key="not-the-key", source_name="s", pos_id="p", branch_id="b",
@@ -495,7 +515,7 @@ def _api_post(sandbox, path, body, api_key=None, **headers) -> httpx.Response:
 def _pay(sandbox, amount, transaction_id="t-1", phone=PHONE) -> httpx.Response:
     return _api_post(sandbox, "/v1/payment", {
         "member": {"phoneNumber": phone}, "payment": {"action": "pay", "amount": amount},
-        "transaction": {"transactionId": transaction_id}})
+        "transaction": {**PAYMENT_BASKET, "transactionId": transaction_id}})
 
 
 def _submit(sandbox, transaction_id, *, assets=(), open_time="2026-01-15T10:00:00Z", amount=1000,
@@ -518,11 +538,16 @@ def _error_code(answer: httpx.Response) -> str:
 
 
 class TestSandboxRules:
-    def test_pay_draws_credit_first_then_points(self, sandbox):
+    def test_pay_draws_only_the_wallet_the_business_configured(self, sandbox, clock):
+        sandbox.member(PHONE).credit = 300
         answer = _pay(sandbox, 500).json()
         assert answer["status"] == "success"
-        assert answer["data"]["newBalance"] == {"points": 1000, "credit": 0}
-        assert sandbox.balance(PHONE).total == 1000
+        assert answer["data"]["newBalance"] == {"points": 1000, "credit": 300}
+        assert _error_code(_pay(sandbox, 1001, transaction_id="t-2")) == "407"  # credit never tops up points
+        by_credit = RekonectSandbox(clock, payment_asset="credit")
+        by_credit.add_member(PHONE, points=1500, credit=300)
+        assert _error_code(_pay(by_credit, 500)) == "407"
+        assert _pay(by_credit, 300, transaction_id="t-2").json()["data"]["newBalance"] == {"points": 1500, "credit": 0}
 
     def test_pay_beyond_the_balance_is_407_and_charges_nothing(self, sandbox):
         assert _error_code(_pay(sandbox, 1501)) == "407"
@@ -542,12 +567,15 @@ class TestSandboxRules:
                   "payment": {"action": "cancel", "confirmationCode": code, "amount": -700}}
         for _ in range(2):
             answer = _api_post(sandbox, "/v1/payment", cancel).json()
-            assert answer["data"] == {"confirmationCode": code, "newBalance": {"points": 1200, "credit": 300}}
+            assert answer["data"] == {"confirmationCode": code, "newBalance": {"points": 1500, "credit": 0}}
         assert sandbox.balance(PHONE) == sandbox.opening_balances[PHONE]
         wrong = {**cancel, "payment": {**cancel["payment"], "amount": -1}}
         assert _error_code(_api_post(sandbox, "/v1/payment", wrong)) == "400"
         unknown = {**cancel, "payment": {"action": "cancel", "confirmationCode": "nope"}}
         assert _error_code(_api_post(sandbox, "/v1/payment", unknown)) == "404"
+        ghost = {**cancel, "member": {"phoneNumber": "5550000000"}}
+        assert _api_post(sandbox, "/v1/payment", ghost).json()["error"] == {
+            "code": "4001012", "message": "Member not found", "path": "body.member.phoneNumber"}
 
     def test_a_gift_is_used_once(self, sandbox):
         gift = next(iter(sandbox.assets.values()))
@@ -555,8 +583,10 @@ class TestSandboxRules:
         assert gift.used_by == "t-1"
         assert _error_code(_submit(sandbox, "t-2", assets=[gift])) == "522"
         benefits = {"member": {"phoneNumber": PHONE}, "usedAssets": [{"key": gift.key, "code": gift.code}],
-                    "transaction": {"transactionId": "t-3", "items": [
-                        {"lineId": "1", "code": "COFFEE", "name": "c", "quantity": 1, "grossAmount": 350}]}}
+                    "transaction": {"transactionId": "t-3", "dateTime": "2026-01-15T10:00:00Z",
+                                    "totalAmount": 350, "items": [
+                        {"lineId": "1", "code": "COFFEE", "name": "c", "quantity": 1, "subtotal": 350,
+                         "total": 350}]}}
         answer = _api_post(sandbox, "/v1/member/details", benefits, x_return_benefits="true")
         assert _error_code(answer) == "522"
         assert answer.json()["error"]["message"] == "Used asset is already used."
@@ -580,12 +610,14 @@ class TestSandboxRules:
 
     def test_deals_need_their_products_and_minimum_spend(self, sandbox):
         sandbox.add_deal("5 off above 30", amount_off=500, min_total=3000)
-        items = [{"lineId": "1", "code": "PASTRY", "name": "p", "quantity": 3, "grossAmount": 999},
-                 {"lineId": "2", "code": "TEA", "name": "t", "quantity": 1, "grossAmount": 2000}]
-        body = {"member": {"phoneNumber": PHONE}, "transaction": {"transactionId": "t", "items": items}}
+        items = [{"lineId": "1", "code": "PASTRY", "name": "p", "quantity": 3, "subtotal": 999, "total": 999},
+                 {"lineId": "2", "code": "TEA", "name": "t", "quantity": 1, "subtotal": 2000, "total": 2000}]
+        body = {"member": {"phoneNumber": PHONE}, "transaction": {
+            "transactionId": "t", "dateTime": "2026-01-15T10:00:00Z", "totalAmount": 2999, "items": items}}
         small = _api_post(sandbox, "/v1/member/details", body, x_return_benefits="true").json()["data"]["benefits"]
         assert small["appliedDeals"] == [{"key": "deal-1", "name": "10% off pastries", "appliedAmount": -99}]
-        items[1]["grossAmount"] = 2500
+        items[1]["subtotal"] = items[1]["total"] = 2500
+        body["transaction"]["totalAmount"] = 3499
         big = _api_post(sandbox, "/v1/member/details", body, x_return_benefits="true").json()["data"]["benefits"]
         assert [d["appliedAmount"] for d in big["appliedDeals"]] == [-99, -500]
         assert big["items"] == [{"lineId": "1", "discountAmount": -599}, {"lineId": "2", "discountAmount": 0}]
@@ -601,7 +633,7 @@ class TestSandboxRules:
         assert sandbox.purchases["t-1"].member_key is None
 
     def test_cancelling_a_purchase_revokes_its_points_but_not_its_payment(self, clock):
-        sandbox = RekonectSandbox(clock, earn_points_per_100=5)
+        sandbox = RekonectSandbox(clock, earn_points_per_100=5, submit_answers_code=True)
         sandbox.add_member(PHONE, points=1000)
         _pay(sandbox, 400)
         code = _submit(sandbox, "t-1", amount=2000).json()["data"]["confirmationCode"]
@@ -690,7 +722,7 @@ class TestFlows:
         tx = previewed(driver, clock)
         assert tx.outstanding.amount_minor == 0
         assert driver.delivery_payload("submit", tx)["transaction"]["meansOfPayment"] == [
-            {"type": "CREDIT", "amount": 300}, {"type": "POINTS", "amount": 2150}]
+            {"type": "POINTS", "amount": 2450}]
 
 
 # --- transports --------------------------------------------------------------------------------------------
@@ -750,7 +782,9 @@ class TestPolicy:
         assert capabilities.timers == policy.TIMERS
 
     def test_the_assumptions_named_in_the_fidelity_note(self):
-        assert policy.ASSUMED_BASE_URL == "https://dev-pos-api.fidelizacion.app"
+        # settled by docs.rekonect.works/docs/overview/communication-format
+        assert RekonectDriver.environments == {"sandbox": "https://dev-pos-api.fidelizacion.app",
+                                               "production": "https://pos-api.fidelizacion.app"}
         assert (policy.MEMBER_DETAILS_PATH, policy.PAYMENT_PATH, policy.TRANSACTION_PATH) == (
             "/v1/member/details", "/v1/payment", "/v1/transaction")
         assert policy.ASSUMED_METHOD == "POST" and policy.ASSUMED_ERROR_STATUS == 400
@@ -758,7 +792,7 @@ class TestPolicy:
         assert policy.SUBMIT_CONFIRMATION_FIELD == "confirmationCode"
         assert policy.TRANSACTION_CANCEL_SHAPE == ("transaction", "action", "cancel")
         assert policy.BENEFITS_FIELD == "benefits" and policy.NOT_RECORDED_CODES == {"522"}
-        assert policy.WALLET_ORDER == ("credit", "points") and policy.AUTO_REDEEM_ASSETS is True
+        assert policy.ASSUMED_DEFAULT_PAYMENT_ASSET == "points" and policy.AUTO_REDEEM_ASSETS is True
         assert policy.EXTERNAL_TENDER_TYPE == "EXTERNAL"
         assert policy.TIMERS == TimerPolicy()  # the lifecycle's defaults: Rekonect states none
 
@@ -777,8 +811,13 @@ class TestPolicy:
         assert make_driver(sandbox, timeout=6).timeout.read == 6
 
     def test_base_url(self, sandbox):
-        assert make_driver(sandbox, transport=None).base_url == policy.ASSUMED_BASE_URL
-        assert sandbox.base_url == policy.ASSUMED_BASE_URL
+        assert make_driver(sandbox, transport=None).base_url == policy.DEV_BASE_URL
+        assert sandbox.base_url == policy.DEV_BASE_URL
+        production = RekonectDriver(environment="production", api_key="k", source_name="s", pos_id="p",
+                                    branch_id="b")
+        assert production.base_url == policy.PRODUCTION_BASE_URL == "https://pos-api.fidelizacion.app"
+        with pytest.raises(ValidationError):
+            RekonectDriver(api_key="k", source_name="s", pos_id="p", branch_id="b")  # no silent default
         for refused in ("http://api.example.com", "ftp://127.0.0.1", "api.example.com"):
             with pytest.raises(ValidationError):
                 make_driver(sandbox, base_url=refused)
