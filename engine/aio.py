@@ -16,6 +16,7 @@ from .engine import _Facade, driver_failure
 from .models import Basket, DeliveryRecord, Event, LineItem, Transaction
 from . import telemetry
 from .secret import Secret
+from .store.base import Intent
 
 
 class AsyncEngine(_Facade):
@@ -101,6 +102,14 @@ class AsyncEngine(_Facade):
     async def recover(self, *, limit: int = 100) -> int:
         """Re-drive up to ``limit`` in-doubt side effects; returns how many settled."""
         return await self._run(self.core.recover(batch=limit))
+
+    async def resolve(self, tx_id: str, *, applied: bool) -> Transaction:
+        """An operator settles a transaction's in-doubt call (see ``Core.resolve``)."""
+        return await self._run(self.core.resolve(tx_id, applied=applied))
+
+    async def needing_attention(self, *, limit: int = 100) -> list[Intent]:
+        """In-doubt calls the engine will not re-send: they wait for ``resolve`` or ``cancel``."""
+        return await asyncio.to_thread(self.store.needing_attention, limit, self.core.providers)
 
     async def deliver_pending(self, *, max_rounds: int | None = None) -> int:
         return await self._run(self.core.deliver_pending(max_rounds=max_rounds))

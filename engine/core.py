@@ -50,6 +50,7 @@ from .clock import Clock
 from .codec import decode_fields, decode_line, dumps, encode_fields, encode_line
 from .drivers import Capabilities, Delivery, PreviewRequest, ProviderDriver
 from .errors import (
+    ConcurrentModification,
     EngineError,
     IdempotencyConflict,
     OutcomeUnknown,
@@ -70,10 +71,13 @@ from .store.base import (
     DONE,
     DROP,
     IN_FLIGHT,
+    PARK,
     PENDING,
     PUT,
     REJECTED,
     RELEASE,
+    REPLACE,
+    RESOLVE,
     TAKE,
     CommandOp,
     CommandRecord,
@@ -172,6 +176,13 @@ RECOVERY_BACKOFF: tuple[timedelta, ...] = (
     timedelta(0), timedelta(seconds=5), timedelta(seconds=30), timedelta(minutes=2), timedelta(minutes=10),
 )
 
+#: How much longer than its driver's call deadline an intent lease lasts: the claim's
+#: commit before the call and the outcome's commit after it.  A lease always outlives
+#: the call it covers, so a live call is never taken over.
+LEASE_MARGIN = timedelta(seconds=15)
+#: The deadline assumed for a driver that declares none (not an ``HttpDriver``).
+DEFAULT_CALL_DEADLINE = 30.0
+
 MAX_KEY_LENGTH = 255
 MAX_COMMENT_LENGTH = 500
 DEFAULT_PAYMENT_TYPE = "SPLIT_PAYMENT"
@@ -201,13 +212,7 @@ def _check_tx_id(tx_id: str) -> str:
 
 def _in_context(error: EngineError, tx: Transaction | None, event: str, tx_id: str | None = None) -> EngineError:
     """The same error, re-raised with the transaction, its state and the event named."""
-    context = {"tx_id": tx.id if tx else tx_id, "state": tx.state if tx else None, "event": event}
-    if isinstance(error, ProviderRejected):
-        return ProviderRejected(error.provider_message, code=error.code, retry_after=error.retry_after,
-                                provider=error.provider, **context)
-    if isinstance(error, OutcomeUnknown):
-        return OutcomeUnknown(error.detail, provider=error.provider, **context)
-    return type(error)(error.detail, **context)
+    return error.located(tx_id=tx.id if tx else tx_id, state=tx.state if tx else None, event=event)
 
 
 def _steps(*ops: StoreOp) -> Command:
@@ -215,7 +220,8 @@ def _steps(*ops: StoreOp) -> Command:
         yield op
 
 
-def _unknown_if_unstored(settling: Command, tx: Transaction | None, event: str, tx_id: str | None = None) -> Command:
+def _unknown_if_unstored(settling: Command, tx: Transaction | None, event: str, tx_id: str | None = None,
+                         idempotency_key: str | None = None) -> Command:
     """Run the writes that follow a provider call, where a store failure means OutcomeUnknown.
 
     The provider may have acted and we could not record what it answered: the intent
@@ -227,7 +233,7 @@ def _unknown_if_unstored(settling: Command, tx: Transaction | None, event: str, 
         raise OutcomeUnknown(
             f"the provider was called but its answer could not be stored ({failure.detail});"
             " recover() settles it once the store is back", tx_id=tx.id if tx else tx_id,
-            state=tx.state if tx else None, event=event) from failure
+            state=tx.state if tx else None, event=event, idempotency_key=idempotency_key) from failure
 
 
 class Core:
@@ -239,7 +245,7 @@ class Core:
         clock: Clock,
         *,
         timers: Mapping[str, TimerPolicy] | None = None,
-        intent_lease: timedelta = timedelta(seconds=60),
+        intent_lease: timedelta | None = None,
         delivery_lease: timedelta = timedelta(seconds=60),
         delivery_concurrency: int = 8,
         delivery_round: int = 100,
@@ -261,12 +267,17 @@ class Core:
             raise ValidationError("delivery_concurrency must be a positive integer")
         if not isinstance(delivery_round, int) or delivery_round < 1:
             raise ValidationError("delivery_round must be a positive integer")
-        self.intent_lease = intent_lease
+        self.intent_leases = {name: _intent_lease(name, driver, intent_lease) for name, driver in drivers.items()}
         self.delivery_lease = delivery_lease
         self.delivery_concurrency = delivery_concurrency
         self.delivery_round = delivery_round
         self.rng = rng or random.Random()
         self._hash_key: bytes | None = None
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """The configured providers' names, sorted."""
+        return self._providers
 
     # --- small helpers -------------------------------------------------------------------
 
@@ -305,6 +316,11 @@ class Core:
     def _load(self, tx_id: str) -> Command:
         tx = yield _load(_check_tx_id(tx_id))
         if tx is None:
+            lost = yield StoreOp("preview_in_doubt", (tx_id,))
+            if lost is not None:  # the id an OutcomeUnknown of a preview named
+                raise TransactionInDoubt(
+                    f"its preview's outcome is unknown; retry the preview with idempotency key {lost.key!r}",
+                    tx_id=tx_id, event="preview")
             raise TransactionNotFound("no such transaction", tx_id=tx_id)
         return tx
 
@@ -350,10 +366,11 @@ class Core:
             token.fingerprint(hash_key) if token else None,
         )
         now = self.clock.now()
-        lease_until = now + self.intent_lease
+        lease_until = now + self.intent_leases[provider]
         record = yield StoreOp("load_command", (key,))
         if record is None:
-            record = CommandRecord(key, "preview", fingerprint, _new_tx_id(), IN_FLIGHT, lease_until=lease_until)
+            record = CommandRecord(key, "preview", fingerprint, _new_tx_id(), IN_FLIGHT, lease_until=lease_until,
+                                   started_at=now)
             claim = CommandOp(record, insert=True)
         else:
             replayed = yield from self._replay(record, "preview", fingerprint)
@@ -361,9 +378,12 @@ class Core:
                 return replayed
             record = attrs.evolve(record, lease_until=lease_until)
             claim = CommandOp(record, take_lease_at=now)
-        step = decide(None, "preview", now, capabilities.timers)
+        # The provider's clock started at the first attempt: a retry keeps that time for
+        # every deadline, or allowed_events would offer what the provider then refuses.
+        started = record.started_at or now
+        step = decide(None, "preview", started, capabilities.timers)
         call = self._prepare(provider, "preview",
-                             PreviewRequest(record.tx_id, basket, token, payment_type, key, now))
+                             PreviewRequest(record.tx_id, basket, token, payment_type, key, started))
         yield _write(Commit(record.tx_id, 0, command=claim))
         try:
             quote = yield call
@@ -375,19 +395,21 @@ class Core:
             raise _in_context(refusal, None, "preview", record.tx_id) from None
         except OutcomeUnknown as unknown:
             yield _write(Commit(record.tx_id, 0, command=CommandOp(attrs.evolve(record, lease_until=None))))
-            raise _in_context(unknown, None, "preview", record.tx_id) from None
+            raise OutcomeUnknown(unknown.detail, provider=unknown.provider, idempotency_key=key,
+                                 tx_id=record.tx_id, event="preview") from None
 
         fields = {
             "id": record.tx_id, "provider": provider, "currency": basket.currency,
             "payment_type": payment_type, "items": quote.lines, "provider_ref": quote.provider_ref,
             "receipt": quote.receipt, "details": dict(quote.details), **step.changes,
         }
-        event = journal.transition_event(None, now, event=step.event, source=step.source,
+        # created at its first attempt, like its deadlines
+        event = journal.transition_event(None, started, event=step.event, source=step.source,
                                          target=step.target, fields=fields)
         tx = journal.apply(None, event)
         done = attrs.evolve(record, status=DONE, version=tx.version, lease_until=None)
         stored = _write(Commit(tx.id, 0, events=(event,), snapshot=tx, command=CommandOp(done)))
-        yield from _unknown_if_unstored(_steps(stored), None, "preview", tx.id)
+        yield from _unknown_if_unstored(_steps(stored), None, "preview", tx.id, idempotency_key=key)
         return tx
 
     # --- commands on an existing transaction ---------------------------------------------------
@@ -402,7 +424,7 @@ class Core:
         idempotency_key: str | None = None,
     ) -> Command:
         key = _check_key(idempotency_key)
-        params = _params(event, items, comment)
+        params = command_params(event, items, comment)
         tx = yield from self._load(tx_id)
         if items is not None:
             _check_currency(items, tx)
@@ -426,7 +448,9 @@ class Core:
 
         now = self.clock.now()
         if tx.pending is not None:
-            return (yield from self._resume(tx, event, key, now))
+            if event == "cancel" and tx.pending == "update" and "cancel" in capabilities.remote:
+                return (yield from self._cancel_over_update(tx, key, fingerprint, now))
+            return (yield from self._resume(tx, event, key, fingerprint, now))
         if machine.is_overdue(tx, now):
             expired = yield from self._expire(tx, now, capabilities)
             raise machine.preview_expired(expired, event, now)
@@ -452,61 +476,183 @@ class Core:
         attempt = journal.note_event(tx, now, journal.ATTEMPT, event=event, attempt=1)
         claimed = journal.apply(tx, attempt)
         record = CommandRecord(intent.idempotency_key, event, fingerprint, tx.id, IN_FLIGHT)
+        owner = _owner_token()
         yield _write(Commit(
             tx.id, tx.version, events=(attempt,), snapshot=claimed,
-            intent=IntentOp(PUT, intent, lease_until=now + self.intent_lease),
+            intent=IntentOp(PUT, intent, now=now, lease=self.intent_leases[tx.provider], owner=owner),
             command=CommandOp(record, insert=True),
         ))
-        return (yield from _unknown_if_unstored(self._settle(claimed, intent, call, attempt=1), tx, event))
+        return (yield from _unknown_if_unstored(self._settle(claimed, intent, call, attempt=1, owner=owner), tx, event))
 
-    def _resume(self, tx: Transaction, event: str, key: str | None, now: datetime) -> Command:
-        """Re-send the in-doubt side effect, if this command is its retry."""
+    def _resume(self, tx: Transaction, event: str, key: str | None, fingerprint: str | None,
+                now: datetime) -> Command:
+        """Re-send the in-doubt side effect, only if this command is exactly its retry: the
+        same event with the same parameters (an update with other lines, a refund with
+        another comment is another command, and must wait)."""
         intent = yield StoreOp("load_intent", (tx.id,))
-        if intent is None or intent.event != event or (key is not None and key != intent.idempotency_key):
+        same = intent is not None and intent.event == event and key in (None, intent.idempotency_key)
+        if same:
+            claimed = yield StoreOp("load_command", (intent.idempotency_key,))
+            same = claimed is not None and claimed.fingerprint == fingerprint
+        if not same:
             raise TransactionInDoubt(
                 f"the outcome of its {tx.pending} is unknown; retry {tx.pending} or run recover()",
                 tx_id=tx.id, state=tx.state, event=event)
         return (yield from self._take_over(tx, intent, now))
 
     def _take_over(self, tx: Transaction, intent: Intent, now: datetime) -> Command:
+        if intent.attention is not None:
+            raise TransactionInDoubt(
+                f"its {intent.event} needs an operator: {intent.attention}", tx_id=tx.id, state=tx.state,
+                event=intent.event)
+        guarded = intent.event in self._capabilities(tx.provider).not_idempotent
         call = self._prepare(tx.provider, intent.event, *_driver_args(tx, intent))
         attempt = journal.note_event(tx, now, journal.ATTEMPT, event=intent.event,
                                      attempt=intent.attempts + 1)
         claimed = journal.apply(tx, attempt)
+        owner = _owner_token()
         yield _write(Commit(tx.id, tx.version, events=(attempt,), snapshot=claimed,
-                            intent=IntentOp(TAKE, now=now, lease_until=now + self.intent_lease)))
+                            intent=IntentOp(TAKE, now=now, lease=self.intent_leases[tx.provider], owner=owner)))
+        if guarded:
+            found = yield from self._reconcile(tx, intent)
+            if found is not None or intent.attempts >= 2:
+                if call.exchange is not None:
+                    call.exchange.close()  # built, never sent
+            if found is not None:  # the provider shows it applied: commit that, send nothing
+                call = ProviderOp(tx.provider, intent.event, result=found)
+            elif intent.attempts >= 2:  # its one blind re-send is spent: never a third
+                yield from self._park(claimed, intent, owner)
         return (yield from _unknown_if_unstored(
-            self._settle(claimed, intent, call, attempt=intent.attempts + 1), tx, intent.event))
+            self._settle(claimed, intent, call, attempt=intent.attempts + 1, owner=owner), tx, intent.event))
 
-    def _settle(self, tx: Transaction, intent: Intent, call: ProviderOp, *, attempt: int) -> Command:
-        """Run the provider call of a claimed intent and commit whatever it answers."""
+    def _reconcile(self, tx: Transaction, intent: Intent) -> Command:
+        """The driver's reading of whether the in-doubt call applied; None if it cannot tell."""
+        items = _new_items(tx, intent.params) if intent.event == "update" else ()
+        try:
+            return (yield self._prepare(tx.provider, "reconcile", tx, intent.event, intent.idempotency_key, items))
+        except EngineError:
+            return None  # no reading: treat as "cannot tell"
+
+    def _park(self, tx: Transaction, intent: Intent, owner: str) -> Command:
+        """Stop re-sending a call the provider may apply twice: an operator decides now."""
+        reason = (f"{intent.event} was sent {intent.attempts} times without a usable answer and is not"
+                  " idempotent at the provider; resolve it or cancel the transaction")
+        note = journal.note_event(tx, self.clock.now(), journal.ATTENTION, event=intent.event, reason=reason)
+        yield _write(Commit(tx.id, tx.version, events=(note,), snapshot=journal.apply(tx, note),
+                            intent=IntentOp(PARK, owner=owner, error=reason)))
+        raise TransactionInDoubt(f"its {intent.event} needs an operator: {reason}",
+                                 tx_id=tx.id, state=tx.state, event=intent.event)
+
+    def _cancel_over_update(self, tx: Transaction, key: str | None, fingerprint: str | None,
+                            now: datetime) -> Command:
+        """Cancel a transaction whose only doubt is a basket update.
+
+        Whatever became of the update, cancelling releases the whole preview at the
+        provider, so the customer's credits are never held hostage by a lost answer.
+        The cancel's intent replaces the update's (only when no call is live), and runs
+        like any other call: an unknown outcome leaves the cancel in doubt for a retry.
+        """
+        capabilities = self._capabilities(tx.provider)
+        step = decide(tx, "cancel", now, capabilities.timers)
+        abandoned = yield StoreOp("load_intent", (tx.id,))
+        intent = Intent(tx_id=tx.id, event="cancel", idempotency_key=key or f"auto:{tx.id}:cancel:{tx.version + 1}",
+                        params={}, changes=encode_fields(step.changes))
+        call = self._prepare(tx.provider, "cancel", *_driver_args(tx, intent))
+        attempt = journal.note_event(tx, now, journal.ATTEMPT, event="cancel", attempt=1,
+                                     abandons=abandoned.event if abandoned else None)
+        claimed = journal.apply(tx, attempt)
+        owner = _owner_token()
+        record = CommandRecord(intent.idempotency_key, "cancel", fingerprint, tx.id, IN_FLIGHT)
+        yield _write(Commit(
+            tx.id, tx.version, events=(attempt,), snapshot=claimed,
+            intent=IntentOp(REPLACE, intent, now=now, lease=self.intent_leases[tx.provider], owner=owner),
+            command=CommandOp(record, insert=True),
+        ))
+        return (yield from _unknown_if_unstored(self._settle(claimed, intent, call, attempt=1, owner=owner), tx, "cancel"))
+
+    # --- an operator settles what the engine will not -------------------------------------------
+
+    def resolve(self, tx_id: str, *, applied: bool) -> Command:
+        """Settle a transaction's in-doubt call by an operator's word, after checking with
+        the provider: ``applied=True`` commits the transition decided when it was claimed
+        (an update's lines are stored as sent, without the provider's discount, which
+        was never learned); ``applied=False`` records it as not applied.  Refused while a
+        call is live (``TransactionInDoubt``)."""
+        if not isinstance(applied, bool):
+            raise ValidationError("applied must be True or False")
+        tx = yield from self._load(tx_id)
+        intent = yield StoreOp("load_intent", (tx.id,))
+        if tx.pending is None or intent is None or intent.event != tx.pending:
+            raise ValidationError("the transaction has no call in doubt", tx_id=tx.id, state=tx.state)
+        now = self.clock.now()
+        event = intent.event
+        note = journal.note_event(tx, now, journal.RESOLVED, event=event, applied=applied, by="operator")
+        noted = journal.apply(tx, note)
+        record = CommandRecord(intent.idempotency_key, event, "", tx.id, IN_FLIGHT)
+        release = IntentOp(RESOLVE, now=now)
+        if not applied:
+            refused = journal.note_event(noted, now, journal.REJECTED, event=event, code="RESOLVED_NOT_APPLIED",
+                                         message="an operator found it was not applied")
+            settled = attrs.evolve(record, status=REJECTED, code="RESOLVED_NOT_APPLIED",
+                                   message="an operator found it was not applied")
+            after = journal.apply(noted, refused)
+            yield _write(Commit(tx.id, tx.version, events=(note, refused), snapshot=after, intent=release,
+                                command=CommandOp(settled)))
+            return after
+        fields = {**decode_fields(intent.changes, tx.currency), **_local_effect(tx, event, intent.params)}
+        target = machine.TABLE[(tx.state, event)].target
+        entry = journal.transition_event(noted, now, event=event, source=tx.state, target=target, fields=fields)
+        after = journal.apply(noted, entry)
+        done = attrs.evolve(record, status=DONE, version=after.version)
+        yield _write(Commit(tx.id, tx.version, events=(note, entry), snapshot=after, intent=release,
+                            command=CommandOp(done)))
+        return after
+
+    def _settle(self, tx: Transaction, intent: Intent, call: ProviderOp, *, attempt: int, owner: str) -> Command:
+        """Run the provider call of a claimed intent and commit whatever it answers.
+
+        Every write here is fenced by ``owner``: if the lease was taken over meanwhile,
+        the answer is not committed (the intent stays in doubt for whoever holds it now,
+        or ``recover()``), and the caller is told the outcome is unknown.
+        """
         event = intent.event
         # Settling updates the record the claim inserted; its fingerprint is not rewritten.
         record = CommandRecord(intent.idempotency_key, event, "", tx.id, IN_FLIGHT)
         try:
-            result = yield call
-            fields = _remote_effect(tx, event, result, intent.params)
-        except ProviderRejected as refusal:
-            note = journal.note_event(tx, self.clock.now(), journal.REJECTED, event=event,
-                                      code=refusal.code, message=refusal.provider_message)
-            rejected = attrs.evolve(record, status=REJECTED, code=refusal.code,
-                                    message=refusal.provider_message)
-            yield _write(Commit(tx.id, tx.version, events=(note,), snapshot=journal.apply(tx, note),
-                                intent=IntentOp(DROP), command=CommandOp(rejected)))
-            raise _in_context(refusal, tx, event) from None
-        except OutcomeUnknown as unknown:
-            now = self.clock.now()
-            note = journal.note_event(tx, now, journal.UNKNOWN, event=event, error=unknown.detail)
-            backoff = RECOVERY_BACKOFF[min(attempt, len(RECOVERY_BACKOFF)) - 1]
-            yield _write(Commit(tx.id, tx.version, events=(note,), snapshot=journal.apply(tx, note),
-                                intent=IntentOp(RELEASE, error=unknown.detail, retry_at=now + backoff)))
-            raise _in_context(unknown, tx, event) from None
-        fields = {**decode_fields(intent.changes, tx.currency), **fields}
-        target = machine.TABLE[(tx.state, event)].target
-        done = CommandOp(attrs.evolve(record, status=DONE, version=tx.version + 1))
-        return (yield from self._commit_transition(tx, event, target, fields, self.clock.now(),
-                                                  self._capabilities(tx.provider), command=done,
-                                                  intent=IntentOp(DROP)))
+            try:
+                result = yield call
+                fields = _remote_effect(tx, event, result, intent.params)
+            except ProviderRejected as refusal:
+                note = journal.note_event(tx, self.clock.now(), journal.REJECTED, event=event,
+                                          code=refusal.code, message=refusal.provider_message)
+                rejected = attrs.evolve(record, status=REJECTED, code=refusal.code,
+                                        message=refusal.provider_message)
+                yield _write(Commit(tx.id, tx.version, events=(note,), snapshot=journal.apply(tx, note),
+                                    intent=IntentOp(DROP, owner=owner), command=CommandOp(rejected)))
+                raise _in_context(refusal, tx, event) from None
+            except OutcomeUnknown as unknown:
+                now = self.clock.now()
+                note = journal.note_event(tx, now, journal.UNKNOWN, event=event, error=unknown.detail)
+                backoff = RECOVERY_BACKOFF[min(attempt, len(RECOVERY_BACKOFF)) - 1]
+                yield _write(Commit(tx.id, tx.version, events=(note,), snapshot=journal.apply(tx, note),
+                                    intent=IntentOp(RELEASE, error=unknown.detail, retry_at=now + backoff,
+                                                    owner=owner)))
+                raise OutcomeUnknown(unknown.detail, provider=unknown.provider,
+                                     idempotency_key=intent.idempotency_key,
+                                     tx_id=tx.id, state=tx.state, event=event) from None
+            fields = {**decode_fields(intent.changes, tx.currency), **fields}
+            target = machine.TABLE[(tx.state, event)].target
+            done = CommandOp(attrs.evolve(record, status=DONE, version=tx.version + 1))
+            return (yield from self._commit_transition(tx, event, target, fields, self.clock.now(),
+                                                      self._capabilities(tx.provider), command=done,
+                                                      intent=IntentOp(DROP, owner=owner)))
+        except ConcurrentModification:
+            # While an intent is pending only its lease holder writes: a moved version or
+            # a lost fence both mean another attempt took this one over.
+            raise OutcomeUnknown(
+                f"the {event} answer came after this attempt's lease was taken over; it was not"
+                " recorded, and the intent stays in doubt for its new holder or recover()",
+                provider=tx.provider, tx_id=tx.id, state=tx.state, event=event) from None
 
     def _commit_transition(
         self, tx: Transaction, event: str, target: str, fields: Mapping[str, Any], now: datetime,
@@ -533,21 +679,36 @@ class Core:
     # --- reads ---------------------------------------------------------------------------------
 
     def get(self, tx_id: str) -> Command:
-        """The snapshot, with its guaranteed deliveries' progress read from the outbox."""
+        """The snapshot, with its guaranteed deliveries' progress read from the outbox and,
+        when its pending call waits for an operator, why (``attention``)."""
         tx = yield from self._load(tx_id)
         deliveries = yield StoreOp("deliveries", (tx.id,))
-        return attrs.evolve(tx, deliveries=deliveries) if deliveries else tx
+        if deliveries:
+            tx = attrs.evolve(tx, deliveries=deliveries)
+        if tx.pending is not None:
+            intent = yield StoreOp("load_intent", (tx.id,))
+            if intent is not None and intent.attention is not None:
+                tx = attrs.evolve(tx, attention=intent.attention)
+        return tx
 
     def history(self, tx_id: str) -> Command:
         yield from self._load(tx_id)
         return (yield StoreOp("journal", (tx_id,)))
 
     def allowed_events(self, tx_id: str) -> Command:
+        """The POS commands that would succeed now, judged exactly as ``command`` judges."""
         tx = yield from self._load(tx_id)
-        if tx.pending is not None:
-            return [tx.pending]  # only its retry (or recover) may act
+        if tx.pending is not None:  # only its retry (or recover) may act; cancel ends a doubtful update
+            intent = yield StoreOp("load_intent", (tx.id,))
+            retry = [tx.pending] if intent is None or intent.attention is None else []
+            cancel = tx.pending == "update" and "cancel" in self._capabilities(tx.provider).remote
+            return retry + ["cancel"] if cancel else retry
+        now = self.clock.now()
+        if machine.is_overdue(tx, now):
+            return []  # every command would expire it first and raise PreviewExpired
         supported = self._capabilities(tx.provider).supported
-        return [event for event in machine.allowed_events(tx, self.clock.now()) if event in supported]
+        return [event for event in machine.allowed_events(tx, now)
+                if event in supported and event != "expire"]  # expire is the engine's, not the POS's
 
     # --- sweeps ----------------------------------------------------------------------------------
 
@@ -687,7 +848,28 @@ def _new_tx_id() -> str:
     return f"tx_{millis:012x}{secrets.token_hex(10)}"
 
 
-def _params(event: str, items: Sequence[LineItem] | None, comment: str | None) -> dict[str, Any]:
+def _owner_token() -> str:
+    """Who holds an intent's lease for one attempt: the fence its outcome's write checks."""
+    return secrets.token_hex(8)
+
+
+def _intent_lease(provider: str, driver: ProviderDriver, configured: timedelta | None) -> timedelta:
+    """The intent lease for ``provider``: its call deadline plus ``LEASE_MARGIN``, or the
+    POS's ``intent_lease`` if that is at least as long (a shorter one could expire under a
+    live call, and another engine would send the call a second time)."""
+    deadline = getattr(driver, "call_deadline", None) or DEFAULT_CALL_DEADLINE
+    shortest = timedelta(seconds=deadline) + LEASE_MARGIN
+    if configured is None:
+        return shortest
+    if not isinstance(configured, timedelta) or configured < shortest:
+        raise ValidationError(
+            f"intent_lease must be a timedelta of at least {shortest.total_seconds():g} s for {provider}"
+            f" (its {deadline:g} s call deadline plus a {LEASE_MARGIN.total_seconds():g} s margin)")
+    return configured
+
+
+def command_params(event: str, items: Sequence[LineItem] | None, comment: str | None) -> dict[str, Any]:
+    """A command's parameters as the engine stores and fingerprints them (validated)."""
     params: dict[str, Any] = {}
     if event == "update":
         if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):

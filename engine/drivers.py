@@ -26,7 +26,9 @@ An event in neither ``remote`` nor ``local`` is unsupported: the engine raises
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import time
 from collections.abc import Generator, Mapping
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -78,11 +80,19 @@ class Capabilities:
     delivery_schedule: tuple[timedelta, ...] = DEFAULT_DELIVERY_SCHEDULE
     #: how many queued deliveries one ``deliver`` exchange may carry (Forloy sync: 100)
     delivery_batch: int = 1
+    #: remote events the provider does not make idempotent (a re-send may act twice:
+    #: Cheers adds an update's lines again).  After a lost answer the engine asks the
+    #: driver's ``reconcile`` first, re-sends blindly at most once, then parks the
+    #: intent as needing attention instead of re-sending again.
+    not_idempotent: frozenset[str] = attrs.field(default=frozenset(), converter=_events)
 
     def __attrs_post_init__(self) -> None:
         both = self.remote & self.local
         if both:
             raise ValueError(f"events both remote and local: {sorted(both)}")
+        if not self.not_idempotent <= self.remote:
+            raise ValueError(f"not_idempotent names events that are not remote: "
+                             f"{sorted(self.not_idempotent - self.remote)}")
         stray = set(self.deferred) - self.supported
         if stray:
             raise ValueError(f"deferred deliveries for unsupported events: {sorted(stray)}")
@@ -187,6 +197,22 @@ class ProviderDriver:
     def refund(self, tx: Transaction, key: str, comment: str | None) -> Exchange[Outcome]:
         raise NotImplementedError
 
+    def reconcile(self, tx: Transaction, event: str, key: str,
+                  items: tuple[LineItem, ...]) -> Exchange[Quote | Outcome | None]:
+        """Learn, without acting, whether an in-doubt call of ``event`` took effect.
+
+        The engine calls it before it would re-send an event in
+        ``capabilities.not_idempotent`` (``tx`` is the snapshot before that call,
+        ``key`` its idempotency key, ``items`` the lines an update added).  Return what
+        the call itself would have returned (a ``Quote`` of the whole basket for an
+        update) when the provider's answer shows the call was applied exactly once: the
+        engine commits it.  Return None when it cannot tell: the engine then re-sends
+        at most once, and after that parks the transaction for an operator.  It must
+        not change anything at the provider.  The default asks nothing and returns None.
+        """
+        return None
+        yield  # a generator that makes no request
+
     def delivery_payload(self, kind: str, tx: Transaction) -> Mapping[str, Any]:
         """Build a deferred delivery's payload at commit time (JSON-safe, no secrets)."""
         raise NotImplementedError
@@ -218,6 +244,12 @@ class HttpDriver(ProviderDriver):
     #: The provider's documented hosts by environment ("sandbox", "production").
     environments: Mapping[str, str] = {}
     timeout = httpx.Timeout(10.0, connect=5.0)
+    #: One overall deadline per provider call, in seconds: connect, writes, reads, the
+    #: body and the driver's own retries together.  httpx's timeouts are per read, so a
+    #: body dribbled a byte at a time would otherwise never end.  A provider's policy is
+    #: this class attribute; the POS overrides it with ``deadline=``.  The engine derives
+    #: the intent lease from it (always longer), so a live call is never taken over.
+    call_deadline: float = 30.0
 
     def __init__(
         self,
@@ -227,7 +259,12 @@ class HttpDriver(ProviderDriver):
         transport: httpx.BaseTransport | None = None,
         async_transport: httpx.AsyncBaseTransport | None = None,
         timeout: float | httpx.Timeout | None = None,
+        deadline: float | None = None,
     ) -> None:
+        if deadline is not None:
+            if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline <= 3600:
+                raise ValidationError("deadline is a number of seconds, more than 0 and at most 3600")
+            self.call_deadline = float(deadline)
         self.base_url = choose_base_url(type(self).__name__, self.environments, base_url, environment)
         self.environment = environment
         if timeout is not None:
@@ -303,14 +340,61 @@ class HttpDriver(ProviderDriver):
             # A request already went out: refusing now cannot undo what the provider did.
             raise self.unknown(f"the driver gave up after sending a request: {late.detail}") from None
 
+    def _past_deadline(self, request: httpx.Request) -> OutcomeUnknown:
+        return OutcomeUnknown(
+            f"{request.method} {request.url.path} ran past the {self.call_deadline:g} s call deadline",
+            provider=self.name,
+        )
+
+    def _bounded(self, request: httpx.Request, remaining: float) -> httpx.Request:
+        """No single connect, write or read may outlast what is left of the deadline."""
+        per_call = self.timeout if isinstance(self.timeout, httpx.Timeout) else httpx.Timeout(self.timeout)
+        def cap(value: float | None) -> float:
+            return remaining if value is None else min(value, remaining)
+        request.extensions["timeout"] = httpx.Timeout(
+            connect=cap(per_call.connect), read=cap(per_call.read), write=cap(per_call.write),
+            pool=cap(per_call.pool),
+        ).as_dict()
+        return request
+
+    def _read_within(self, response: httpx.Response, deadline: float, request: httpx.Request) -> httpx.Response:
+        """The whole body, chunk by chunk, checking the deadline after each one."""
+        try:
+            response.content  # noqa: B018 - already read (an in-process transport)
+            return response
+        except httpx.ResponseNotRead:
+            pass
+        body = bytearray()
+        try:
+            for chunk in response.iter_raw():
+                body += chunk
+                if time.monotonic() >= deadline:
+                    raise self._past_deadline(request)
+        finally:
+            response.close()
+        return _complete(response, bytes(body))
+
     def run(self, exchange: Exchange[T], first: httpx.Request | None = None) -> T:
+        """Drive ``exchange`` within ``call_deadline`` (monotonic time).
+
+        The body is streamed and the deadline checked after every chunk, and each blocking
+        read is capped at what was left when the request went out, so a dribbled answer
+        ends within one such read of the deadline.  Past it: ``OutcomeUnknown``.
+        """
         client = self._sync_client()
+        deadline = time.monotonic() + self.call_deadline
         try:
             request = first if first is not None else next(exchange)
             while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._past_deadline(request)
                 try:
-                    response = client.send(request)
+                    response = self._read_within(
+                        client.send(self._bounded(request, remaining), stream=True), deadline, request)
                 except httpx.TransportError as error:
+                    if time.monotonic() >= deadline:
+                        raise self._past_deadline(request) from None
                     request = self._advance(exchange, failure=self._transport_failure(request, error))
                 else:
                     request = self._advance(exchange, response)
@@ -320,18 +404,26 @@ class HttpDriver(ProviderDriver):
             exchange.close()
 
     async def arun(self, exchange: Exchange[T], first: httpx.Request | None = None) -> T:
+        """Drive ``exchange`` within ``call_deadline``: the whole call, retries included,
+        runs under one ``asyncio.timeout``, which cancels even a read in progress."""
         client = self._async_client()
+        request = first
         try:
-            request = first if first is not None else next(exchange)
-            while True:
-                try:
-                    response = await client.send(request)
-                except httpx.TransportError as error:
-                    request = self._advance(exchange, failure=self._transport_failure(request, error))
-                else:
-                    request = self._advance(exchange, response)
+            async with asyncio.timeout(self.call_deadline):
+                request = first if first is not None else next(exchange)
+                while True:
+                    try:
+                        response = await client.send(request)
+                    except httpx.TransportError as error:
+                        request = self._advance(exchange, failure=self._transport_failure(request, error))
+                    else:
+                        request = self._advance(exchange, response)
         except StopIteration as stop:
             return stop.value
+        except TimeoutError:
+            if request is None:
+                raise
+            raise self._past_deadline(request) from None
         finally:
             exchange.close()
 
@@ -344,3 +436,11 @@ class HttpDriver(ProviderDriver):
         if self._aclient is not None:
             await self._aclient.aclose()
             self._aclient = None
+
+
+def _complete(streamed: httpx.Response, body: bytes) -> httpx.Response:
+    """A streamed response, rebuilt with its body read (decoded as httpx would)."""
+    return httpx.Response(
+        streamed.status_code, headers=streamed.headers, content=body,
+        request=streamed.request, extensions=streamed.extensions,
+    )

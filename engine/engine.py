@@ -20,6 +20,7 @@ from .models import Basket, DeliveryRecord, Event, LineItem, Transaction
 from . import telemetry
 from .secret import Secret
 from .store import Store, open_store
+from .store.base import Intent
 
 
 def driver_failure(op: ProviderOp, error: Exception) -> Exception:
@@ -53,7 +54,12 @@ class _Facade:
     def open(cls, url: str, providers: Mapping[str, ProviderDriver], clock: Clock | None = None,
              **options: Any) -> Self:
         """Open (and migrate) the store at ``url`` and build an engine on it."""
-        return cls(open_store(url), providers, clock, **options)
+        store = open_store(url)
+        try:
+            return cls(store, providers, clock, **options)
+        except BaseException:
+            store.close()  # refused options (a lease shorter than a deadline) leave no open file
+            raise
 
     @property
     def drivers(self) -> Mapping[str, ProviderDriver]:
@@ -158,6 +164,15 @@ class Engine(_Facade):
     def recover(self, *, limit: int = 100) -> int:
         """Re-drive up to ``limit`` in-doubt side effects; returns how many settled."""
         return self._run(self.core.recover(batch=limit))
+
+    def resolve(self, tx_id: str, *, applied: bool) -> Transaction:
+        """An operator settles a transaction's in-doubt call after checking with the provider:
+        ``applied=True`` commits it, ``applied=False`` records it as not applied."""
+        return self._run(self.core.resolve(tx_id, applied=applied))
+
+    def needing_attention(self, *, limit: int = 100) -> list[Intent]:
+        """In-doubt calls the engine will not re-send: they wait for ``resolve`` or ``cancel``."""
+        return self.store.needing_attention(limit, self.core.providers)
 
     def deliver_pending(self, *, max_rounds: int | None = None) -> int:
         return self._run(self.core.deliver_pending(max_rounds=max_rounds))

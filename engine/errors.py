@@ -8,6 +8,7 @@ and never carry a secret: drivers hand us provider messages, never request heade
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Self
 
 
 class EngineError(Exception):
@@ -30,6 +31,15 @@ class EngineError(Exception):
         self.state = state
         self.event = event
         super().__init__(_with_context(message, tx_id, state, event))
+
+    def located(self, *, tx_id: str | None, state: str | None, event: str | None) -> Self:
+        """The same error (same class, same fields: a provider's code, a driver's own
+        details) naming the transaction, its state and the event it happened in."""
+        located = type(self).__new__(type(self))  # no __init__: subclasses take their own arguments
+        located.__dict__.update(self.__dict__)
+        located.tx_id, located.state, located.event = tx_id, state, event
+        located.args = (_with_context(self.detail, tx_id, state, event),)
+        return located
 
 
 def _with_context(message: str, tx_id: str | None, state: str | None, event: str | None) -> str:
@@ -79,6 +89,10 @@ class ConcurrentModification(EngineError):
     """Another caller changed the transaction first; reload it and decide again."""
 
 
+class LeaseLost(ConcurrentModification):
+    """This attempt's lease on an intent was taken over: its answer may not be committed."""
+
+
 class TransactionInDoubt(EngineError):
     """A side effect's outcome is unknown; only its retry or ``recover()`` may proceed."""
 
@@ -120,7 +134,13 @@ class OutcomeUnknown(ProviderError):
     """The provider may or may not have acted (timeout, dropped connection, 5xx, bad body).
 
     The intent stays in doubt: retry with the same idempotency key, or run ``recover()``.
+    ``idempotency_key`` is the key to retry with (for a keyless preview, the one the
+    engine generated; None when the command needs none).
     """
+
+    def __init__(self, message: str, *, idempotency_key: str | None = None, **context) -> None:
+        self.idempotency_key = idempotency_key
+        super().__init__(message, **context)
 
 
 class StoreUnavailable(EngineError):

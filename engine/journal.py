@@ -11,7 +11,11 @@ Event kinds:
 - ``attempt``: a provider call for ``event`` was claimed; the transaction is pending;
 - ``rejected``: the provider definitively refused ``event``; pending is cleared and the
   state is unchanged;
-- ``unknown``: the call's outcome could not be learned; still pending, in doubt.
+- ``unknown``: the call's outcome could not be learned; still pending, in doubt;
+- ``attention``: the engine will not re-send the pending call again (it is not
+  idempotent at the provider); still pending, waiting for an operator or ``cancel``;
+- ``resolved``: an operator settled the pending call (``applied`` true or false); the
+  transition or the ``rejected`` note that follows records the result.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ TRANSITION = "transition"
 ATTEMPT = "attempt"
 REJECTED = "rejected"
 UNKNOWN = "unknown"
+ATTENTION = "attention"
+RESOLVED = "resolved"
 
 
 def transition_event(
@@ -70,7 +76,7 @@ def apply(tx: Transaction | None, event: Event) -> Transaction:
         return attrs.evolve(tx, pending=data["event"], **common)
     if event.kind == REJECTED:
         return attrs.evolve(tx, pending=None, **common)
-    if event.kind == UNKNOWN:
+    if event.kind in (UNKNOWN, ATTENTION, RESOLVED):
         return attrs.evolve(tx, **common)
     raise ValueError(f"unknown journal event kind {event.kind!r}")
 

@@ -312,6 +312,9 @@ class Transaction:
     # snapshot whatever the deliveries have done since.
     deliveries: tuple[DeliveryRecord, ...] = attrs.field(
         default=(), converter=tuple, eq=False, metadata={"stored": False})
+    # Why the pending call waits for an operator (the engine will not re-send it), as
+    # read from its intent; never stored in the snapshot.
+    attention: str | None = attrs.field(default=None, eq=False, metadata={"stored": False})
 
     def __attrs_post_init__(self) -> None:
         if any(line.item.currency != self.currency for line in self.items):

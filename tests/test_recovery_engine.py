@@ -80,8 +80,10 @@ def test_a_schema_1_database_is_migrated_and_its_queue_still_drains(tmp_path, ba
             db.execute(statement)
         db.execute("INSERT INTO schema_version VALUES (1)")
         db.execute(f"ATTACH DATABASE '{path}' AS new")
-        for table in ("meta", "transactions", "journal", "commands"):
+        for table in ("meta", "transactions", "journal"):
             db.execute(f"INSERT INTO {table} SELECT * FROM new.{table}")
+        db.execute("INSERT INTO commands SELECT key, command, fingerprint, tx_id, status, version, code,"
+                   " message, lease_until FROM new.commands")
         db.execute("INSERT INTO outbox SELECT id, tx_id, provider, kind, payload, idempotency_key, status,"
                    " attempts, next_attempt_at, lease_until, last_error, created_at, delivered_at FROM new.outbox")
     store = SQLiteStore(str(old))

@@ -14,7 +14,7 @@ A store does no deciding.  The core hands it a ``Commit``: everything one transi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import attrs
@@ -24,6 +24,10 @@ from ..models import DeliveryRecord, Event, Transaction
 
 # intent operations
 PUT, TAKE, RELEASE, DROP = "put", "take", "release", "drop"
+#: PARK: the lease holder sets ``attention`` (recover() stops re-sending); REPLACE: a
+#: new intent replaces one whose lease is free (cancel over an in-doubt update);
+#: RESOLVE: drop an intent whose lease is free (an operator settled it)
+PARK, REPLACE, RESOLVE = "park", "replace", "resolve"
 
 # command record statuses
 IN_FLIGHT, DONE, REJECTED = "in_flight", "done", "rejected"
@@ -49,15 +53,29 @@ class Intent:
     lease_until: datetime | None = None
     last_error: str | None = None
     retry_at: datetime | None = None  # when recover() may re-send it (a retry by the POS may at once)
+    attention: str | None = None  # why it waits for an operator: recover() no longer re-sends it
 
 
 @attrs.frozen
 class IntentOp:
-    op: str  # PUT, TAKE, RELEASE, DROP
-    intent: Intent | None = None  # for PUT
-    now: datetime | None = None  # for TAKE: a lease is free when it ended before now
-    lease_until: datetime | None = None  # for PUT and TAKE
-    error: str | None = None  # for RELEASE
+    """One change to a transaction's intent.
+
+    Leases are fenced by an owner token: PUT and TAKE hand the lease to ``owner``;
+    RELEASE and DROP with an ``owner`` succeed only while that owner still holds the
+    intent (else ``LeaseLost``, and nothing in the commit is written), so an answer
+    that arrives after its lease was taken over never commits.
+
+    A lease is a duration, not a time: the store starts it on its own clock
+    (``Store.lease_now``), so whether it ran out never depends on two engines' clocks
+    agreeing (PostgreSQL: the server's ``now()``).
+    """
+
+    op: str  # PUT, TAKE, RELEASE, DROP, PARK, REPLACE, RESOLVE
+    intent: Intent | None = None  # for PUT and REPLACE
+    now: datetime | None = None  # the engine's time (the store may prefer its own clock)
+    lease: timedelta | None = None  # for PUT and TAKE: how long the owner holds it
+    owner: str | None = None  # PUT/TAKE: the new holder; RELEASE/DROP: the holder it must be
+    error: str | None = None  # for RELEASE; for PARK: why it needs attention
     retry_at: datetime | None = None  # for RELEASE: recover() backs off until then
 
 
@@ -74,6 +92,7 @@ class CommandRecord:
     code: str | None = None
     message: str | None = None
     lease_until: datetime | None = None
+    started_at: datetime | None = None  # the first attempt's time: a retry keeps its deadlines
 
 
 @attrs.frozen
@@ -144,13 +163,25 @@ class Store(Protocol):
 
     def load_command(self, key: str) -> CommandRecord | None: ...
 
+    def preview_in_doubt(self, tx_id: str) -> CommandRecord | None:
+        """The in-flight claim of a preview whose answer was lost (there is no snapshot)."""
+
     def journal(self, tx_id: str) -> list[Event]: ...
 
     def write(self, commit: Commit) -> None: ...
 
     def due_for_expiry(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]: ...
 
-    def intents_to_recover(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]: ...
+    def intents_to_recover(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]:
+        """In-doubt intents whose lease is free on the store's clock and whose backoff
+        (``retry_at``, engine time) has passed."""
+
+    def needing_attention(self, limit: int, providers: Sequence[str] | None = None) -> list[Intent]:
+        """Intents parked for an operator (``Intent.attention`` set), oldest first."""
+
+    def lease_now(self, now: datetime) -> datetime:
+        """The time leases are measured on: the store's own clock when it has one (one
+        database, one clock), else the engine's ``now``."""
 
     def claim_deliveries(self, now: datetime, lease_until: datetime, limit: int,
                          owner: str | None = None, providers: Sequence[str] | None = None) -> list[Delivery]:

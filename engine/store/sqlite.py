@@ -23,11 +23,15 @@ from collections.abc import Sequence
 from urllib.parse import quote
 from datetime import datetime, timedelta, timezone
 
+import attrs
+
+from ..clock import Clock
 from ..codec import decode_transaction, dumps, encode_transaction, loads
 from ..drivers import Delivery
 from ..errors import (
     ConcurrentModification,
     IdempotencyConflict,
+    LeaseLost,
     StoreUnavailable,
     TransactionInDoubt,
     ValidationError,
@@ -37,9 +41,12 @@ from ..models import Event
 from .base import (
     DEAD,
     DROP,
+    PARK,
     PENDING,
     PUT,
     RELEASE,
+    REPLACE,
+    RESOLVE,
     TAKE,
     CommandOp,
     CommandRecord,
@@ -157,6 +164,17 @@ MIGRATIONS: tuple[str, ...] = (
         totals TEXT NOT NULL
     );
     """,
+    # 3: fencing (the owner token of an intent's lease: a late answer of an attempt
+    # whose lease was taken over cannot commit), operator attention (an intent the
+    # engine will not re-send blindly again waits for a person), and when a command
+    # was first tried (a retried preview keeps that time for its deadlines)
+    """
+    ALTER TABLE intents ADD COLUMN owner TEXT;
+    ALTER TABLE intents ADD COLUMN attention TEXT;
+    ALTER TABLE commands ADD COLUMN started_at INTEGER;
+    CREATE INDEX commands_previews_in_doubt ON commands (tx_id)
+        WHERE command = 'preview' AND status = 'in_flight';
+    """,
 )
 
 
@@ -185,7 +203,12 @@ def _cause(error: sqlite3.Error) -> str:
 
 
 class SQLiteStore:
-    def __init__(self, path: str, *, busy_timeout_ms: int = 30_000, read_only: bool = False) -> None:
+    def __init__(self, path: str, *, busy_timeout_ms: int = 30_000, clock: Clock | None = None,
+                 read_only: bool = False) -> None:
+        """``clock``: the one clock leases are measured on, for every engine sharing this
+        file (they run on one host: SQLite is not a network database).  None: each
+        engine's own clock, which is the host clock in production."""
+        self.clock = clock
         if not isinstance(path, str) or path in ("", ":memory:"):
             # Each thread has its own connection, and each in-memory connection its own
             # empty database: refuse instead of silently losing every other thread's work.
@@ -312,22 +335,31 @@ class SQLiteStore:
     def load_intent(self, tx_id: str) -> Intent | None:
         row = self._connection().execute(
             "SELECT tx_id, event, idempotency_key, params, changes, attempts, lease_until, last_error,"
-            " retry_at FROM intents WHERE tx_id = ?", (tx_id,),
+            " retry_at, attention FROM intents WHERE tx_id = ?", (tx_id,),
         ).fetchone()
         if row is None:
             return None
         return Intent(row[0], row[1], row[2], loads(row[3]), loads(row[4]), row[5], from_us(row[6]), row[7],
-                      from_us(row[8]))
+                      from_us(row[8]), row[9])
+
+    @_unavailable_on_sqlite_error
+    def preview_in_doubt(self, tx_id: str) -> CommandRecord | None:
+        """The claim of a preview for ``tx_id`` whose outcome is not known (no snapshot yet)."""
+        row = self._connection().execute(
+            "SELECT key FROM commands INDEXED BY commands_previews_in_doubt"
+            " WHERE tx_id = ? AND command = 'preview' AND status = 'in_flight'", (tx_id,),
+        ).fetchone()
+        return None if row is None else self.load_command(row[0])
 
     @_unavailable_on_sqlite_error
     def load_command(self, key: str) -> CommandRecord | None:
         row = self._connection().execute(
-            "SELECT key, command, fingerprint, tx_id, status, version, code, message, lease_until"
+            "SELECT key, command, fingerprint, tx_id, status, version, code, message, lease_until, started_at"
             " FROM commands WHERE key = ?", (key,),
         ).fetchone()
         if row is None:
             return None
-        return CommandRecord(*row[:8], lease_until=from_us(row[8]))
+        return CommandRecord(*row[:8], lease_until=from_us(row[8]), started_at=from_us(row[9]))
 
     @_unavailable_on_sqlite_error
     def journal(self, tx_id: str) -> list[Event]:
@@ -355,14 +387,28 @@ class SQLiteStore:
         return [row[0] for row in rows]
 
     @_unavailable_on_sqlite_error
+    def needing_attention(self, limit: int, providers: Sequence[str] | None = None) -> list[Intent]:
+        only = "" if providers is None else f" AND transactions.provider IN ({_placeholders(providers)})"
+        rows = self._connection().execute(
+            "SELECT intents.tx_id FROM intents JOIN transactions ON transactions.id = intents.tx_id"
+            f" WHERE intents.attention IS NOT NULL{only} ORDER BY transactions.updated_at LIMIT ?",
+            (*(providers or ()), limit),
+        ).fetchall()
+        return [intent for intent in (self.load_intent(row[0]) for row in rows) if intent is not None]
+
+    def lease_now(self, now: datetime) -> datetime:
+        return self.clock.now() if self.clock is not None else now
+
+    @_unavailable_on_sqlite_error
     def intents_to_recover(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]:
         rows = self._connection().execute(
             "SELECT intents.tx_id FROM intents JOIN transactions ON transactions.id = intents.tx_id"
             " WHERE (intents.lease_until IS NULL OR intents.lease_until <= ?)"
             " AND (intents.retry_at IS NULL OR intents.retry_at <= ?)"
             f" AND transactions.provider IN ({_placeholders(providers)})"
+            " AND intents.attention IS NULL"
             " ORDER BY intents.lease_until LIMIT ?",
-            (to_us(now), to_us(now), *providers, limit),
+            (to_us(self.lease_now(now)), to_us(now), *providers, limit),
         ).fetchall()
         return [row[0] for row in rows]
 
@@ -427,25 +473,50 @@ class SQLiteStore:
             intent = op.intent
             db.execute(
                 "INSERT INTO intents (tx_id, event, idempotency_key, params, changes, attempts,"
-                " lease_until) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " lease_until, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (tx_id, intent.event, intent.idempotency_key, dumps(dict(intent.params)),
-                 dumps(dict(intent.changes)), intent.attempts, to_us(op.lease_until)),
+                 dumps(dict(intent.changes)), intent.attempts, to_us(self._lease_until(op)), op.owner),
             )
         elif op.op == TAKE:
             taken = db.execute(
-                "UPDATE intents SET lease_until = ?, attempts = attempts + 1"
-                " WHERE tx_id = ? AND (lease_until IS NULL OR lease_until <= ?)",
-                (to_us(op.lease_until), tx_id, to_us(op.now)),
+                "UPDATE intents SET lease_until = ?, owner = ?, attempts = attempts + 1"
+                " WHERE tx_id = ? AND attention IS NULL AND (lease_until IS NULL OR lease_until <= ?)",
+                (to_us(self._lease_until(op)), op.owner, tx_id, to_us(self.lease_now(op.now))),
             ).rowcount
             if taken != 1:
                 raise TransactionInDoubt("its provider call is in flight in another process", tx_id=tx_id)
+        elif op.op == PARK:
+            self._fenced(db, "UPDATE intents SET lease_until = NULL, owner = NULL, attention = ?"
+                             " WHERE tx_id = ?", (op.error, tx_id), op.owner)
+        elif op.op in (REPLACE, RESOLVE):
+            freed = db.execute("DELETE FROM intents WHERE tx_id = ? AND (lease_until IS NULL OR lease_until <= ?)",
+                               (tx_id, to_us(self.lease_now(op.now)))).rowcount
+            if freed != 1:
+                raise TransactionInDoubt("its provider call is in flight in another process", tx_id=tx_id)
+            if op.op == REPLACE:
+                self._write_intent(db, tx_id, attrs.evolve(op, op=PUT))
         elif op.op == RELEASE:
-            db.execute("UPDATE intents SET lease_until = NULL, last_error = ?, retry_at = ? WHERE tx_id = ?",
-                       (op.error, to_us(op.retry_at), tx_id))
+            self._fenced(db, "UPDATE intents SET lease_until = NULL, owner = NULL, last_error = ?, retry_at = ?"
+                             " WHERE tx_id = ?", (op.error, to_us(op.retry_at), tx_id), op.owner)
         elif op.op == DROP:
-            db.execute("DELETE FROM intents WHERE tx_id = ?", (tx_id,))
+            self._fenced(db, "DELETE FROM intents WHERE tx_id = ?", (tx_id,), op.owner)
         else:
             raise ValueError(f"unknown intent operation {op.op!r}")
+
+    def _lease_until(self, op: IntentOp) -> datetime | None:
+        if op.lease is None:
+            return None
+        return self.lease_now(op.now) + op.lease
+
+    @staticmethod
+    def _fenced(db: sqlite3.Connection, sql: str, values: tuple, owner: str | None) -> None:
+        """Run an intent change, only as its lease holder when ``owner`` is given."""
+        if owner is None:
+            db.execute(sql, values)
+            return
+        if db.execute(sql + " AND owner = ?", values + (owner,)).rowcount != 1:
+            raise LeaseLost("this attempt's lease was taken over; its answer is left for recover()",
+                            tx_id=values[-1])
 
     def _write_command(self, db: sqlite3.Connection, op: CommandOp) -> None:
         record = op.record
@@ -457,9 +528,10 @@ class SQLiteStore:
                 raise ConcurrentModification("the same command is running elsewhere", tx_id=record.tx_id)
             db.execute(
                 "INSERT INTO commands (key, command, fingerprint, tx_id, status, version, code, message,"
-                " lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " lease_until, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.key, record.command, record.fingerprint, record.tx_id, record.status,
-                 record.version, record.code, record.message, to_us(record.lease_until)),
+                 record.version, record.code, record.message, to_us(record.lease_until),
+                 to_us(record.started_at)),
             )
             return
         condition, extra = "", ()

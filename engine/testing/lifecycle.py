@@ -413,8 +413,12 @@ class LifecycleStateMachine(RuleBasedStateMachine):
                 self._fail("preview", f"preview answered {outcome.id} but the store holds {sorted(created)}")
             if (outcome.state, outcome.version, outcome.pending) != ("previewed", 1, None):
                 self._fail("preview", f"a new preview is {outcome.state} v{outcome.version}")
-            if outcome.expires_at != now + self.policy.preview_ttl:
-                self._fail("invariant 4", f"preview expires at {outcome.expires_at}, not now + preview_ttl")
+            # a resumed preview keeps its first attempt's time: the provider's clock started then
+            first = self.engine.store.load_command(key) if expected.outcome == oracle.RESUME else None
+            started = first.started_at if first is not None and first.started_at is not None else now
+            if outcome.expires_at != started + self.policy.preview_ttl:
+                self._fail("invariant 4", f"preview expires at {outcome.expires_at}, not its first attempt"
+                                          " + preview_ttl")
             self.wallet_of[outcome.id] = call.wallet
             return self._new_handle(outcome.id, call)
         if created:
@@ -689,9 +693,11 @@ class LifecycleStateMachine(RuleBasedStateMachine):
         name, policy = self._name(tx.id), self.policy
         state: Transaction | None = None
         claimed_at: datetime | None = None
+        ends_doubt = False  # a cancel that replaced an in-doubt update: allowed at any time
         for event in events:
             if event.kind == journal.ATTEMPT and event.data.get("attempt") == 1:
                 claimed_at = event.at
+                ends_doubt = event.data.get("abandons") is not None
             elif event.kind == journal.REJECTED:
                 claimed_at = None
             elif event.kind == journal.TRANSITION:
@@ -702,7 +708,8 @@ class LifecycleStateMachine(RuleBasedStateMachine):
                     self._fail("invariant 4", f"{name}: previewed with a deadline other than now + preview_ttl")
                 if what == "expire" and event.at < state.expires_at:
                     self._fail("invariant 4", f"{name} expired at {event.at}, before {state.expires_at}")
-                if what not in ("preview", "expire") and source in ACTIVE and decided_at >= state.expires_at:
+                if (what not in ("preview", "expire") and source in ACTIVE and decided_at >= state.expires_at
+                        and not (what == "cancel" and ends_doubt)):
                     self._fail("invariant 4", f"{name}: {what} decided at {decided_at}, at or after its"
                                               f" deadline {state.expires_at}")
                 if what == "refund" and decided_at >= state.refund_deadline:

@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 
+from ..core import command_params
 from ..drivers import Capabilities
 from ..errors import (
     IdempotencyConflict,
@@ -105,8 +106,12 @@ def expect_command(
         if record.status == "rejected":
             return refused(ProviderRejected, f"key {key!r} was rejected")
     if tx.pending is not None:
-        if event == tx.pending and intent is not None and key in (None, intent.idempotency_key):
+        if (event == tx.pending and intent is not None and key in (None, intent.idempotency_key)
+                and dict(intent.params) == command_params(event, params.get("items"), params.get("comment"))):
             return Expectation(RESUME, target=TARGETS[event][tx.state], why="its own retry")
+        if event == "cancel" and tx.pending == "update" and "cancel" in capabilities.remote:
+            # cancel replaces an in-doubt update (unless a live call holds its lease)
+            return Expectation(RESUME, target=TARGETS[event][tx.state], why="cancel ends an update in doubt")
         return refused(TransactionInDoubt, f"its {tx.pending} is in doubt")
     if tx.state in TERMINAL:
         return refused(IllegalTransition, f"{tx.state} is final")

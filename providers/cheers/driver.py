@@ -559,6 +559,7 @@ class CheersDriver(HttpDriver):
         deferred={"expire": ("release",)},
         timers=TIMERS,
         payment_types=PAYMENT_TYPES,
+        not_idempotent={"update"},  # a re-sent update adds its lines again at Cheers
     )
     #: the HTTP call behind each remote event and deferred delivery (for the diagrams)
     calls: Mapping[str, str] = {

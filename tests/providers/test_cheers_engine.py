@@ -371,3 +371,20 @@ def test_a_fractional_tip_is_refused_and_the_transaction_stays_usable(engine, sa
     assert calls(sandbox) == ["preview"]
     assert engine.get(tx.id).pending is None
     assert engine.cancel(tx.id).state == "cancelled"
+
+
+def test_a_retried_update_that_landed_twice_reaches_the_pos_with_cheers_basket(pos, sandbox):
+    """The driver's UpdateNotReconciled is what the POS catches: its code and Cheers' basket."""
+    from txengine.providers.cheers.driver import UpdateNotReconciled
+
+    tx = preview(pos)
+    sandbox.faults.inject("update", Fault.TIMEOUT_AFTER_COMMIT)
+    with pytest.raises(OutcomeUnknown):
+        pos.update(tx.id, FEE_AND_TIP, idempotency_key="tip-1")
+    with pytest.raises(UpdateNotReconciled) as refused:
+        pos.update(tx.id, FEE_AND_TIP, idempotency_key="tip-1")
+
+    assert refused.value.code == "UPDATE_APPLIED_TWICE"
+    assert refused.value.reconciled.times_applied == 2
+    assert (refused.value.tx_id, refused.value.event) == (tx.id, "update")
+    assert pos.cancel(tx.id).state == "cancelled"
