@@ -90,11 +90,14 @@ def journal_line(event: Event) -> str:
     return f"  {when(event.at)}  #{event.seq:<3} {what}"
 
 
-def next_steps(tx: Transaction, allowed: Sequence[str], intent_due: datetime | None) -> str:
+def next_steps(tx: Transaction, allowed: Sequence[str], intent: object | None) -> str:
     """What the cashier or the operator can do with it now."""
+    if getattr(intent, "attention", None):
+        return ("an operator checks with the provider and settles it (Engine.resolve), or the POS"
+                " cancels it")
     if tx.pending:
         return (f"in doubt: the POS retries {tx.pending} with its idempotency key, or the worker's"
-                f" recover() re-drives it (next from {when(intent_due)})")
+                f" recover() re-drives it (next from {when(getattr(intent, 'retry_at', None))})")
     return ("the POS may: " + ", ".join(allowed)) if allowed else "nothing: the transaction is final"
 
 
@@ -112,6 +115,8 @@ def describe(tx: Transaction, history: Iterable[Event] = (), *, deliveries: Sequ
         out.append(f"  expires {when(tx.expires_at)}")
     if tx.refund_deadline:
         out.append(f"  refundable until {when(tx.refund_deadline)}")
+    if getattr(intent, "attention", None):
+        out.append(f"  NEEDS AN OPERATOR: {intent.attention}")  # type: ignore[union-attr]
     out += lines_table(tx) + receipt_lines(tx)
     events = list(history)
     if events:
@@ -127,5 +132,5 @@ def describe(tx: Transaction, history: Iterable[Event] = (), *, deliveries: Sequ
             out.append(f"  #{row.id} {row.kind}: {row.status}, {row.attempts} attempt(s)"
                        + (f", next {when(row.next_attempt_at)}" if row.status == "pending" else "")
                        + (f", last error: {shorten(row.last_error, 60)}" if row.last_error else ""))
-    out.append("next: " + next_steps(tx, allowed, getattr(intent, "retry_at", None)))
+    out.append("next: " + next_steps(tx, allowed, intent))
     return "\n".join(out)

@@ -115,7 +115,7 @@ _watched: list[tuple[Any, Any]] = []  # the (store, clock) the backlog gauges re
 
 def watch_backlog(store: Any, clock: Any) -> None:
     """Let the backlog gauges read ``store`` (one store per process: the worker's; a second
-    call replaces the first).  "Needing attention" is what waits for recover() today."""
+    call replaces the first)."""
     _watched[:] = [(store, clock)]
 
 
@@ -150,7 +150,17 @@ def _oldest_pending_age(options: Any) -> list[metrics.Observation]:
 
 
 _gauge("txengine.transactions_in_doubt", "in_doubt", "transactions whose last provider call is in doubt")
-_gauge("txengine.transactions_needing_attention", "stuck", "in-doubt transactions no one holds a lease on")
+def _needing_attention(options: Any) -> list[metrics.Observation]:
+    if not _watched:
+        return []
+    try:
+        return [metrics.Observation(len(_watched[0][0].needing_attention(100_000)))]
+    except Exception:
+        return []
+
+
+_meter.create_observable_gauge("txengine.transactions_needing_attention", [_needing_attention],
+                               description="in-doubt calls parked for an operator (recover() no longer re-sends them)")
 _gauge("txengine.outbox_pending", "pending", "guaranteed deliveries waiting to be sent")
 _gauge("txengine.outbox_dead", "dead", "guaranteed deliveries parked for an operator")
 _meter.create_observable_gauge("txengine.outbox_oldest_pending_age", [_oldest_pending_age], unit="s",

@@ -167,10 +167,12 @@ def money_json(amount: Any) -> str:
     return str(amount.to_decimal())
 
 
-def transaction_json(tx: Transaction) -> dict[str, Any]:
+def transaction_json(tx: Transaction, attention: str | None = None) -> dict[str, Any]:
+    """``attention``: why its call in doubt waits for an operator (None: it does not)."""
     return {
         "id": tx.id, "provider": tx.provider, "provider_ref": tx.provider_ref, "state": str(tx.state),
-        "version": tx.version, "in_doubt": tx.pending, "currency": tx.outstanding.currency,
+        "version": tx.version, "in_doubt": tx.pending, "attention": attention,
+        "currency": tx.outstanding.currency,
         "gross": money_json(tx.gross), "discount": money_json(tx.total_discount),
         "credits": money_json(tx.total_credits), "to_pay": money_json(tx.outstanding),
         "created_at": iso(tx.created_at), "updated_at": iso(tx.updated_at),
@@ -179,11 +181,11 @@ def transaction_json(tx: Transaction) -> dict[str, Any]:
     }
 
 
-def next_events(tx: Transaction, now: datetime) -> list[str]:
+def next_events(tx: Transaction, now: datetime, attention: str | None = None) -> list[str]:
     """What may happen to it now: the lifecycle's events its provider supports (a call in
     doubt: only its retry)."""
-    if tx.pending:
-        return [str(tx.pending)]
+    if tx.pending:  # only its retry; once parked for an operator, only cancel (or resolve)
+        return ["cancel"] if attention else [str(tx.pending)]
     allowed = [str(e) for e in machine.allowed_events(tx, now)]
     try:
         from ..diagrams import load_driver_class
@@ -209,10 +211,11 @@ def show(tx_id: str, db: str, as_json: bool) -> int:
         history = store.journal(tx_id)
         deliveries = store.deliveries(tx_id)
         intent = store.load_intent(tx_id) if tx.pending else None
-    allowed = next_events(tx, datetime.now(timezone.utc))
+    attention = getattr(intent, "attention", None)
+    allowed = next_events(tx, datetime.now(timezone.utc), attention)
     if as_json:
         emit_json({
-            "transaction": {**transaction_json(tx), "items": [
+            "transaction": {**transaction_json(tx, attention), "items": [
                 {"name": line.name, "quantity": line.quantity, "gross": money_json(line.gross),
                  "discount": money_json(line.discount), "credits": money_json(line.credits),
                  "to_pay": money_json(line.outstanding)} for line in tx.items]},
@@ -245,7 +248,7 @@ def parse_time(value: str) -> datetime:
 @click.option("--provider", help="only this provider's transactions")
 @click.option("--in-doubt", is_flag=True, help="only transactions whose last provider call is in doubt")
 @click.option("--attention", is_flag=True,
-              help="only those needing an operator: in doubt with no process holding the call")
+              help="only those needing an operator: in-doubt calls the engine no longer re-sends")
 @click.option("--due-before", metavar="TIME",
               help="only live ones (not in doubt) expiring before TIME (ISO, UTC unless given)")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, help="rows per page")
@@ -258,17 +261,14 @@ def list_(db: str, states: Sequence[str], provider: str | None, in_doubt: bool, 
     deadline = parse_time(due_before) if due_before else None
     now = datetime.now(timezone.utc)
     with opened(db, read_only=True) as store:
-        # TODO-free seam: "needing attention" is what the store exposes today, in-doubt
-        # intents no lease holds; the engine's own attention list replaces it when it lands.
-        held = None
-        if attention:
-            held = set(store.intents_to_recover(now, 1_000_000, [provider] if provider else _providers(store)))
+        # needing attention: in-doubt calls the engine parked for an operator (it no longer re-sends them)
+        parked = {intent.tx_id: intent.attention for intent in store.needing_attention(1_000_000, None)}
         matches = []
         for tx_id in store.transaction_ids():
             tx = store.load(tx_id)
             if tx is None or (states and str(tx.state) not in states) or (provider and tx.provider != provider):
                 continue
-            if (in_doubt and not tx.pending) or (held is not None and tx_id not in held):
+            if (in_doubt and not tx.pending) or (attention and tx_id not in parked):
                 continue
             if deadline is not None and not (str(tx.state) in ("previewed", "updated", "payment_pending")
                                               and not tx.pending and tx.expires_at and tx.expires_at < deadline):
@@ -278,23 +278,23 @@ def list_(db: str, states: Sequence[str], provider: str | None, in_doubt: bool, 
     shown = matches[(page - 1) * limit: page * limit]
     if as_json:
         emit_json({"total": len(matches), "page": page, "limit": limit,
-                   "transactions": [transaction_json(tx) for tx in shown]})
+                   "transactions": [transaction_json(tx, parked.get(tx.id)) for tx in shown]})
         return OK
     if not shown:
         click.echo("no transactions match" if not matches else f"page {page} is past the last ({len(matches)} match)")
         return OK
     # id, provider, state and amount fit 80 columns unabridged; times are in --json and show
-    notes = any(tx.pending for tx in shown)
-    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    notes = any(tx.pending for tx in shown)  # "in doubt", or "OPERATOR" when parked for one
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, collapse_padding=True)
     table.add_column("id", no_wrap=True, min_width=len(shown[0].id))
-    table.add_column("provider", no_wrap=True)
-    table.add_column("state", no_wrap=True)
+    table.add_column("provider", no_wrap=True, overflow="ellipsis")
+    table.add_column("state", no_wrap=True, overflow="ellipsis")
     table.add_column("to pay", justify="right", no_wrap=True)
     if notes:
-        table.add_column("note", overflow="ellipsis", no_wrap=True)
+        table.add_column("note", no_wrap=True, min_width=8)
     for tx in shown:
         row = [tx.id, tx.provider, _state(str(tx.state)), str(tx.outstanding)]
-        table.add_row(*row, *([f"in doubt: {tx.pending}" if tx.pending else ""] if notes else []))
+        table.add_row(*row, *([_note(tx, parked)] if notes else []))
     out = console()
     out.print(table)
     pages = max(1, -(-len(matches) // limit))
@@ -302,8 +302,10 @@ def list_(db: str, states: Sequence[str], provider: str | None, in_doubt: bool, 
     return OK
 
 
-def _providers(store: Store) -> list[str]:
-    return sorted({tx.provider for tx in (store.load(i) for i in store.transaction_ids()) if tx is not None})
+def _note(tx: Transaction, parked: dict[str, str | None]) -> str:
+    if tx.id in parked:
+        return "OPERATOR"  # parked: recover() no longer re-sends it
+    return "in doubt" if tx.pending else ""
 
 
 STATE_STYLES = {"finalized": "green", "refunded": "magenta", "cancelled": "red", "expired": "red",
