@@ -14,6 +14,7 @@ from typing import Any
 from .core import Command, NotStarted, Steps, ParallelOp, ProviderOp, StoreOp
 from .engine import _Facade, driver_failure
 from .models import Basket, DeliveryRecord, Event, LineItem, Transaction
+from . import telemetry
 from .secret import Secret
 from .store.base import Intent
 
@@ -23,23 +24,28 @@ class AsyncEngine(_Facade):
 
     async def _run(self, command: Command) -> Any:
         steps = Steps(command)
-        for op in steps:
-            try:
-                steps.answer(await self._perform(op))
-            except Exception as failure:
-                steps.fail(failure)
+        with telemetry.command_span(command):
+            for op in steps:
+                try:
+                    steps.answer(await self._perform(op))
+                except Exception as failure:
+                    steps.fail(failure)
         return steps.value
 
     async def _perform(self, op: StoreOp | ProviderOp | ParallelOp) -> Any:
         if isinstance(op, StoreOp):
-            return await asyncio.to_thread(getattr(self.store, op.method), *op.args)
+            result = await asyncio.to_thread(getattr(self.store, op.method), *op.args)
+            if op.method == "write":
+                telemetry.committed(op.args[0])
+            return result
         if isinstance(op, ParallelOp):
             return await self._perform_parallel(op)
         if not op.needs_io:
             return op.result
         driver = self.core.drivers[op.provider]
         try:
-            return await driver.arun(op.exchange, op.first)
+            with telemetry.provider_call(op.provider, op.operation):
+                return await driver.arun(op.exchange, op.first)
         except Exception as error:
             raise driver_failure(op, error) from None
 

@@ -752,22 +752,8 @@ def refresh_markdown(root: str | Path = ROOT) -> list[Path]:
 # --- the command line ---------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``txengine diagram``'s options (engine/cli.py registers the subcommand)."""
-    parser.add_argument("--format", choices=FORMATS, default="mermaid",
-                        help="mermaid and dot are text; svg and png need Graphviz (default: mermaid)")
-    parser.add_argument("--provider", choices=sorted(DRIVERS),
-                        help="only the transitions this provider supports, with its calls and timers")
-    parser.add_argument("--tx", dest="tx_id", metavar="TX_ID",
-                        help="the path this transaction took, from its journal in --db")
-    parser.add_argument("--db", default="txengine.db", metavar="PATH",
-                        help="SQLite file (or sqlite:// URL) for --tx (default: txengine.db)")
-    parser.add_argument("--output", "-o", metavar="FILE",
-                        help="write here (default: stdout, for text formats)")
-    parser.set_defaults(run=command)
-
-
 def command(args: argparse.Namespace) -> int:
+    """``txengine diagram`` (txengine.app.cli declares its options and calls this)."""
     try:
         base = provider(args.provider) if args.provider else None
         if args.tx_id:

@@ -17,6 +17,7 @@ from .core import Command, Core, NotStarted, ParallelOp, ProviderOp, StoreOp, St
 from .drivers import ProviderDriver
 from .errors import EngineError, ProtocolError
 from .models import Basket, DeliveryRecord, Event, LineItem, Transaction
+from . import telemetry
 from .secret import Secret
 from .store import Store, open_store
 from .store.base import Intent
@@ -85,23 +86,28 @@ class Engine(_Facade):
 
     def _run(self, command: Command) -> Any:
         steps = Steps(command)
-        for op in steps:
-            try:
-                steps.answer(self._perform(op))
-            except Exception as failure:
-                steps.fail(failure)
+        with telemetry.command_span(command):
+            for op in steps:
+                try:
+                    steps.answer(self._perform(op))
+                except Exception as failure:
+                    steps.fail(failure)
         return steps.value
 
     def _perform(self, op: StoreOp | ProviderOp | ParallelOp) -> Any:
         if isinstance(op, StoreOp):
-            return getattr(self.store, op.method)(*op.args)
+            result = getattr(self.store, op.method)(*op.args)
+            if op.method == "write":
+                telemetry.committed(op.args[0])
+            return result
         if isinstance(op, ParallelOp):
             return self._perform_parallel(op)
         if not op.needs_io:
             return op.result
         driver = self.core.drivers[op.provider]
         try:
-            return driver.run(op.exchange, op.first)
+            with telemetry.provider_call(op.provider, op.operation):
+                return driver.run(op.exchange, op.first)
         except Exception as error:
             raise driver_failure(op, error) from None
 

@@ -24,8 +24,6 @@ another worker or a restart takes over.
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import logging
 import os
@@ -42,9 +40,7 @@ from typing import Any
 import attrs
 
 from .clock import Clock
-from .drivers import ProviderDriver
-from .errors import EngineError, ValidationError
-from .store import open_existing
+from .errors import EngineError
 from .store.base import WorkerRecord
 
 log = logging.getLogger("txengine.worker")
@@ -56,7 +52,12 @@ RUNNING, STOPPED = "running", "stopped"
 
 
 class JsonLines(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and the record's ``fields``."""
+    """One JSON object per line: time, level, logger, message, the formatter's ``context``
+    (the worker's database, say) and the record's ``fields``."""
+
+    def __init__(self, context: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.context = dict(context or {})
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -64,14 +65,17 @@ class JsonLines(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
+            **self.context,
         }
         entry.update(getattr(record, "fields", {}))
         return json.dumps(entry, default=str, separators=(",", ":"))
 
 
-def configure_logging(level: str = "info", stream=None) -> logging.Handler:
+def configure_logging(level: str = "info", stream=None, context: Mapping[str, Any] | None = None) -> logging.Handler:
+    """JSON lines on ``stream`` for every ``txengine`` logger; ``context`` goes on each line
+    (the worker passes its database, credentials redacted)."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonLines())
+    handler.setFormatter(JsonLines(context))
     root = logging.getLogger("txengine")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -221,150 +225,3 @@ class Worker:
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
-
-
-# --- which providers a worker drives ------------------------------------------------------------
-
-
-def load_providers(spec: str) -> dict[str, ProviderDriver]:
-    """``package.module:function``: the function returns ``{name: driver}`` (credentials are
-    the function's business: environment, a secrets manager; never the command line)."""
-    module_name, _, function_name = spec.partition(":")
-    if not module_name or not function_name:
-        raise ValidationError(f"--providers wants module:function, got {spec!r}")
-    try:
-        factory = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as missing:
-        raise ValidationError(f"cannot load {spec!r}: {type(missing).__name__}") from None
-    providers = factory()
-    if not isinstance(providers, Mapping) or not providers or not all(
-            isinstance(name, str) and isinstance(driver, ProviderDriver) for name, driver in providers.items()):
-        raise ValidationError(f"{spec} must return a non-empty {{name: ProviderDriver}} mapping")
-    return dict(providers)
-
-
-def demo_providers(clock: Clock | None = None) -> dict[str, ProviderDriver]:
-    """Every provider wired to an in-process sandbox (nothing leaves the machine): for
-    trying the worker locally.  Forloy runs offline, so its records go through the queue."""
-    from .clock import SystemClock
-    from .demo import demo_pairs
-
-    pairs = demo_pairs(clock or SystemClock(), forloy_offline=True)
-    return {name: driver for name, (_, driver) in pairs.items()}
-
-
-# --- the command line: txengine worker | workers | outbox ---------------------------------------
-
-
-def cmd_worker(args) -> int:
-    from .engine import Engine
-
-    configure_logging(args.log_level)
-    try:
-        providers = demo_providers() if args.demo_sandboxes else load_providers(args.providers)
-    except ValidationError as bad:
-        log.error("bad_configuration", extra={"fields": {"event": "bad_configuration", **_describe(bad)}})
-        return 2
-    engine = Engine.open(f"sqlite:///{args.db}", providers, delivery_concurrency=args.concurrency)
-    worker = Worker(engine, interval=args.interval, heartbeat_every=timedelta(seconds=args.heartbeat))
-    worker.install_signal_handlers()
-    try:
-        worker.run(iterations=args.iterations)
-    finally:
-        engine.close()
-    return 0
-
-
-def _when(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
-
-
-def cmd_outbox_list(args) -> int:
-    store = open_existing(args.db)
-    try:
-        statuses = [args.status] if args.status else ["dead", "pending"]
-        rows = [row for status in statuses
-                for row in store.deliveries(args.tx, status, limit=args.limit)]
-        print(f"{'id':>6}  {'status':<9} {'provider':<12} {'kind':<8} {'tx':<36} {'tries':>5}"
-              f"  {'next attempt':<19}  last error")
-        for row in rows:
-            print(f"{row.id:>6}  {row.status:<9} {row.provider:<12} {row.kind:<8} {row.tx_id:<36}"
-                  f" {row.attempts:>5}  {_when(row.next_attempt_at if row.status == 'pending' else None):<19}"
-                  f"  {(row.last_error or '')[:100]}")
-        backlog = store.backlog(datetime.now(timezone.utc))
-        print(f"pending {backlog['pending']}, dead {backlog['dead']}, transactions in doubt"
-              f" {backlog['in_doubt']} ({backlog['stuck']} waiting for recover)")
-    finally:
-        store.close()
-    return 0
-
-
-def cmd_outbox_retry(args) -> int:
-    if bool(args.ids) == args.all_dead:
-        print("name delivery ids, or --all-dead (not both)", file=sys.stderr)
-        return 2
-    store = open_existing(args.db)
-    now = datetime.now(timezone.utc)
-    try:
-        if args.all_dead:
-            print(f"re-queued {store.retry_dead_deliveries(now)} dead deliveries")
-            return 0
-        failed = 0
-        for delivery_id in args.ids:
-            if store.retry_delivery(delivery_id, now):
-                print(f"re-queued delivery #{delivery_id}")
-            else:
-                failed += 1
-                print(f"delivery #{delivery_id} is not dead (or does not exist): left as it is", file=sys.stderr)
-        return 1 if failed else 0
-    finally:
-        store.close()
-
-
-def cmd_workers(args) -> int:
-    store = open_existing(args.db)
-    try:
-        now = datetime.now(timezone.utc)
-        for worker in store.workers():
-            age = int((now - worker.heartbeat_at).total_seconds())
-            totals = ", ".join(f"{name} {count}" for name, count in worker.totals.items())
-            print(f"{worker.id:<40} {worker.status:<8} heartbeat {age:>6}s ago  iterations {worker.iterations}"
-                  f"  ({totals})")
-    finally:
-        store.close()
-    return 0
-
-
-def register_commands(commands: argparse._SubParsersAction) -> None:
-    """Add ``worker``, ``workers`` and ``outbox`` to the ``txengine`` command line."""
-    worker = commands.add_parser("worker", help="run the background loop: timers, recovery, deliveries")
-    worker.add_argument("--db", default="txengine.db", help="the SQLite file the POS backend uses")
-    source = worker.add_mutually_exclusive_group(required=True)
-    source.add_argument("--providers", metavar="MODULE:FUNCTION",
-                        help="a function returning {name: driver}, configured with credentials")
-    source.add_argument("--demo-sandboxes", action="store_true",
-                        help="drive in-process sandboxes of every provider (local runs)")
-    worker.add_argument("--interval", type=float, default=1.0, help="seconds to sleep when idle")
-    worker.add_argument("--heartbeat", type=float, default=30.0, help="seconds between heartbeats")
-    worker.add_argument("--concurrency", type=int, default=8, help="deliveries in flight at once")
-    worker.add_argument("--iterations", type=int, default=None, help="stop after this many (default: run)")
-    worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    worker.set_defaults(run=cmd_worker)
-
-    workers = commands.add_parser("workers", help="the workers' heartbeats")
-    workers.add_argument("--db", default="txengine.db")
-    workers.set_defaults(run=cmd_workers)
-
-    outbox = commands.add_parser("outbox", help="guaranteed deliveries: list, re-queue dead ones")
-    outbox_commands = outbox.add_subparsers(dest="outbox_command", required=True)
-    listing = outbox_commands.add_parser("list", help="deliveries not yet delivered (dead first)")
-    listing.add_argument("--db", default="txengine.db")
-    listing.add_argument("--status", choices=["pending", "dead", "delivered"])
-    listing.add_argument("--tx", help="only this transaction's deliveries")
-    listing.add_argument("--limit", type=int, default=200)
-    listing.set_defaults(run=cmd_outbox_list)
-    retry = outbox_commands.add_parser("retry", help="re-queue dead deliveries for the worker to send now")
-    retry.add_argument("ids", nargs="*", type=int, metavar="ID")
-    retry.add_argument("--all-dead", action="store_true")
-    retry.add_argument("--db", default="txengine.db")
-    retry.set_defaults(run=cmd_outbox_retry)

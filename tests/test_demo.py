@@ -8,20 +8,38 @@ import sys
 import httpx
 import pytest
 
-from txengine import cli, demo
+from txengine.app import cli, demo
 
 
 def test_the_demo_runs_every_providers_session_and_replays_exactly(tmp_path, capsys):
     assert demo.run(str(tmp_path / "demo.db")) == 0
     out = capsys.readouterr().out
-    for provider in ("reference", "Cheers Loyalty", "Rekonect", "Forloy", "secuconnect"):
+    for provider in ("reference", "Cheers", "Rekonect", "Forloy", "secuconnect"):
         assert f"({provider})" in out
-    assert "journal replay rebuilds every snapshot: yes" in out
-    # the Cheers worked example, as its guide prints it
-    assert "discount 600.00 HUF  credits 800.00 HUF  to pay 100.00 HUF" in out
-    assert "to pay 209.00 HUF" in out
+    assert "replaying each journal rebuilds its snapshot: yes" in out
+    # the Cheers worked example, in whole forints as the provider counts them
+    assert re.search(r"Draft Beer 0.5L +3 +1500 HUF +600 HUF +800 HUF +100 HUF", out)
+    assert "to pay 209 HUF" in out
     assert "INSUFFICIENT_CREDIT" in out and "forloy does not support refund" in out
-    assert re.search(r"Kartennummer: +\*{12}2845", out)
+    assert re.search(r"\| Kartennummer: +\*{12}2845 \|", out), "receipts are framed"
+
+
+def test_the_demo_reads_on_80_columns_and_leaves_no_temporary_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert demo.run() == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines if not line.startswith("database: ")) < 80  # a path is as long as it is
+    assert list(tmp_path.iterdir()) == [], "the temporary database is removed"
+    assert not any("\x1b[" in line for line in lines), "no colour unless on a terminal"
+
+
+def test_the_demo_runs_twice_on_one_database(tmp_path, capsys):
+    db = str(tmp_path / "demo.db")
+    assert demo.run(db) == 0
+    assert demo.run(db) == 0
+    assert capsys.readouterr().out.count("rebuilds its snapshot: yes") == 2
 
 
 def test_show_prints_a_transaction_with_its_journal(tmp_path, capsys):
@@ -30,17 +48,18 @@ def test_show_prints_a_transaction_with_its_journal(tmp_path, capsys):
     tx_id = re.search(r"txengine show (\S+)", capsys.readouterr().out).group(1)
     assert cli.main(["show", tx_id, "--db", db]) == 0
     shown = capsys.readouterr().out
-    assert tx_id in shown and "journal:" in shown and "preview: new -> previewed" in shown
+    assert tx_id in shown and "timeline:" in shown and "preview: new -> previewed" in shown
+    assert "None" not in shown, "no raw Python values"
     assert cli.main(["show", "tx_missing", "--db", db]) == 1
     typo = tmp_path / "typo.db"
-    with pytest.raises(SystemExit, match="no database"):
-        cli.main(["show", tx_id, "--db", str(typo)])
+    assert cli.main(["show", tx_id, "--db", str(typo)]) == 2
+    assert "no database at" in capsys.readouterr().err
     assert not typo.exists(), "a typo must not create an empty database"
 
 
 def test_sandbox_serve_answers_on_loopback_seeded(tmp_path):
     server = subprocess.Popen(
-        [sys.executable, "-m", "txengine.cli", "sandbox", "serve", "cheers", "--port", "0"],
+        [sys.executable, "-m", "txengine.app.cli", "sandbox", "serve", "cheers", "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

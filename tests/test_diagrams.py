@@ -395,7 +395,7 @@ class TestTransaction:
         assert "no transaction tx_nope" in capsys.readouterr().err
         assert txengine(["diagram", "--tx", travelled.id, "--db", db_url, "--provider", "cheers"]) == 1
         assert "is a reference transaction, not cheers" in capsys.readouterr().err
-        assert txengine(["diagram", "--tx", travelled.id, "--db", str(tmp_path / "none.db")]) == 1
+        assert txengine(["diagram", "--tx", travelled.id, "--db", str(tmp_path / "none.db")]) == 2  # a missing database is configuration: exit 2 everywhere
         assert "no database" in capsys.readouterr().err
 
 

@@ -14,9 +14,10 @@ import httpx
 import pytest
 
 from txengine import Engine
-from txengine.cli import main
+from txengine.app.cli import main
+from txengine.app.wiring import demo_providers, load_providers
 from txengine.errors import OutcomeUnknown, ValidationError
-from txengine.worker import JsonLines, Worker, configure_logging, demo_providers, load_providers
+from txengine.worker import JsonLines, Worker, configure_logging
 from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
 from txengine.providers.sandbox import Fault
 
@@ -142,15 +143,23 @@ def test_stop_finishes_in_flight_sends_and_releases_the_rest(db_url, basket, san
 
 class TestConfiguration:
     def test_providers_come_from_a_module_function(self):
-        providers = load_providers("txengine.worker:demo_providers")
+        providers = load_providers("txengine.app.wiring:demo_providers")
         assert set(providers) == {"reference", "cheers", "rekonect", "forloy", "secuconnect"}
         assert providers["forloy"].offline, "the demo's Forloy stores and forwards"
 
     @pytest.mark.parametrize("spec", ["txengine.worker", "no.such.module:f", "txengine.worker:nothing",
-                                      "txengine.worker:configure_logging"])
-    def test_a_bad_spec_is_refused(self, spec):
-        with pytest.raises((ValidationError, TypeError)):
+                                      "txengine.worker:configure_logging", "txengine.app.wiring:load_providers"])
+    def test_a_bad_spec_is_refused_with_a_validation_error(self, spec):
+        with pytest.raises(ValidationError):
             load_providers(spec)
+
+    def test_a_factory_in_the_current_directory_is_found(self, tmp_path, monkeypatch):
+        (tmp_path / "pos_providers_here.py").write_text(
+            "from txengine.app.wiring import demo_providers\n"
+            "def providers():\n    return demo_providers()\n")
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+        assert "cheers" in load_providers("pos_providers_here:providers")
 
     def test_the_demo_providers_drive_a_session(self, db_url, clock, basket):
         with Engine.open(db_url, providers=demo_providers(clock), clock=clock) as engine:
@@ -175,18 +184,20 @@ class TestOperatorCommands:
         path = engine.store.path
 
         assert main(["outbox", "list", "--db", path]) == 0
-        out = capsys.readouterr().out.splitlines()
-        assert [line.split()[1] for line in out[1:3]] == ["dead", "pending"]
-        assert "[NOT_FOUND]" in out[1] and pending_tx.id in out[2]
-        assert out[-1].startswith("pending 1, dead 1")
+        out = capsys.readouterr().out
+        assert out.index(f"{dead.id} dead") < out.index(pending_tx.id), "dead first"
+        assert "[NOT_FOUND]" in out
+        assert out.splitlines()[-1].startswith("pending 1, dead 1")
 
-        assert main(["outbox", "list", "--db", path, "--status", "dead"]) == 0
-        assert len(capsys.readouterr().out.splitlines()) == 3
+        assert main(["outbox", "list", "--db", path, "--status", "dead", "--json"]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert [(d["id"], d["status"]) for d in listed["deliveries"]] == [(dead.id, "dead")]
+        assert "[NOT_FOUND]" in listed["deliveries"][0]["last_error"]
 
         sandbox.previews[preview.id] = preview  # the provider fixed it: the operator re-queues
         assert main(["outbox", "retry", str(dead.id), "--db", path]) == 0
         assert main(["outbox", "retry", str(dead.id), "--db", path]) == 1, "no longer dead"
-        assert main(["outbox", "retry", "--all-dead", "--db", path]) == 0
+        assert main(["outbox", "retry", "--all-dead", "--db", path]) == 1, "nothing dead: nothing to do"
         assert "re-queued 0 dead" in capsys.readouterr().out
         assert main(["outbox", "retry", "--db", path]) == 2
         clock.set(datetime.now(timezone.utc))  # the command line re-queues on the wall clock
@@ -203,15 +214,15 @@ class TestOperatorCommands:
         assert "in doubt: finalize under key 'till-1-fin', 1 attempt(s), last error: HTTP 503" in out
         engine.recover()
         assert main(["show", tx.id, "--db", engine.store.path]) == 0
-        assert "delivery #1 receipt: pending, 0 attempt(s), next attempt" in capsys.readouterr().out
+        assert "#1 receipt: pending, 0 attempt(s), next" in capsys.readouterr().out
 
     def test_workers_lists_heartbeats(self, engine, capsys):
         Worker(engine, interval=0, worker_id="till-backend-1").run(iterations=1)
         assert main(["workers", "--db", engine.store.path]) == 0
         assert "till-backend-1" in capsys.readouterr().out
 
-    def test_commands_refuse_a_missing_database(self, tmp_path):
-        with pytest.raises(SystemExit, match="no database"):
-            main(["outbox", "list", "--db", str(tmp_path / "typo.db")])
+    def test_commands_refuse_a_missing_database(self, tmp_path, capsys):
+        assert main(["outbox", "list", "--db", str(tmp_path / "typo.db")]) == 2
+        assert "no database at" in capsys.readouterr().err
         assert not (tmp_path / "typo.db").exists()
 

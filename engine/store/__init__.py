@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from urllib.parse import unquote, urlsplit
+import sqlite3
+from urllib.parse import quote, unquote, urlsplit
 
 from ..errors import ValidationError
 from .base import Store
-from .sqlite import SQLiteStore
+from .sqlite import MIGRATIONS, SQLiteStore
 
-__all__ = ["Store", "SQLiteStore", "open_existing", "open_store"]
+__all__ = ["Store", "SQLiteStore", "open_existing", "open_store", "schema_version", "sqlite_path"]
 
 
 def open_store(url: str) -> Store:
@@ -25,14 +26,47 @@ def open_store(url: str) -> Store:
     raise ValidationError(f"unsupported store URL scheme {parts.scheme!r}")
 
 
-def open_existing(db: str) -> Store:
-    """The store an operator command reads: ``db`` is a store URL or a SQLite file path.
+def sqlite_path(db: str) -> str | None:
+    """The file a ``db`` argument names (a path or a ``sqlite://`` URL); None for other stores."""
+    if "://" not in db:
+        return db
+    parts = urlsplit(db)
+    if parts.scheme != "sqlite":
+        return None
+    return unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
 
-    A path that does not exist raises ``FileNotFoundError`` instead of creating an empty
-    database: a typo must not look like an empty outbox.
+
+def open_existing(db: str, *, read_only: bool = False) -> Store:
+    """The store an operator command works on: ``db`` is a store URL or a SQLite file path.
+
+    It never creates a database or a schema (only ``txengine migrate`` does): a path that
+    does not exist raises ``FileNotFoundError``, a file that is not a migrated txengine
+    database ``ValidationError``, both naming the path.  ``read_only`` opens a view that
+    takes no write lock, for the commands that only look.
     """
-    if "://" in db:
-        return open_store(db)
-    if not os.path.isfile(db):
-        raise FileNotFoundError(f"no database at {db}")
-    return SQLiteStore(db)
+    path = sqlite_path(db)
+    if path is None:
+        return open_store(db)  # refuses what this version cannot open
+    if not path:
+        raise ValidationError("a sqlite URL names a file: sqlite:///txengine.db")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no database at {path}")
+    found = schema_version(path)
+    if found < len(MIGRATIONS):
+        raise ValidationError(
+            f"{path} is not a txengine database" if found == 0 else
+            f"{path} is at schema version {found} of {len(MIGRATIONS)}: run txengine migrate --db {db}")
+    return SQLiteStore(path, read_only=read_only)
+
+
+def schema_version(path: str) -> int:
+    """The migrations applied to the SQLite file at ``path`` (0: none, or not a txengine
+    database), read without writing anything."""
+    connection = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True)
+    try:
+        connection.execute("PRAGMA schema_version").fetchone()  # "file is not a database" here
+        if connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'schema_version'").fetchone() is None:
+            return 0
+        return connection.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+    finally:
+        connection.close()

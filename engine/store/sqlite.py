@@ -20,6 +20,7 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Sequence
+from urllib.parse import quote
 from datetime import datetime, timedelta, timezone
 
 import attrs
@@ -202,7 +203,8 @@ def _cause(error: sqlite3.Error) -> str:
 
 
 class SQLiteStore:
-    def __init__(self, path: str, *, busy_timeout_ms: int = 30_000, clock: Clock | None = None) -> None:
+    def __init__(self, path: str, *, busy_timeout_ms: int = 30_000, clock: Clock | None = None,
+                 read_only: bool = False) -> None:
         """``clock``: the one clock leases are measured on, for every engine sharing this
         file (they run on one host: SQLite is not a network database).  None: each
         engine's own clock, which is the host clock in production."""
@@ -222,8 +224,11 @@ class SQLiteStore:
         self._recent_lock = threading.Lock()
         self._recent_size = 4096
         self._identity: tuple[int, int] | None = None
+        # read_only: an operator's view; it neither migrates nor takes the write lock
+        self.read_only = read_only
         try:
-            self._migrate()
+            if not read_only:
+                self._migrate()
             self._identity = self._file_identity()
         except sqlite3.Error as error:
             self.close()
@@ -263,11 +268,12 @@ class SQLiteStore:
         connection = getattr(self._local, "connection", None)
         if connection is None:
             connection = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False,
-                timeout=self._busy_timeout_ms / 1000,
+                f"file:{quote(self.path)}?mode=ro" if self.read_only else self.path, uri=self.read_only,
+                isolation_level=None, check_same_thread=False, timeout=self._busy_timeout_ms / 1000,
             )
             connection.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
-            connection.execute("PRAGMA journal_mode = WAL")
+            if not self.read_only:
+                connection.execute("PRAGMA journal_mode = WAL")
             connection.execute("PRAGMA synchronous = FULL")
             connection.execute("PRAGMA foreign_keys = ON")
             self._local.connection = connection

@@ -1,0 +1,167 @@
+"""Metrics, traces and logs of the engine, through the OpenTelemetry API and ``logging``.
+
+The library only *uses* the OpenTelemetry API: until an application installs the SDK
+(``txengine worker --metrics-port`` does) every call here is a no-op.  What it records:
+
+- a span per command (``txengine.command``: its name, the transaction, the event) and
+  per provider call (``txengine.provider_call``: provider, operation, outcome, duration);
+- counters ``txengine.transitions``, ``txengine.rejections``, ``txengine.unknown_outcomes``
+  (by provider and event, from the journal entries the engine commits);
+- a histogram ``txengine.provider_call.duration`` (seconds, by provider, operation, outcome);
+- with ``watch_backlog(store, clock)``, gauges of the store's backlog: transactions in
+  doubt and needing attention, outbox pending and dead, the oldest pending delivery's age.
+
+Nothing recorded carries a secret: attributes are provider names, events, states, outcome
+words, transaction ids and counts; never a request, a token or an error text.  Log records
+(logger ``txengine.engine``) carry the transaction id as ``tx_id`` (and in ``fields``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import metrics, trace
+
+from .errors import ProviderRejected
+
+log = logging.getLogger("txengine.engine")
+_tracer = trace.get_tracer("txengine")
+_meter = metrics.get_meter("txengine")
+
+transitions = _meter.create_counter("txengine.transitions",
+                                    description="lifecycle transitions committed")
+rejections = _meter.create_counter("txengine.rejections",
+                                   description="provider calls definitively refused")
+unknown_outcomes = _meter.create_counter("txengine.unknown_outcomes",
+                                         description="provider calls whose outcome could not be learned")
+call_duration = _meter.create_histogram("txengine.provider_call.duration", unit="s",
+                                        description="provider calls, by outcome")
+
+_COUNTED = {"transition": transitions, "rejected": rejections, "unknown": unknown_outcomes}
+
+
+def _log(level: int, message: str, tx_id: str, **fields: Any) -> None:
+    log.log(level, message, extra={"tx_id": tx_id, "fields": {"event": message, "tx_id": tx_id, **fields}})
+
+
+@contextmanager
+def command_span(command: Any) -> Iterator[None]:
+    """One span around one engine command (``command`` is the core's generator)."""
+    name = getattr(command, "__name__", "command")
+    if name == "command":  # Core.command(tx_id, event, ...): name the span by its event
+        frame = getattr(command, "gi_frame", None)
+        name = str(frame.f_locals.get("event", name)) if frame is not None else name
+    with _tracer.start_as_current_span(f"txengine.command {name}", attributes={"txengine.command": name}):
+        yield
+
+
+def committed(commit: Any) -> None:
+    """Count and log what a store commit journals; tag the command's span with it."""
+    events = getattr(commit, "events", ())
+    if not events:
+        return
+    span = trace.get_current_span()
+    span.set_attribute("txengine.tx_id", commit.tx_id)
+    provider = commit.snapshot.provider if commit.snapshot is not None else None
+    for entry in events:
+        data = entry.data
+        event = str(data.get("event", ""))
+        counter = _COUNTED.get(entry.kind)
+        if counter is None:
+            continue
+        attributes = {"event": event, **({"provider": provider} if provider else {})}
+        counter.add(1, attributes)
+        span.set_attribute("txengine.event", event)
+        if entry.kind == "transition":
+            _log(logging.DEBUG, "transition", entry.tx_id, transition=event,
+                 source=str(data.get("source")), target=str(data.get("target")))
+        elif entry.kind == "rejected":
+            _log(logging.INFO, "rejected", entry.tx_id, transition=event, code=str(data.get("code", "")))
+        else:
+            _log(logging.WARNING, "outcome_unknown", entry.tx_id, transition=event)
+
+
+@contextmanager
+def provider_call(provider: str, operation: str) -> Iterator[None]:
+    """A span and a duration sample around one provider exchange; the outcome is ``ok``,
+    ``rejected`` (a definite refusal) or ``unknown`` (anything else)."""
+    started = time.perf_counter()
+    with _tracer.start_as_current_span(
+            "txengine.provider_call", attributes={"provider": provider, "operation": operation}) as span:
+        outcome = "ok"
+        try:
+            yield
+        except ProviderRejected:
+            outcome = "rejected"
+            raise
+        except Exception:
+            outcome = "unknown"
+            raise
+        except BaseException:  # cancelled (a task, a worker stopping): no outcome learned
+            outcome = "cancelled"
+            raise
+        finally:
+            span.set_attribute("outcome", outcome)
+            call_duration.record(time.perf_counter() - started,
+                                 {"provider": provider, "operation": operation, "outcome": outcome})
+
+
+_watched: list[tuple[Any, Any]] = []  # the (store, clock) the backlog gauges read
+
+
+def watch_backlog(store: Any, clock: Any) -> None:
+    """Let the backlog gauges read ``store`` (one store per process: the worker's; a second
+    call replaces the first)."""
+    _watched[:] = [(store, clock)]
+
+
+def _backlog() -> dict[str, int]:
+    if not _watched:
+        return {}
+    store, clock = _watched[0]
+    try:
+        return dict(store.backlog(clock.now()))
+    except Exception:  # a scrape must not fail on a busy or closed store
+        return {}
+
+
+def _gauge(name: str, key: str, description: str) -> None:
+    def observe(options: Any) -> list[metrics.Observation]:
+        value = _backlog().get(key)
+        return [] if value is None else [metrics.Observation(value)]
+
+    _meter.create_observable_gauge(name, [observe], description=description)
+
+
+def _oldest_pending_age(options: Any) -> list[metrics.Observation]:
+    if not _watched:
+        return []
+    store, clock = _watched[0]
+    try:
+        first = store.deliveries(None, "pending", limit=1)
+    except Exception:
+        return []
+    age = (clock.now() - first[0].created_at).total_seconds() if first else 0.0
+    return [metrics.Observation(max(age, 0.0))]
+
+
+_gauge("txengine.transactions_in_doubt", "in_doubt", "transactions whose last provider call is in doubt")
+def _needing_attention(options: Any) -> list[metrics.Observation]:
+    if not _watched:
+        return []
+    try:
+        return [metrics.Observation(len(_watched[0][0].needing_attention(100_000)))]
+    except Exception:
+        return []
+
+
+_meter.create_observable_gauge("txengine.transactions_needing_attention", [_needing_attention],
+                               description="in-doubt calls parked for an operator (recover() no longer re-sends them)")
+_gauge("txengine.outbox_pending", "pending", "guaranteed deliveries waiting to be sent")
+_gauge("txengine.outbox_dead", "dead", "guaranteed deliveries parked for an operator")
+_meter.create_observable_gauge("txengine.outbox_oldest_pending_age", [_oldest_pending_age], unit="s",
+                               description="age of the oldest pending delivery")
