@@ -44,8 +44,11 @@ request that is safe to repeat (login, lookup, a record or a sync batch with the
 keys) is re-sent ``SAFE_RETRIES`` times after a transport failure before the outcome is
 declared unknown; a refresh (its token rotates) and a reward claim (no key) never are.
 Email, password and tokens are ``Secret`` values; the customer's QR payload (the card's
-secret key) is only ever sent to ``/cards/lookup``: finalize identifies the card by
-``card_instance_id``.
+secret key) is sent to ``/cards/lookup`` and, because the offline-sync guide requires
+it per record, in ``/transactions/sync`` records; it is held in memory only (never in
+the store, a delivery payload or a log), so a sync record whose QR payload was lost
+with a restart is refused locally as ``QR_CODE_UNAVAILABLE``.  Online, finalize
+identifies the card by ``card_instance_id``.
 
 Money travels in decimal major units (``"purchase_amount": 24.50``) without a currency
 field.  The driver is configured for one currency (``currency=``, default EUR) and
@@ -72,7 +75,10 @@ Relied on, as the public integration guide states it:
   object exactly as documented; a repeated ``idempotency_key`` returns the original
   result with ``"idempotent": true``;
 - punch cooldown of one minute per card: HTTP 429 ``COOLDOWN_ACTIVE``;
-- ``POST /transactions/sync`` takes 1 to 100 records; ``POST /rewards/claim`` claims
+- ``POST /transactions/sync`` takes 1 to 100 records, each with ``qr_code_data``
+  (required, the offline-sync guide at staging-api.forloy.com/en/guide/offline-sync);
+  QR payloads look like ``forloy_enr_abc123def456`` (the QR guide) or base64 (the
+  record example in seed 002): ``QR_PAYLOAD`` accepts both; ``POST /rewards/claim`` claims
   the oldest pending reward; ``GET /transactions/history`` pages with ``page,
   page_size`` (default 20) and filters ``transaction_type, from_date, to_date``;
 - envelope ``{success, data, meta{request_id, timestamp}}`` and ``{success: false,
@@ -110,9 +116,9 @@ ASSUMED (no public source; each is the one constant named, and tests use it):
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
+import re
+import threading
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal, localcontext
@@ -184,6 +190,10 @@ TIMERS = TimerPolicy(
 PAYMENT_TYPES = frozenset({"SPLIT_PAYMENT", "EXTERNAL_PAYMENT"})
 RECORD_DELIVERY = "record"
 MAX_CUSTOMER_TOKEN_LENGTH = 4096
+#: a QR payload: base64 (the record example) or ``forloy_enr_abc123def456`` (the QR guide)
+QR_PAYLOAD = re.compile(r"[A-Za-z0-9_+/=.:-]+")
+#: our code for an offline record whose QR payload this process no longer holds
+QR_UNAVAILABLE = "QR_CODE_UNAVAILABLE"
 
 ONLINE_CAPABILITIES = Capabilities(
     remote={"preview", "finalize"},
@@ -366,6 +376,8 @@ class ForloyDriver(HttpDriver):
         self.capabilities = OFFLINE_CAPABILITIES if offline else ONLINE_CAPABILITIES
         self._clock = clock or SystemClock()
         self._session: _Session | None = None
+        self._qr_lock = threading.Lock()
+        self._qr_by_card: dict[str, Secret] = {}
 
     def __repr__(self) -> str:
         return (
@@ -560,7 +572,12 @@ class ForloyDriver(HttpDriver):
 
     @staticmethod
     def _card_identifier(token: Secret | None) -> dict[str, str]:
-        """The lookup body: digits are a barcode, anything else a base64 QR payload."""
+        """The lookup body: digits are a barcode, any other token a QR payload.
+
+        The guides show QR payloads both as base64 (the record example) and as
+        ``forloy_enr_abc123def456`` (the QR guide): the driver accepts any token of
+        ``QR_PAYLOAD`` characters and lets Forloy judge it (``CARD_NOT_FOUND``).
+        """
         if token is None:
             raise ValidationError("Forloy needs the customer's card: pass its QR code or barcode")
         value = token.reveal().strip()
@@ -568,12 +585,10 @@ class ForloyDriver(HttpDriver):
             raise ValidationError("the customer token is empty or too long for a Forloy card")
         if value.isascii() and value.isdigit():
             return {"barcode_value": value}
-        try:
-            base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
+        if not QR_PAYLOAD.fullmatch(value):
             raise ValidationError(
-                "the customer token is neither a Forloy QR payload (base64) nor a barcode"
-            ) from None
+                "the customer token is neither a Forloy QR payload nor a barcode"
+            )
         return {"qr_code_data": value}
 
     def preview(self, request: PreviewRequest) -> Exchange[Quote]:
@@ -584,8 +599,17 @@ class ForloyDriver(HttpDriver):
                 f"Forloy supports payment types {sorted(PAYMENT_TYPES)}, not {request.payment_type!r}"
             )
         identifier = self._card_identifier(request.customer_token)
+        if self.offline and "qr_code_data" not in identifier:
+            raise ValidationError("Forloy's offline sync identifies a card by its QR code only:"
+                                  " scan the customer's QR code, not the barcode")
         card = yield from self._call("POST", "/cards/lookup", identifier)
-        return self._quote(card, basket.items)
+        quote = self._quote(card, basket.items)
+        if "qr_code_data" in identifier:
+            # Kept in memory only (never in the store): an offline sync record must carry
+            # the QR payload, and the customer's key may not be written anywhere.
+            with self._qr_lock:
+                self._qr_by_card[quote.details["card_instance_id"]] = Secret(identifier["qr_code_data"])
+        return quote
 
     def _quote(self, card: Mapping[str, Any], items: Sequence[LineItem]) -> Quote:
         card_id, card_type = card.get("card_instance_id"), card.get("card_type")
@@ -758,15 +782,27 @@ class ForloyDriver(HttpDriver):
             raise ValueError(f"a sync batch holds at most {SYNC_BATCH_LIMIT} records")
         if any(delivery.kind != RECORD_DELIVERY for delivery in deliveries):
             raise ValueError(f"Forloy delivers {RECORD_DELIVERY!r} only")
-        records = [self._record_body(d.payload, d.idempotency_key) for d in deliveries]
+        refused: dict[int, ProviderRejected] = {}
+        records, sending = [], []
+        for delivery in deliveries:
+            record = self._sync_record(delivery)
+            if record is None:
+                refused[delivery.id] = self.rejected(
+                    QR_UNAVAILABLE,
+                    f"{delivery.tx_id}: Forloy's offline sync needs the card's QR code, which this"
+                    " driver no longer holds (restarted since the scan); record it again online")
+            else:
+                records.append(record)
+                sending.append(delivery)
+        if not records:
+            return refused
         data = yield from self._call("POST", "/transactions/sync",
                                      {ASSUMED_SYNC_RECORDS_FIELD: records})
         results = data.get(ASSUMED_SYNC_RESULTS_FIELD)
         if not isinstance(results, list):
             raise self.unknown(f"the sync answer lacks {ASSUMED_SYNC_RESULTS_FIELD}")
         by_key = {r.get("idempotency_key"): r for r in results if isinstance(r, dict)}
-        refused: dict[int, ProviderRejected] = {}
-        for delivery in deliveries:
+        for delivery in sending:
             result = by_key.get(delivery.idempotency_key)
             if result is None:
                 raise self.unknown(f"the sync answer says nothing about {delivery.tx_id}")
@@ -778,6 +814,17 @@ class ForloyDriver(HttpDriver):
             refused[delivery.id] = self.rejected(
                 str(error["code"]), f"{delivery.tx_id}: {error.get('message') or error['code']}")
         return refused or None
+
+    def _sync_record(self, delivery: Delivery) -> dict[str, Any] | None:
+        """The offline-sync wire record: the guide requires ``qr_code_data`` per record."""
+        with self._qr_lock:
+            qr = self._qr_by_card.get(str(delivery.payload.get("card_instance_id")))
+        if qr is None:
+            return None
+        record = self._record_body(delivery.payload, delivery.idempotency_key)
+        del record["card_instance_id"]
+        record["qr_code_data"] = qr.reveal()
+        return record
 
     # --- beyond the lifecycle: what a POS also shows the customer ---
 

@@ -357,7 +357,7 @@ class TestTransports:
 class TestOffline:
     def finalized(self, driver, clock, card, price="4.50", tx_id="tx_1"):
         items = basket(price)
-        quote = driver.run(driver.preview(preview_request(clock, card.barcode_value, items)))
+        quote = driver.run(driver.preview(preview_request(clock, card.qr_code_data, items)))
         tx = attrs.evolve(as_tx(quote, items, clock, state="finalized"), id=tx_id, finalized_at=clock.now())
         return tx, Delivery(int(tx_id.split("_")[1]), tx.id, "forloy", "record",
                             driver.delivery_payload("record", tx), f"{tx.id}:record")
@@ -424,6 +424,7 @@ class TestOffline:
 
         forgetful = ForloyDriver(environment="production", email="e", password="p", location_id="loc_001", staff_user_id="staff_042",
                                  clock=clock, offline=True, transport=httpx.MockTransport(answers_for_one))
+        forgetful._qr_by_card = driver._qr_by_card  # the QR scanned at preview (held in memory only)
         stranger = attrs.evolve(delivery, tx_id="tx_9", idempotency_key="tx_9:record")
         assert forgetful.run(forgetful.deliver((delivery,))) is None
         with pytest.raises(OutcomeUnknown, match="tx_9"):

@@ -219,7 +219,7 @@ class TestCashbackAndDiscount:
 
 class TestSync:
     def records(self, card, count, clock, step=timedelta(minutes=2)):
-        return [{"card_instance_id": card.card_instance_id, "location_id": "loc_001",
+        return [{"qr_code_data": card.qr_code_data, "location_id": "loc_001",
                  "staff_user_id": "staff_042", "purchase_amount": Decimal("3.00"),
                  "idempotency_key": f"offline-{i}",
                  "client_timestamp": forloy.wire_timestamp(clock.now() - step * (count - i))}
