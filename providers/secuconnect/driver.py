@@ -131,6 +131,7 @@ from typing import Any
 import attrs
 import httpx
 
+from txengine.answers import Answer
 from txengine.clock import Clock, SystemClock
 from txengine.drivers import Capabilities, Delivery, Exchange, HttpDriver, PreviewRequest
 from txengine.errors import EngineError, OutcomeUnknown, ProviderRejected, ValidationError
@@ -140,6 +141,8 @@ from txengine.money import Money
 from txengine.secret import Secret
 
 DEFAULT_BASE_URL = "https://connect-testing.secuconnect.com"
+#: the official SDKs' default host (secuconnect-js-sdk ConnectionConfig, the PHP SDK's examples)
+PRODUCTION_BASE_URL = "https://connect.secucard.com"
 TOKEN_PATH = "/oauth/token"
 TRANSACTIONS_PATH = "/api/v2/Smart/Transactions"
 
@@ -148,6 +151,13 @@ TRANSACTIONS_PATH = "/api/v2/Smart/Transactions"
 DOCUMENTED_TOKEN_LIFETIME = timedelta(seconds=1200)
 #: the SDKs fetch a new token once and resend when a call answers this
 REAUTH_STATUS = 401
+#: developer.secuconnect.com/integration/ error handling: an expired token answers HTTP
+#: 403 with code 2003 (ProductNotAllowedException); we log in again and resend once
+EXPIRED_TOKEN_STATUS = 403
+EXPIRED_TOKEN_CODE = 2003
+#: preTransaction answers only these (the docs and the PHP SDK's
+#: SmartTransactionsPreTransactionModel); the status is then ``processing``
+PRE_TRANSACTION_STATUS = "processing"
 
 # --- our policy --------------------------------------------------------------------------
 #: fetch a new token this long before the current one ends, so none expires in flight
@@ -167,6 +177,8 @@ ASSUMED_REFUND_WINDOW = timedelta(hours=24)
 ASSUMED_SMART_TRANSACTION_LIFETIME = timedelta(minutes=30)
 ASSUMED_IDEMPOTENT_CALLS = frozenset({"start", "abort", "cancel"})
 ASSUMED_CARD_NUMBER = re.compile(r"[0-9]{16}")
+#: our code: preTransaction offered bonus products (negative basket lines; not modelled)
+BONUS_PRODUCTS_UNSUPPORTED = "BONUS_PRODUCTS_UNSUPPORTED"
 
 #: card balance first, the missing sum at the register (start/loyalty or start/cash)
 SPLIT_PAYMENT = "SPLIT_PAYMENT"
@@ -216,7 +228,7 @@ class SecuconnectDriver(HttpDriver):
     """secuconnect Smart Transactions with a secucard as the customer's key."""
 
     name = "secuconnect"
-    environments: Mapping[str, str] = {"sandbox": DEFAULT_BASE_URL}
+    environments: Mapping[str, str] = {"sandbox": DEFAULT_BASE_URL, "production": PRODUCTION_BASE_URL}
     capabilities = Capabilities(
         remote={"preview", "update", "finalize", "cancel", "refund"},
         local={"begin_payment"},
@@ -299,10 +311,11 @@ class SecuconnectDriver(HttpDriver):
         return (yield from self._call_once(method, path, body))
 
     def _call_once(self, method: str, path: str, body: Any) -> Exchange[dict[str, Any]]:
-        """A 401 fetches a new token once and resends: the provider refused before acting."""
+        """A refused token (401, or 403 code 2003: expired) is forgotten, a new one fetched
+        once and the call resent: the provider refused before acting."""
         token = yield from self._bearer()
         response = yield self._authorized(method, path, body, token)
-        if response.status_code == REAUTH_STATUS:
+        if _token_refused(response):
             self._forget(token)
             token = yield from self._bearer()
             response = yield self._authorized(method, path, body, token)
@@ -322,6 +335,10 @@ class SecuconnectDriver(HttpDriver):
         if not isinstance(body, dict):
             raise self.unknown(f"HTTP {status} with a JSON body that is not an object")
         if body.get("status") == "error":
+            if status < 400:
+                # An error envelope with a success status contradicts itself: the call may
+                # have acted, so the outcome is unknown (recover() asks again).
+                raise self.unknown(f"HTTP {status} carrying an error envelope")
             raise self._refusal(body, response)
         if status >= 400:
             if isinstance(body.get("error"), str):  # OAuth: {error, error_description}
@@ -523,11 +540,24 @@ class SecuconnectDriver(HttpDriver):
                            {"card_applied": applied, "smart_transaction_status": status})
 
     def _apply_balance(self, stx_id: str, gross: Money) -> Exchange[tuple[int, str]]:
-        """``preTransaction``: the card balance applied; the missing sum and the new status."""
+        """``preTransaction``: the card balance applied; the missing sum and the new status.
+
+        The documented answer is only ``{missing_sum, bonus_products}``: nothing in it names
+        the transaction, so the sum is checked against the basket we sent.
+        """
         prepared = yield from self._call("POST", f"{TRANSACTIONS_PATH}/{stx_id}/preTransaction", {},
                                          resend=True)
-        self._smart_transaction(prepared, stx_id)
-        return self._missing_sum(prepared, gross), self._status(prepared)
+        answer = Answer(prepared, provider=self.name, where="preTransaction")
+        missing = answer.number("missing_sum")  # cents; 296.0 is 296 (JSON has one number type)
+        if missing != missing.to_integral_value() or not 0 <= missing <= gross.amount_minor:
+            raise answer.fail("missing_sum is not a whole number of cents between 0 and the basket sum")
+        if answer.array("bonus_products", optional=True):
+            # Bonus products become negative basket lines at secuconnect; we do not model
+            # them yet, so a quote built without them would be wrong: refuse it clearly.
+            raise self.rejected(BONUS_PRODUCTS_UNSUPPORTED,
+                                "secuconnect offers bonus products for this card, which txengine"
+                                " does not redeem yet; use EXTERNAL_PAYMENT or another card")
+        return int(missing), PRE_TRANSACTION_STATUS
 
     def finalize(self, tx: Transaction, key: str) -> Exchange[Outcome]:
         stx_id = self._provider_ref(tx)
@@ -645,6 +675,19 @@ class SecuconnectDriver(HttpDriver):
 
 
 # --- small pure helpers --------------------------------------------------------------------------
+
+
+def _token_refused(response: httpx.Response) -> bool:
+    """401, or the documented expired-token answer (HTTP 403, code 2003)."""
+    if response.status_code == REAUTH_STATUS:
+        return True
+    if response.status_code != EXPIRED_TOKEN_STATUS:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("code") in (EXPIRED_TOKEN_CODE, str(EXPIRED_TOKEN_CODE))
 
 
 def _int(value: Any) -> int | None:
