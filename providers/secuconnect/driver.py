@@ -567,7 +567,7 @@ class SecuconnectDriver(HttpDriver):
         self._smart_transaction(current, stx_id)
         status = self._status(current)
         if status == "ok":
-            return self._outcome(current, stx_id)
+            return self._outcome(current, stx_id, tx)
         self._refuse_dead(status)
         if status in _UNDER_WAY:
             raise self.unknown(f"the smart transaction is {status}: a start is under way")
@@ -593,7 +593,7 @@ class SecuconnectDriver(HttpDriver):
         if status != "ok":
             self._refuse_dead(status)
             raise self.unknown(f"start/{method} answered status {status!r}, not ok")
-        return self._outcome(started, stx_id)
+        return self._outcome(started, stx_id, tx)
 
     def cancel(self, tx: Transaction, key: str) -> Exchange[Outcome]:
         stx_id = self._provider_ref(tx)
@@ -607,6 +607,7 @@ class SecuconnectDriver(HttpDriver):
         status = self._status(reversed_)
         if status != "cancelled":
             raise self.unknown(f"cancel answered status {status!r}, not cancelled")
+        self._settled(reversed_, stx_id, tx, "cancelled", "cancel")
         receipt, skipped = self._receipt(reversed_)
         details: dict[str, Any] = {"smart_transaction_status": status}
         if skipped:
@@ -645,7 +646,21 @@ class SecuconnectDriver(HttpDriver):
             raise self.rejected(f"STATUS_{status.upper()}",
                                 f"the smart transaction is {status} at secuconnect")
 
-    def _outcome(self, body: Mapping[str, Any], stx_id: str) -> Outcome:
+    def _settled(self, body: Mapping[str, Any], stx_id: str, tx: Transaction, status: str, where: str) -> None:
+        """A success proves itself: our Smart Transaction, the awaited status, our basket
+        (sum, currency and line count), read strictly; anything else may have acted."""
+        answer = Answer(body, provider=self.name, where=where)
+        answer.expect("id", stx_id)
+        answer.expect("status", status)
+        info = answer.obj("basket_info")
+        info.expect("currency", tx.currency)
+        info.expect("sum", tx.gross.amount_minor)
+        basket = answer.obj("basket", optional=True)
+        if basket is not None:
+            basket.array("products", length=len(tx.items))
+
+    def _outcome(self, body: Mapping[str, Any], stx_id: str, tx: Transaction) -> Outcome:
+        self._settled(body, stx_id, tx, "ok", "start")
         details: dict[str, Any] = {"smart_transaction_status": "ok"}
         method = body.get("payment_method")
         if isinstance(method, str):
