@@ -127,6 +127,7 @@ from typing import Any
 import attrs
 import httpx
 
+from txengine.answers import Answer
 from txengine.clock import UTC, Clock, SystemClock
 from txengine.drivers import Capabilities, Delivery, Exchange, HttpDriver, PreviewRequest
 from txengine.errors import OutcomeUnknown, ProviderRejected, ValidationError
@@ -432,6 +433,9 @@ class ForloyDriver(HttpDriver):
     def _data(self, response: httpx.Response) -> Mapping[str, Any]:
         """The envelope's ``data``, a ProviderRejected for a definite no, else ProtocolError."""
         body = self._envelope(response)
+        if response.status_code < 400 and body.get("success") is False:
+            # An error envelope with a success status contradicts itself: it may have acted.
+            raise self.unknown(f"HTTP {response.status_code} carrying an error envelope")
         if response.status_code >= 400 or body.get("success") is not True:
             error = body.get("error")
             if body.get("success") is not False or not isinstance(error, dict):
@@ -699,9 +703,9 @@ class ForloyDriver(HttpDriver):
         return self._recorded(tx, fields, data)
 
     def _recorded(self, tx: Transaction, fields: Mapping[str, Any], data: Mapping[str, Any]) -> Outcome:
-        transaction_id, card_type = data.get("transaction_id"), data.get("card_type")
-        if not isinstance(transaction_id, str) or not transaction_id:
-            raise self.unknown("the record answer lacks transaction_id")
+        answer = Answer(data, provider=self.name, where="transactions/record")
+        transaction_id = answer.text("transaction_id")
+        card_type = answer.one_of("card_type", CARD_TYPES)
         if card_type != fields["card_type"]:
             raise self.unknown(f"recorded a {card_type!r} card, expected {fields['card_type']!r}")
         details: dict[str, Any] = {
@@ -710,9 +714,10 @@ class ForloyDriver(HttpDriver):
         }
         receipt: list[ReceiptLine] = []
         if card_type == "punch":
-            added, count = data.get("punches_added"), data.get("new_punch_count")
-            if not isinstance(added, int) or not isinstance(count, int):
-                raise self.unknown("the punch answer lacks punches_added or new_punch_count")
+            added = answer.integer("punches_added", minimum=0)
+            count = answer.integer("new_punch_count", minimum=0)
+            if added != fields.get("punch_count", PUNCHES_PER_PURCHASE):
+                raise answer.fail("punches_added is not the punch_count sent")
             reward = data.get("reward")
             earned = data.get("reward_earned") is True
             if earned and not isinstance(reward, dict):
