@@ -64,10 +64,14 @@ Relied on, as the public integration guide states it:
 
 - base ``https://api.forloy.com/api/v1``; ``POST /auth/login {email, password}`` returns
   ``access_token`` (``expires_in`` 3600), ``refresh_token``; ``GET /auth/me``;
-- ``POST /cards/lookup`` with ``qr_code_data`` (base64) or ``barcode_value`` is
-  read-only and returns ``card_instance_id, card_type, card_title, merchant_name,
-  customer_name, status, balance``; a punch balance holds ``current_punches,
-  punch_requirement, pending_rewards, lifetime_punches``;
+- ``POST /cards/lookup`` with ``qr_code_data`` or ``barcode_value`` is read-only and
+  returns ``card_instance_id, card_type, card_title, merchant_name, customer_name,
+  status, balance`` (seed 002); a punch balance holds ``current_punches,
+  punch_requirement, pending_rewards, lifetime_punches``.  The rewards guide
+  (staging-api.forloy.com/en/guide/rewards) shows the same answer flat, the balance
+  fields beside ``card_name`` and ``status``, and names the cashback fields
+  ``cashback_balance, cashback_rate, current_tier_name`` (``CASHBACK_BALANCE_FIELD``,
+  ``TIER_FIELD``): the driver reads either shape (``balance`` when present);
 - ``POST /transactions/record`` with ``qr_code_data`` or ``card_instance_id``,
   ``location_id, staff_user_id, purchase_amount`` (required), ``punch_count`` (default
   1), ``transaction_notes, idempotency_key, pos_reference_id, pos_terminal_id,
@@ -98,10 +102,8 @@ ASSUMED (no public source; each is the one constant named, and tests use it):
   long to wait (seconds); the driver reads the field first, then the header.
 - ``ASSUMED_CURRENCY``: the default currency of the merchant's amounts.
 - ``ASSUMED_ROUNDING``: how Forloy rounds discounts and cashback (half up, minor unit).
-- ``ASSUMED_CASHBACK_BALANCE_FIELD``, ``ASSUMED_TIER_FIELD``: names in a cashback or
-  discount card's ``balance`` (the guide only says "the current monetary balance" and
-  "the current discount rate and tier information"); the rate fields are assumed to
-  be named as in the record answers (``cashback_rate``, ``discount_rate``).
+- the discount card's lookup fields: ``discount_rate`` and ``current_tier_name`` as on a
+  cashback card (the rewards guide shows the punch and cashback lookups only).
 - ``ASSUMED_SYNC_RECORDS_FIELD``/``ASSUMED_SYNC_RESULTS_FIELD``: the sync shapes,
   ``{"transactions": [record, ...]}`` answered by ``{"results": [{"idempotency_key",
   "success", "data" | "error"}], "synced_count", "failed_count"}``; each synced record
@@ -164,8 +166,10 @@ ASSUMED_CARD_INACTIVE_STATUS = 422
 ASSUMED_RETRY_AFTER_FIELD = "retry_after"
 ASSUMED_CURRENCY = "EUR"
 ASSUMED_ROUNDING = ROUND_HALF_UP
-ASSUMED_CASHBACK_BALANCE_FIELD = "current_balance"
-ASSUMED_TIER_FIELD = "tier_name"
+#: the rewards guide (staging-api.forloy.com/en/guide/rewards): a cashback lookup shows
+#: ``cashback_balance, cashback_rate, current_tier_name``
+CASHBACK_BALANCE_FIELD = "cashback_balance"
+TIER_FIELD = "current_tier_name"
 ASSUMED_SYNC_RECORDS_FIELD = "transactions"
 ASSUMED_SYNC_RESULTS_FIELD = "results"
 ASSUMED_NO_PENDING_REWARDS = "NO_PENDING_REWARDS"
@@ -289,6 +293,15 @@ def discount_lines(items: Sequence[LineItem], rate: Decimal) -> list[PricedLine]
         )
         for item, discount in zip(items, discounts)
     ]
+
+
+#: the card fields of a lookup answer; in the rewards guide's flat shape the rest is balance
+_CARD_FIELDS = frozenset({"card_instance_id", "card_type", "card_title", "card_name", "merchant_name",
+                          "customer_name", "status"})
+
+
+def _flat_balance(card: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in card.items() if name not in _CARD_FIELDS}
 
 
 def _percent(rate: Decimal) -> str:
@@ -617,7 +630,8 @@ class ForloyDriver(HttpDriver):
 
     def _quote(self, card: Mapping[str, Any], items: Sequence[LineItem]) -> Quote:
         card_id, card_type = card.get("card_instance_id"), card.get("card_type")
-        balance = card.get("balance")
+        # seed 002 nests the balance; the rewards guide shows it flat beside the card
+        balance = card.get("balance", _flat_balance(card))
         if not isinstance(card_id, str) or not card_id:
             raise self.unknown("the card lookup lacks card_instance_id")
         if card_type not in CARD_TYPES:
@@ -628,7 +642,7 @@ class ForloyDriver(HttpDriver):
             raise self.rejected(
                 ASSUMED_CARD_INACTIVE, f"this Forloy card is {card.get('status')!r}, not active"
             )
-        title = str(card.get("card_title") or "Forloy card")
+        title = str(card.get("card_title") or card.get("card_name") or "Forloy card")
         receipt = [ReceiptLine("textline", text=f"{title} ({card.get('merchant_name') or 'Forloy'})")]
         purchase = sum((item.gross for item in items), Money.zero(self.currency))
         details: dict[str, Any] = {
@@ -644,7 +658,7 @@ class ForloyDriver(HttpDriver):
             rate = self._rate(balance, "discount_rate")
             lines = discount_lines(items, rate)
             details["discount_rate"] = format(rate, "f")
-            tier = balance.get(ASSUMED_TIER_FIELD)
+            tier = balance.get(TIER_FIELD)
             label = _percent(rate) + (f" ({tier})" if isinstance(tier, str) and tier else "")
             receipt.append(ReceiptLine("name-value", name="Discount", value=label))
         else:
@@ -658,8 +672,8 @@ class ForloyDriver(HttpDriver):
                     receipt.append(ReceiptLine(
                         "name-value", name="Rewards to claim", value=str(balance["pending_rewards"])
                     ))
-            elif ASSUMED_CASHBACK_BALANCE_FIELD in balance:
-                amount = self._money(balance, ASSUMED_CASHBACK_BALANCE_FIELD)
+            elif CASHBACK_BALANCE_FIELD in balance:
+                amount = self._money(balance, CASHBACK_BALANCE_FIELD)
                 receipt.append(ReceiptLine("name-value", name="Cashback balance", value=str(amount)))
         return Quote(lines=lines, receipt=receipt, details=details)
 
@@ -844,7 +858,14 @@ class ForloyDriver(HttpDriver):
         """
         body = {"card_instance_id": card_instance_id, "location_id": self.location_id,
                 "staff_user_id": self.staff_user_id}
-        return (yield from self._call("POST", "/rewards/claim", body, safe=False))
+        data = yield from self._call("POST", "/rewards/claim", body, safe=False)
+        # the rewards guide: {transaction_id, reward_id, reward_name, reward_amount,
+        # earned_at, pending_rewards_remaining}
+        answer = Answer(data, provider=self.name, where="rewards/claim")
+        answer.text("transaction_id")
+        answer.text("reward_id")
+        answer.integer("pending_rewards_remaining", minimum=0)
+        return data
 
     def transaction_history(
         self,

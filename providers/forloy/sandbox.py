@@ -49,7 +49,7 @@ from .driver import (
     ASSUMED_CARD_INACTIVE,
     ASSUMED_CARD_INACTIVE_STATUS,
     ASSUMED_CARD_NOT_FOUND_STATUS,
-    ASSUMED_CASHBACK_BALANCE_FIELD,
+    CASHBACK_BALANCE_FIELD,
     ASSUMED_CURRENCY,
     ASSUMED_HISTORY_MAX_PAGE_SIZE,
     ASSUMED_NO_PENDING_REWARDS,
@@ -60,7 +60,7 @@ from .driver import (
     ASSUMED_ROUNDING,
     ASSUMED_SYNC_RECORDS_FIELD,
     ASSUMED_SYNC_RESULTS_FIELD,
-    ASSUMED_TIER_FIELD,
+    TIER_FIELD,
     ASSUMED_VALIDATION_ERROR,
     ASSUMED_VALIDATION_STATUS,
     CARD_NOT_FOUND,
@@ -207,9 +207,12 @@ class ForloySandbox(Sandbox):
     LOCATION_ID = "loc_001"
     LOCATION_NAME = "Downtown Branch"
 
-    def __init__(self, clock: Clock | None = None, *, currency: str = ASSUMED_CURRENCY) -> None:
+    def __init__(self, clock: Clock | None = None, *, currency: str = ASSUMED_CURRENCY,
+                 flat_lookup: bool = False) -> None:
         super().__init__(clock)
         self.currency = currency
+        #: answer lookups flat, as the rewards guide shows them, instead of seed 002's nesting
+        self.flat_lookup = flat_lookup
         self._quantum = Decimal(1).scaleb(-currency_exponent(currency))
         self.staff: dict[str, StaffAccount] = {}
         self.locations: dict[str, str] = {}
@@ -478,12 +481,15 @@ class ForloySandbox(Sandbox):
                 "lifetime_punches": card.lifetime_punches,
             }
         elif card.card_type == "cashback":
-            balance = {ASSUMED_CASHBACK_BALANCE_FIELD: self._amount(card.balance),
-                       "cashback_rate": card.tier().rate, ASSUMED_TIER_FIELD: card.tier().name}
+            balance = {CASHBACK_BALANCE_FIELD: self._amount(card.balance),
+                       "cashback_rate": card.tier().rate, TIER_FIELD: card.tier().name}
         else:
-            balance = {"discount_rate": card.tier().rate, ASSUMED_TIER_FIELD: card.tier().name,
+            balance = {"discount_rate": card.tier().rate, TIER_FIELD: card.tier().name,
                        "lifetime_spend": self._amount(card.lifetime_spend)}
-        return {
+        if self.flat_lookup:  # the rewards guide's shape
+            return {"card_instance_id": card.card_instance_id, "card_type": card.card_type,
+                    "card_name": card.card_title, **balance, "status": card.status}
+        return {  # seed 002's shape
             "card_instance_id": card.card_instance_id,
             "card_type": card.card_type,
             "card_title": card.card_title,
@@ -707,11 +713,12 @@ class ForloySandbox(Sandbox):
                                "This card has no pending reward")
             reward = pending[0]  # oldest first
             reward.status, reward.claimed_at = "claimed", self.clock.now()
+            # the rewards guide's documented claim answer
             return self._ok({
-                "reward_id": reward.reward_id, "title": reward.title,
-                "description": reward.description, "status": reward.status,
-                "claimed_at": wire_timestamp(reward.claimed_at),
-                "remaining_pending_rewards": len(pending) - 1,
+                "transaction_id": f"txn_{uuid.uuid4()}", "reward_id": reward.reward_id,
+                "reward_name": reward.title, "reward_amount": 1,
+                "earned_at": wire_timestamp(reward.earned_at),
+                "pending_rewards_remaining": len(pending) - 1,
             })
 
         return self._answer(produce)

@@ -438,7 +438,7 @@ class TestBeyondTheLifecycle:
         _, tx = previewed(driver, clock, card, "4.50")
         earned = driver.run(driver.finalize(tx, "k1")).details["reward"]
         claimed = driver.run(driver.claim_reward(card.card_instance_id))
-        assert claimed["reward_id"] == earned["reward_id"] and claimed["status"] == "claimed"
+        assert claimed["reward_id"] == earned["reward_id"] and claimed["pending_rewards_remaining"] == 0
         page = driver.run(driver.transaction_history(card.card_instance_id))
         assert page.total_count == 1 and page.transactions[0]["purchase_amount"] == Decimal("4.50")
         with pytest.raises(ValidationError):

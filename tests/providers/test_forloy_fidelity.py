@@ -116,3 +116,57 @@ class TestNewcomerSandbox:
                 tx = pos.finalize(pos.preview("forloy", COFFEE, customer_token=customer["customer_token"]).id)
                 assert tx.state == "finalized"
         assert len(sandbox.transactions) == 2
+
+
+# --- the rewards guide (staging-api.forloy.com/en/guide/rewards), examples verbatim ---
+
+GUIDE_PUNCH_LOOKUP = {"card_instance_id": "ci_abc123", "card_type": "punch", "card_name": "Coffee Loyalty Card",
+                      "current_punches": 3, "punch_requirement": 10, "pending_rewards": 2,
+                      "lifetime_punches": 23, "status": "active"}
+GUIDE_CLAIM_BODY = {"card_instance_id": "ci_abc123", "location_id": "loc_456",
+                    "staff_user_id": "a1b2c3d4-e5f6-7890-abcd-ef1234567890"}
+GUIDE_CLAIM_ANSWER = {"transaction_id": "txn_reward_789", "reward_id": "rw_001", "reward_name": "Free Coffee",
+                      "reward_amount": 1, "earned_at": "2026-03-08T14:30:00Z", "pending_rewards_remaining": 1}
+
+
+def guide_driver(clock, answers: dict, seen: list):
+    import httpx
+
+    def answer(request):
+        seen.append(request)
+        if request.url.path.endswith("/auth/login"):
+            data = {"access_token": "a", "refresh_token": "r", "expires_in": 3600}
+        else:
+            data = answers[request.url.path.rsplit("/api/v1", 1)[-1]]
+        return httpx.Response(200, json={"success": True, "data": data})
+
+    return forloy.ForloyDriver(environment="production", email="e", password="p", location_id="loc_456",
+                               staff_user_id="a1b2c3d4-e5f6-7890-abcd-ef1234567890", clock=clock,
+                               transport=httpx.MockTransport(answer))
+
+
+def test_the_guides_flat_punch_lookup_prices_a_basket(clock):
+    from tests.providers.test_forloy_driver import preview_request
+    driver = guide_driver(clock, {"/cards/lookup": GUIDE_PUNCH_LOOKUP}, [])
+    quote = driver.run(driver.preview(preview_request(clock, "forloy_enr_abc123def456", COFFEE)))
+    assert quote.details["card_instance_id"] == "ci_abc123" and quote.details["card_title"] == "Coffee Loyalty Card"
+    assert [line.value for line in quote.receipt if line.name == "Punches"] == ["3/10"]
+
+
+def test_the_guides_claim_request_and_answer(clock):
+    seen: list = []
+    driver = guide_driver(clock, {"/rewards/claim": GUIDE_CLAIM_ANSWER}, seen)
+    assert driver.run(driver.claim_reward("ci_abc123")) == GUIDE_CLAIM_ANSWER
+    assert json.loads(seen[-1].content) == GUIDE_CLAIM_BODY
+
+
+def test_the_sandbox_answers_the_guides_flat_cashback_lookup_and_the_driver_reads_it(clock, db_url):
+    from txengine.providers.forloy import ForloySandbox
+    sandbox = ForloySandbox(clock, flat_lookup=True)
+    card = sandbox.add_cashback_card(balance="5.00")
+    driver = forloy.ForloyDriver(base_url=sandbox.base_url, transport=sandbox.transport(), clock=clock,
+                                 **sandbox.credentials())
+    with open_engine(db_url, driver, clock) as pos:
+        tx = pos.preview("forloy", COFFEE, customer_token=card.qr_code_data)
+        assert {"cashback_balance", "cashback_rate", "current_tier_name"} <= set(tx.details["balance"])
+        assert pos.finalize(tx.id).state == "finalized"

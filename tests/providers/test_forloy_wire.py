@@ -320,7 +320,7 @@ class TestTheGuidesExamples:
 
     def test_discount_answer_matches_the_local_quote(self, clock):
         lookup = SEED_LOOKUP.replace('"punch"', '"discount"').replace(
-            '"current_punches": 7,', '"discount_rate": 0.10, "tier_name": "Silver", "current_punches": 7,')
+            '"current_punches": 7,', '"discount_rate": 0.10, "current_tier_name": "Silver", "current_punches": 7,')
         driver, _ = seed_driver({"/cards/lookup": lookup, "/transactions/record": SEED_DISCOUNT}, clock)
         items = basket("100.00", "20.00")
         quote = preview(driver, clock, "12345", items)
