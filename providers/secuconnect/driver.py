@@ -53,38 +53,52 @@ or preview again).  Every other code is secuconnect's ``code`` field, passed thr
 
 Fidelity note
 =============
-Stated by secuconnect's public material (the integration excerpt in seed 003, the API
-reference on developer.secuconnect.com, the official secuconnect SDKs):
+Sources: seed 003 (the integration excerpt); developer.secuconnect.com/integration/
+(OAuth, applying the loyalty card, paying the missing sum or the full amount, status
+flow, error handling, error codes); the official SDKs github.com/secuconnect/
+secuconnect-php-sdk 2.63.0 (maintained; run as a real client against our served sandbox
+in tests/providers/test_secuconnect_php_sdk.py) and secuconnect-js-sdk (archived).
+What they settle:
 
 - ``POST /oauth/token`` with ``grant_type=client_credentials``, ``client_id``,
   ``client_secret`` returns a bearer ``access_token`` with ``expires_in`` 1200 s
-  (``DOCUMENTED_TOKEN_LIFETIME``).  The official SDKs re-authenticate once on a 401
-  and resend (``REAUTH_STATUS``); we do the same, and also refresh ahead of expiry
-  on our clock (``TOKEN_REFRESH_MARGIN``; the PHP SDK keeps a 10 s margin).
+  (``DOCUMENTED_TOKEN_LIFETIME``) and a ``scope``.  The SDKs re-authenticate on a 401
+  (``REAUTH_STATUS``); the error-handling page answers an expired token with HTTP 403,
+  code 2003 (``EXPIRED_TOKEN_STATUS``/``EXPIRED_TOKEN_CODE``): on either the driver
+  forgets the token, logs in again and resends once.  It also refreshes ahead of
+  expiry on its own clock (``TOKEN_REFRESH_MARGIN``; the PHP SDK keeps a 10 s margin).
+- Hosts: ``connect-testing.secuconnect.com`` (seed 003, "sandbox") and
+  ``connect.secucard.com`` (the SDKs' default host, "production").
+- The header is ``Authorization: Bearer`` (the SDKs; ``ASSUMED_AUTH_HEADER`` keeps its
+  old name); the seed's ``Authenticate`` spelling is accepted by the sandbox too.
 - The paths, the basket fields (``products[]`` with ``id, articleNumber, ean, desc,
   quantity, priceOne, tax``; ``basket_info{sum, currency}``; ``idents[{type: card,
   value}]``), ``transactionRef``, the statuses (``created, processing, approved,
-  pending, ok, failed, cancelled``), ``missing_sum``, ``transactions[]``, ``trans_id``
-  and ``receipt[]`` lines (``separator`` with ``caption``, ``textline`` with ``text``,
-  ``name-value`` with ``name``/``value``, ``space``; ``decoration`` such as
-  ``important``).
+  pending, ok, failed, cancelled``), ``transactions[]``, ``trans_id`` and ``receipt[]``
+  lines (``separator`` with ``caption``, ``textline`` with ``text``, ``name-value``
+  with ``name``/``value``, ``space``; ``decoration`` such as ``important``).
 - Money in the smallest currency unit (``priceOne``, ``sum``, ``missing_sum``) with
   ``basket_info.currency``; ``tax`` an integer percent in every example.
 - Errors are ``{status: "error", error, error_details, error_user, code, supportId}``;
   ``error_user`` is the German text for the cashier (the rejection's message, with the
-  ``supportId`` for the help desk); ``code`` becomes ``ProviderRejected.code``.
-- ``preTransaction`` answers ``missing_sum`` (and ``bonus_products``, which we do not
-  use; the sandbox answers none) as in the SDKs' ``SmartTransactionsPreTransactionModel``;
-  we read it there or in ``basket_info`` and refuse two different values.
+  ``supportId`` for the help desk); ``code`` becomes ``ProviderRejected.code``.  Such an
+  envelope with a 2xx status is self-contradictory: an unknown outcome.
+- ``preTransaction`` answers only ``{missing_sum, bonus_products}`` (the docs and the PHP
+  SDK's ``SmartTransactionsPreTransactionModel``); the status is then ``processing``
+  (``PRE_TRANSACTION_STATUS``) and ``basket_info.missing_sum`` appears on later reads
+  (it is absent before).  Bonus products become negative basket lines when bonus
+  balance is spent: not modelled; a preTransaction offering any is refused
+  (``BONUS_PRODUCTS_UNSUPPORTED``) and the Smart Transaction aborted.
+- A success proves itself: a start (``ok``) or cancel (``cancelled``) answer must name
+  our Smart Transaction and carry our basket (``basket_info`` sum and currency, the
+  line count of ``basket.products``); anything else is an unknown outcome.
 - The seed's transaction was started 25:45 after it was created (``created``
   09:18:14, ``updated`` 09:43:59): a Smart Transaction outlives a token, and
   ``ASSUMED_SMART_TRANSACTION_LIFETIME`` (30 min) is consistent with it.
+- Not used (documented, outside our lifecycle): ``start/cashless`` and ``/canceltrx``.
 
 ASSUMED (no public source says so; each is one constant below, tested as such):
 
-- ``ASSUMED_AUTH_HEADER``: the seed's request spells the header ``Authenticate:
-  Bearer ...``; the official SDKs send ``Authorization: Bearer ...``.  We send
-  ``Authorization`` (the SDKs run against production); the sandbox accepts both.
 - ``ASSUMED_PREVIEW_TTL``, ``ASSUMED_UPDATE_EXTENSION``: how long a priced basket is
   honoured.  secuconnect documents no lifetime for a Smart Transaction; the sandbox
   drops un-started ones ``ASSUMED_SMART_TRANSACTION_LIFETIME`` after their last change,
@@ -101,12 +115,14 @@ ASSUMED (no public source says so; each is one constant below, tested as such):
 - A ``LineItem`` carries one product id: it is sent as ``articleNumber``; ``ean`` is
   sent empty.
 - secuconnect's own codes for the cases the sandbox refuses (unknown card, locked
-  card, balance spent elsewhere, wrong status, expired, refund window closed) are not
-  public: the sandbox's ``ERRORS`` table is assumed, codes, statuses and texts.
+  card, balance spent elsewhere, wrong status, expired, refund window closed): the
+  sandbox's ``ERRORS`` table is assumed, codes, statuses and texts, except the
+  expired token (2003, documented).  The public error-code list (1xxx internal, 2xxx
+  authentication, ...) has not been mapped onto these cases yet.
 - ``tax`` must be an integer percent (``ValidationError`` otherwise, before any call);
   a card number is 16 digits (``ASSUMED_CARD_NUMBER``, the seed's shape).
-- HTTP statuses of errors: the driver relies only on 401 (re-authenticate once) and
-  5xx (outcome unknown); every other error is read from the body.
+- HTTP statuses of errors: the driver relies only on 401 and 403/2003 (re-authenticate
+  once) and 5xx (outcome unknown); every other error is read from the body.
 - The seed's ``start/cash`` example answers ``missing_sum: 0`` and an unchanged card
   balance of 10,00 EUR although its text says the balance is redeemed in full.  The
   sandbox reproduces that answer exactly for a ``start/cash`` without
@@ -381,7 +397,7 @@ class SecuconnectDriver(HttpDriver):
         return info
 
     def _missing_sum(self, body: Mapping[str, Any], gross: Money) -> int:
-        """preTransaction's ``missing_sum``: top level (the SDK model) or in basket_info."""
+        """A read's ``missing_sum`` (``basket_info``, after a preTransaction), checked."""
         info = self._check_basket_info(body, gross)
         missing = body.get("missing_sum", info.get("missing_sum"))
         if "missing_sum" in body and "missing_sum" in info and info["missing_sum"] != missing:

@@ -5,7 +5,11 @@ Business rules (the driver's fidelity note says which are documented and which a
 - OAuth client credentials (``POST /oauth/token``, JSON or form body): bearer tokens
   that die ``expires_in`` (1200 s) later on the sandbox clock.  Every other call needs
   ``Authorization: Bearer`` (the SDKs' spelling) or ``Authenticate: Bearer`` (the
-  seed's); otherwise 401 ``invalid_token``.
+  seed's); an unknown token answers 401 ``invalid_token``, an expired one HTTP 403
+  code 2003 (documented).  The token answer carries ``scope`` (``TOKEN_SCOPE``'s value
+  is assumed).
+- ``preTransaction`` answers only ``{missing_sum, bonus_products}`` (never any bonus
+  products); ``basket_info.missing_sum`` is absent until it ran.
 - Cards hold a cash balance in minor units.  ``preTransaction`` applies it:
   ``missing_sum = max(0, sum - balance)``, status ``processing``.  ``PUT`` replaces the
   basket and resets the transaction to ``created`` (apply the balance again).
@@ -25,7 +29,9 @@ Business rules (the driver's fidelity note says which are documented and which a
   gutgeschrieben``) are ASSUMED wording.
 - Errors use secuconnect's envelope ``{status: "error", error, error_details,
   error_user, code, supportId}``.  The codes, exception names and HTTP statuses in
-  ``ERRORS`` are ASSUMED: the public error list does not cover these cases.
+  ``ERRORS`` are ASSUMED except ``token_expired`` (403, 2003, documented).
+- For a newcomer: ``seed_demo()`` (the seed's card), ``credentials()`` (the driver's
+  client id and secret) and ``issue_customer()`` (a new card holding 10,00 EUR).
 
 Inspection for tests: ``card_balance``, ``opening_balances``, ``loyalty_transactions``,
 ``smart_transaction``, ``tokens_issued``; set-up: ``add_card``, ``lock_card``,
