@@ -89,6 +89,16 @@ Relied on, as the public integration guide states it:
   error{code, message}}``; codes ``UNAUTHORIZED`` (401), ``TOKEN_EXPIRED`` (401),
   ``CARD_NOT_FOUND``, ``COOLDOWN_ACTIVE`` (429).
 
+Environments: only "production" (``DEFAULT_BASE_URL``, seed 002).  The guides are
+served from staging-api.forloy.com, but no page says that host serves the API: no
+"sandbox" environment until one does.
+
+Still open (not yet checked against the guides): the login answer's ``user`` object
+(the driver reads only the tokens), cashback redemption as a checkout step (the
+rewards guide has a "Cashback Redemption" section; not modelled: cashback cards grant
+no credits here), and whether an inactive card answers ``CARD_NOT_FOUND``
+(``ASSUMED_CARD_INACTIVE`` below).
+
 ASSUMED (no public source; each is the one constant named, and tests use it):
 
 - ``ASSUMED_REFRESH_PATH``: the refresh call, ``POST /auth/refresh {refresh_token}``,

@@ -21,6 +21,11 @@ Set-up and inspection for tests and the demo: ``add_staff``, ``add_location``,
 ``add_punch_card``, ``add_cashback_card``, ``add_discount_card`` (each returns the
 ``Card``, with its ``qr_code_data`` and ``barcode_value``), ``card(id)``,
 ``transactions``, ``transactions_for(id)``, ``rewards_of(id)``, ``revoke_tokens()``.
+For a newcomer: ``seed_demo()`` (a punch, a cashback and a discount card, the QR guide's
+``forloy_enr_abc123def456`` among them), ``credentials()`` (the driver's staff login,
+location and staff id) and ``issue_customer()`` (a new cashback card holding 5.00).
+Lookups answer seed 002's nested ``balance``, or the rewards guide's flat shape with
+``flat_lookup=True``; offline sync requires ``qr_code_data`` per record (the guide).
 """
 
 from __future__ import annotations
