@@ -631,7 +631,7 @@ class ForloyDriver(HttpDriver):
                                   " scan the customer's QR code, not the barcode")
         card = yield from self._call("POST", "/cards/lookup", identifier)
         quote = self._quote(card, basket.items)
-        if "qr_code_data" in identifier:
+        if self.offline:  # (offline previews always scan the QR code: checked above)
             # Kept in memory only (never in the store): an offline sync record must carry
             # the QR payload, and the customer's key may not be written anywhere.
             with self._qr_lock:
