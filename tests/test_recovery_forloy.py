@@ -106,7 +106,7 @@ class TestOffline:
         sandbox, driver = forloy_pair(clock, offline=True)
         cards = [CARDS[kind](sandbox) for kind in sorted(CARDS)]
         with Engine.open(db_url, providers={"forloy": driver}, clock=clock) as engine:
-            txs = [engine.finalize(engine.preview("forloy", COFFEE, customer_token=c.barcode_value).id)
+            txs = [engine.finalize(engine.preview("forloy", COFFEE, customer_token=c.qr_code_data).id)
                    for c in cards]
             sandbox.faults.inject("sync", fault, times=LOST)
             assert engine.deliver_pending() == 0
@@ -126,7 +126,7 @@ class TestOffline:
         with Engine.open(db_url, providers={"forloy": driver}, clock=clock, delivery_round=200) as engine:
             for _ in range(forloy.SYNC_BATCH_LIMIT + 1):
                 card = sandbox.add_cashback_card()
-                engine.finalize(engine.preview("forloy", COFFEE, customer_token=card.barcode_value).id)
+                engine.finalize(engine.preview("forloy", COFFEE, customer_token=card.qr_code_data).id)
             assert engine.deliver_pending() == forloy.SYNC_BATCH_LIMIT + 1
         syncs = [r for r in sandbox.requests if r.path.endswith("/transactions/sync")]
         assert len(syncs) == 2 and len(sandbox.transactions) == forloy.SYNC_BATCH_LIMIT + 1

@@ -44,8 +44,11 @@ request that is safe to repeat (login, lookup, a record or a sync batch with the
 keys) is re-sent ``SAFE_RETRIES`` times after a transport failure before the outcome is
 declared unknown; a refresh (its token rotates) and a reward claim (no key) never are.
 Email, password and tokens are ``Secret`` values; the customer's QR payload (the card's
-secret key) is only ever sent to ``/cards/lookup``: finalize identifies the card by
-``card_instance_id``.
+secret key) is sent to ``/cards/lookup`` and, because the offline-sync guide requires
+it per record, in ``/transactions/sync`` records; it is held in memory only (never in
+the store, a delivery payload or a log), so a sync record whose QR payload was lost
+with a restart is refused locally as ``QR_CODE_UNAVAILABLE``.  Online, finalize
+identifies the card by ``card_instance_id``.
 
 Money travels in decimal major units (``"purchase_amount": 24.50``) without a currency
 field.  The driver is configured for one currency (``currency=``, default EUR) and
@@ -61,10 +64,14 @@ Relied on, as the public integration guide states it:
 
 - base ``https://api.forloy.com/api/v1``; ``POST /auth/login {email, password}`` returns
   ``access_token`` (``expires_in`` 3600), ``refresh_token``; ``GET /auth/me``;
-- ``POST /cards/lookup`` with ``qr_code_data`` (base64) or ``barcode_value`` is
-  read-only and returns ``card_instance_id, card_type, card_title, merchant_name,
-  customer_name, status, balance``; a punch balance holds ``current_punches,
-  punch_requirement, pending_rewards, lifetime_punches``;
+- ``POST /cards/lookup`` with ``qr_code_data`` or ``barcode_value`` is read-only and
+  returns ``card_instance_id, card_type, card_title, merchant_name, customer_name,
+  status, balance`` (seed 002); a punch balance holds ``current_punches,
+  punch_requirement, pending_rewards, lifetime_punches``.  The rewards guide
+  (staging-api.forloy.com/en/guide/rewards) shows the same answer flat, the balance
+  fields beside ``card_name`` and ``status``, and names the cashback fields
+  ``cashback_balance, cashback_rate, current_tier_name`` (``CASHBACK_BALANCE_FIELD``,
+  ``TIER_FIELD``): the driver reads either shape (``balance`` when present);
 - ``POST /transactions/record`` with ``qr_code_data`` or ``card_instance_id``,
   ``location_id, staff_user_id, purchase_amount`` (required), ``punch_count`` (default
   1), ``transaction_notes, idempotency_key, pos_reference_id, pos_terminal_id,
@@ -72,12 +79,25 @@ Relied on, as the public integration guide states it:
   object exactly as documented; a repeated ``idempotency_key`` returns the original
   result with ``"idempotent": true``;
 - punch cooldown of one minute per card: HTTP 429 ``COOLDOWN_ACTIVE``;
-- ``POST /transactions/sync`` takes 1 to 100 records; ``POST /rewards/claim`` claims
+- ``POST /transactions/sync`` takes 1 to 100 records, each with ``qr_code_data``
+  (required, the offline-sync guide at staging-api.forloy.com/en/guide/offline-sync);
+  QR payloads look like ``forloy_enr_abc123def456`` (the QR guide) or base64 (the
+  record example in seed 002): ``QR_PAYLOAD`` accepts both; ``POST /rewards/claim`` claims
   the oldest pending reward; ``GET /transactions/history`` pages with ``page,
   page_size`` (default 20) and filters ``transaction_type, from_date, to_date``;
 - envelope ``{success, data, meta{request_id, timestamp}}`` and ``{success: false,
   error{code, message}}``; codes ``UNAUTHORIZED`` (401), ``TOKEN_EXPIRED`` (401),
   ``CARD_NOT_FOUND``, ``COOLDOWN_ACTIVE`` (429).
+
+Environments: only "production" (``DEFAULT_BASE_URL``, seed 002).  The guides are
+served from staging-api.forloy.com, but no page says that host serves the API: no
+"sandbox" environment until one does.
+
+Still open (not yet checked against the guides): the login answer's ``user`` object
+(the driver reads only the tokens), cashback redemption as a checkout step (the
+rewards guide has a "Cashback Redemption" section; not modelled: cashback cards grant
+no credits here), and whether an inactive card answers ``CARD_NOT_FOUND``
+(``ASSUMED_CARD_INACTIVE`` below).
 
 ASSUMED (no public source; each is the one constant named, and tests use it):
 
@@ -92,10 +112,8 @@ ASSUMED (no public source; each is the one constant named, and tests use it):
   long to wait (seconds); the driver reads the field first, then the header.
 - ``ASSUMED_CURRENCY``: the default currency of the merchant's amounts.
 - ``ASSUMED_ROUNDING``: how Forloy rounds discounts and cashback (half up, minor unit).
-- ``ASSUMED_CASHBACK_BALANCE_FIELD``, ``ASSUMED_TIER_FIELD``: names in a cashback or
-  discount card's ``balance`` (the guide only says "the current monetary balance" and
-  "the current discount rate and tier information"); the rate fields are assumed to
-  be named as in the record answers (``cashback_rate``, ``discount_rate``).
+- the discount card's lookup fields: ``discount_rate`` and ``current_tier_name`` as on a
+  cashback card (the rewards guide shows the punch and cashback lookups only).
 - ``ASSUMED_SYNC_RECORDS_FIELD``/``ASSUMED_SYNC_RESULTS_FIELD``: the sync shapes,
   ``{"transactions": [record, ...]}`` answered by ``{"results": [{"idempotency_key",
   "success", "data" | "error"}], "synced_count", "failed_count"}``; each synced record
@@ -110,9 +128,9 @@ ASSUMED (no public source; each is the one constant named, and tests use it):
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
+import re
+import threading
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal, localcontext
@@ -121,6 +139,7 @@ from typing import Any
 import attrs
 import httpx
 
+from txengine.answers import Answer
 from txengine.clock import UTC, Clock, SystemClock
 from txengine.drivers import Capabilities, Delivery, Exchange, HttpDriver, PreviewRequest
 from txengine.errors import OutcomeUnknown, ProviderRejected, ValidationError
@@ -157,8 +176,10 @@ ASSUMED_CARD_INACTIVE_STATUS = 422
 ASSUMED_RETRY_AFTER_FIELD = "retry_after"
 ASSUMED_CURRENCY = "EUR"
 ASSUMED_ROUNDING = ROUND_HALF_UP
-ASSUMED_CASHBACK_BALANCE_FIELD = "current_balance"
-ASSUMED_TIER_FIELD = "tier_name"
+#: the rewards guide (staging-api.forloy.com/en/guide/rewards): a cashback lookup shows
+#: ``cashback_balance, cashback_rate, current_tier_name``
+CASHBACK_BALANCE_FIELD = "cashback_balance"
+TIER_FIELD = "current_tier_name"
 ASSUMED_SYNC_RECORDS_FIELD = "transactions"
 ASSUMED_SYNC_RESULTS_FIELD = "results"
 ASSUMED_NO_PENDING_REWARDS = "NO_PENDING_REWARDS"
@@ -184,6 +205,10 @@ TIMERS = TimerPolicy(
 PAYMENT_TYPES = frozenset({"SPLIT_PAYMENT", "EXTERNAL_PAYMENT"})
 RECORD_DELIVERY = "record"
 MAX_CUSTOMER_TOKEN_LENGTH = 4096
+#: a QR payload: base64 (the record example) or ``forloy_enr_abc123def456`` (the QR guide)
+QR_PAYLOAD = re.compile(r"[A-Za-z0-9_+/=.:-]+")
+#: our code for an offline record whose QR payload this process no longer holds
+QR_UNAVAILABLE = "QR_CODE_UNAVAILABLE"
 
 ONLINE_CAPABILITIES = Capabilities(
     remote={"preview", "finalize"},
@@ -280,6 +305,15 @@ def discount_lines(items: Sequence[LineItem], rate: Decimal) -> list[PricedLine]
     ]
 
 
+#: the card fields of a lookup answer; in the rewards guide's flat shape the rest is balance
+_CARD_FIELDS = frozenset({"card_instance_id", "card_type", "card_title", "card_name", "merchant_name",
+                          "customer_name", "status"})
+
+
+def _flat_balance(card: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in card.items() if name not in _CARD_FIELDS}
+
+
 def _percent(rate: Decimal) -> str:
     value = rate * 100
     return f"{int(value)}%" if value == value.to_integral_value() else f"{value.normalize():f}%"
@@ -366,6 +400,8 @@ class ForloyDriver(HttpDriver):
         self.capabilities = OFFLINE_CAPABILITIES if offline else ONLINE_CAPABILITIES
         self._clock = clock or SystemClock()
         self._session: _Session | None = None
+        self._qr_lock = threading.Lock()
+        self._qr_by_card: dict[str, Secret] = {}
 
     def __repr__(self) -> str:
         return (
@@ -420,6 +456,9 @@ class ForloyDriver(HttpDriver):
     def _data(self, response: httpx.Response) -> Mapping[str, Any]:
         """The envelope's ``data``, a ProviderRejected for a definite no, else ProtocolError."""
         body = self._envelope(response)
+        if response.status_code < 400 and body.get("success") is False:
+            # An error envelope with a success status contradicts itself: it may have acted.
+            raise self.unknown(f"HTTP {response.status_code} carrying an error envelope")
         if response.status_code >= 400 or body.get("success") is not True:
             error = body.get("error")
             if body.get("success") is not False or not isinstance(error, dict):
@@ -560,7 +599,12 @@ class ForloyDriver(HttpDriver):
 
     @staticmethod
     def _card_identifier(token: Secret | None) -> dict[str, str]:
-        """The lookup body: digits are a barcode, anything else a base64 QR payload."""
+        """The lookup body: digits are a barcode, any other token a QR payload.
+
+        The guides show QR payloads both as base64 (the record example) and as
+        ``forloy_enr_abc123def456`` (the QR guide): the driver accepts any token of
+        ``QR_PAYLOAD`` characters and lets Forloy judge it (``CARD_NOT_FOUND``).
+        """
         if token is None:
             raise ValidationError("Forloy needs the customer's card: pass its QR code or barcode")
         value = token.reveal().strip()
@@ -568,12 +612,10 @@ class ForloyDriver(HttpDriver):
             raise ValidationError("the customer token is empty or too long for a Forloy card")
         if value.isascii() and value.isdigit():
             return {"barcode_value": value}
-        try:
-            base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
+        if not QR_PAYLOAD.fullmatch(value):
             raise ValidationError(
-                "the customer token is neither a Forloy QR payload (base64) nor a barcode"
-            ) from None
+                "the customer token is neither a Forloy QR payload nor a barcode"
+            )
         return {"qr_code_data": value}
 
     def preview(self, request: PreviewRequest) -> Exchange[Quote]:
@@ -584,12 +626,22 @@ class ForloyDriver(HttpDriver):
                 f"Forloy supports payment types {sorted(PAYMENT_TYPES)}, not {request.payment_type!r}"
             )
         identifier = self._card_identifier(request.customer_token)
+        if self.offline and "qr_code_data" not in identifier:
+            raise ValidationError("Forloy's offline sync identifies a card by its QR code only:"
+                                  " scan the customer's QR code, not the barcode")
         card = yield from self._call("POST", "/cards/lookup", identifier)
-        return self._quote(card, basket.items)
+        quote = self._quote(card, basket.items)
+        if self.offline:  # (offline previews always scan the QR code: checked above)
+            # Kept in memory only (never in the store): an offline sync record must carry
+            # the QR payload, and the customer's key may not be written anywhere.
+            with self._qr_lock:
+                self._qr_by_card[quote.details["card_instance_id"]] = Secret(identifier["qr_code_data"])
+        return quote
 
     def _quote(self, card: Mapping[str, Any], items: Sequence[LineItem]) -> Quote:
         card_id, card_type = card.get("card_instance_id"), card.get("card_type")
-        balance = card.get("balance")
+        # seed 002 nests the balance; the rewards guide shows it flat beside the card
+        balance = card.get("balance", _flat_balance(card))
         if not isinstance(card_id, str) or not card_id:
             raise self.unknown("the card lookup lacks card_instance_id")
         if card_type not in CARD_TYPES:
@@ -600,7 +652,7 @@ class ForloyDriver(HttpDriver):
             raise self.rejected(
                 ASSUMED_CARD_INACTIVE, f"this Forloy card is {card.get('status')!r}, not active"
             )
-        title = str(card.get("card_title") or "Forloy card")
+        title = str(card.get("card_title") or card.get("card_name") or "Forloy card")
         receipt = [ReceiptLine("textline", text=f"{title} ({card.get('merchant_name') or 'Forloy'})")]
         purchase = sum((item.gross for item in items), Money.zero(self.currency))
         details: dict[str, Any] = {
@@ -616,7 +668,7 @@ class ForloyDriver(HttpDriver):
             rate = self._rate(balance, "discount_rate")
             lines = discount_lines(items, rate)
             details["discount_rate"] = format(rate, "f")
-            tier = balance.get(ASSUMED_TIER_FIELD)
+            tier = balance.get(TIER_FIELD)
             label = _percent(rate) + (f" ({tier})" if isinstance(tier, str) and tier else "")
             receipt.append(ReceiptLine("name-value", name="Discount", value=label))
         else:
@@ -630,8 +682,8 @@ class ForloyDriver(HttpDriver):
                     receipt.append(ReceiptLine(
                         "name-value", name="Rewards to claim", value=str(balance["pending_rewards"])
                     ))
-            elif ASSUMED_CASHBACK_BALANCE_FIELD in balance:
-                amount = self._money(balance, ASSUMED_CASHBACK_BALANCE_FIELD)
+            elif CASHBACK_BALANCE_FIELD in balance:
+                amount = self._money(balance, CASHBACK_BALANCE_FIELD)
                 receipt.append(ReceiptLine("name-value", name="Cashback balance", value=str(amount)))
         return Quote(lines=lines, receipt=receipt, details=details)
 
@@ -675,9 +727,9 @@ class ForloyDriver(HttpDriver):
         return self._recorded(tx, fields, data)
 
     def _recorded(self, tx: Transaction, fields: Mapping[str, Any], data: Mapping[str, Any]) -> Outcome:
-        transaction_id, card_type = data.get("transaction_id"), data.get("card_type")
-        if not isinstance(transaction_id, str) or not transaction_id:
-            raise self.unknown("the record answer lacks transaction_id")
+        answer = Answer(data, provider=self.name, where="transactions/record")
+        transaction_id = answer.text("transaction_id")
+        card_type = answer.one_of("card_type", CARD_TYPES)
         if card_type != fields["card_type"]:
             raise self.unknown(f"recorded a {card_type!r} card, expected {fields['card_type']!r}")
         details: dict[str, Any] = {
@@ -686,9 +738,10 @@ class ForloyDriver(HttpDriver):
         }
         receipt: list[ReceiptLine] = []
         if card_type == "punch":
-            added, count = data.get("punches_added"), data.get("new_punch_count")
-            if not isinstance(added, int) or not isinstance(count, int):
-                raise self.unknown("the punch answer lacks punches_added or new_punch_count")
+            added = answer.integer("punches_added", minimum=0)
+            count = answer.integer("new_punch_count", minimum=0)
+            if added != fields.get("punch_count", PUNCHES_PER_PURCHASE):
+                raise answer.fail("punches_added is not the punch_count sent")
             reward = data.get("reward")
             earned = data.get("reward_earned") is True
             if earned and not isinstance(reward, dict):
@@ -758,15 +811,27 @@ class ForloyDriver(HttpDriver):
             raise ValueError(f"a sync batch holds at most {SYNC_BATCH_LIMIT} records")
         if any(delivery.kind != RECORD_DELIVERY for delivery in deliveries):
             raise ValueError(f"Forloy delivers {RECORD_DELIVERY!r} only")
-        records = [self._record_body(d.payload, d.idempotency_key) for d in deliveries]
+        refused: dict[int, ProviderRejected] = {}
+        records, sending = [], []
+        for delivery in deliveries:
+            record = self._sync_record(delivery)
+            if record is None:
+                refused[delivery.id] = self.rejected(
+                    QR_UNAVAILABLE,
+                    f"{delivery.tx_id}: Forloy's offline sync needs the card's QR code, which this"
+                    " driver no longer holds (restarted since the scan); record it again online")
+            else:
+                records.append(record)
+                sending.append(delivery)
+        if not records:
+            return refused
         data = yield from self._call("POST", "/transactions/sync",
                                      {ASSUMED_SYNC_RECORDS_FIELD: records})
         results = data.get(ASSUMED_SYNC_RESULTS_FIELD)
         if not isinstance(results, list):
             raise self.unknown(f"the sync answer lacks {ASSUMED_SYNC_RESULTS_FIELD}")
         by_key = {r.get("idempotency_key"): r for r in results if isinstance(r, dict)}
-        refused: dict[int, ProviderRejected] = {}
-        for delivery in deliveries:
+        for delivery in sending:
             result = by_key.get(delivery.idempotency_key)
             if result is None:
                 raise self.unknown(f"the sync answer says nothing about {delivery.tx_id}")
@@ -778,6 +843,17 @@ class ForloyDriver(HttpDriver):
             refused[delivery.id] = self.rejected(
                 str(error["code"]), f"{delivery.tx_id}: {error.get('message') or error['code']}")
         return refused or None
+
+    def _sync_record(self, delivery: Delivery) -> dict[str, Any] | None:
+        """The offline-sync wire record: the guide requires ``qr_code_data`` per record."""
+        with self._qr_lock:
+            qr = self._qr_by_card.get(str(delivery.payload.get("card_instance_id")))
+        if qr is None:
+            return None
+        record = self._record_body(delivery.payload, delivery.idempotency_key)
+        del record["card_instance_id"]
+        record["qr_code_data"] = qr.reveal()
+        return record
 
     # --- beyond the lifecycle: what a POS also shows the customer ---
 
@@ -792,7 +868,14 @@ class ForloyDriver(HttpDriver):
         """
         body = {"card_instance_id": card_instance_id, "location_id": self.location_id,
                 "staff_user_id": self.staff_user_id}
-        return (yield from self._call("POST", "/rewards/claim", body, safe=False))
+        data = yield from self._call("POST", "/rewards/claim", body, safe=False)
+        # the rewards guide: {transaction_id, reward_id, reward_name, reward_amount,
+        # earned_at, pending_rewards_remaining}
+        answer = Answer(data, provider=self.name, where="rewards/claim")
+        answer.text("transaction_id")
+        answer.text("reward_id")
+        answer.integer("pending_rewards_remaining", minimum=0)
+        return data
 
     def transaction_history(
         self,

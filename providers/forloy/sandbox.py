@@ -21,6 +21,11 @@ Set-up and inspection for tests and the demo: ``add_staff``, ``add_location``,
 ``add_punch_card``, ``add_cashback_card``, ``add_discount_card`` (each returns the
 ``Card``, with its ``qr_code_data`` and ``barcode_value``), ``card(id)``,
 ``transactions``, ``transactions_for(id)``, ``rewards_of(id)``, ``revoke_tokens()``.
+For a newcomer: ``seed_demo()`` (a punch, a cashback and a discount card, the QR guide's
+``forloy_enr_abc123def456`` among them), ``credentials()`` (the driver's staff login,
+location and staff id) and ``issue_customer()`` (a new cashback card holding 5.00).
+Lookups answer seed 002's nested ``balance``, or the rewards guide's flat shape with
+``flat_lookup=True``; offline sync requires ``qr_code_data`` per record (the guide).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from .driver import (
     ASSUMED_CARD_INACTIVE,
     ASSUMED_CARD_INACTIVE_STATUS,
     ASSUMED_CARD_NOT_FOUND_STATUS,
-    ASSUMED_CASHBACK_BALANCE_FIELD,
+    CASHBACK_BALANCE_FIELD,
     ASSUMED_CURRENCY,
     ASSUMED_HISTORY_MAX_PAGE_SIZE,
     ASSUMED_NO_PENDING_REWARDS,
@@ -60,7 +65,7 @@ from .driver import (
     ASSUMED_ROUNDING,
     ASSUMED_SYNC_RECORDS_FIELD,
     ASSUMED_SYNC_RESULTS_FIELD,
-    ASSUMED_TIER_FIELD,
+    TIER_FIELD,
     ASSUMED_VALIDATION_ERROR,
     ASSUMED_VALIDATION_STATUS,
     CARD_NOT_FOUND,
@@ -190,6 +195,10 @@ class _Token:
     expires_at: datetime
 
 
+_DEMO_CASHBACK_QR = "forloy_enr_cashback00001"
+_DEMO_DISCOUNT_QR = "forloy_enr_discount00001"
+
+
 class ForloySandbox(Sandbox):
     """Forloy's API with its business rules; see the module docstring."""
 
@@ -203,9 +212,12 @@ class ForloySandbox(Sandbox):
     LOCATION_ID = "loc_001"
     LOCATION_NAME = "Downtown Branch"
 
-    def __init__(self, clock: Clock | None = None, *, currency: str = ASSUMED_CURRENCY) -> None:
+    def __init__(self, clock: Clock | None = None, *, currency: str = ASSUMED_CURRENCY,
+                 flat_lookup: bool = False) -> None:
         super().__init__(clock)
         self.currency = currency
+        #: answer lookups flat, as the rewards guide shows them, instead of seed 002's nesting
+        self.flat_lookup = flat_lookup
         self._quantum = Decimal(1).scaleb(-currency_exponent(currency))
         self.staff: dict[str, StaffAccount] = {}
         self.locations: dict[str, str] = {}
@@ -238,14 +250,16 @@ class ForloySandbox(Sandbox):
         self.locations[location_id] = name
 
     def _new_card(self, card_type: str, *, card_title: str, customer_name: str,
-                  status: str, **rules: Any) -> Card:
+                  status: str, qr_code_data: str | None = None, **rules: Any) -> Card:
         card_id = str(uuid.uuid4())
-        key = json.dumps({"card_instance_id": card_id, "key": secrets.token_hex(16)},
-                         separators=(",", ":"))
+        if qr_code_data is None:
+            key = json.dumps({"card_instance_id": card_id, "key": secrets.token_hex(16)},
+                             separators=(",", ":"))
+            qr_code_data = base64.b64encode(key.encode()).decode()
         card = Card(
             card_instance_id=card_id, card_type=card_type, card_title=card_title,
             customer_name=customer_name, status=status,
-            qr_code_data=base64.b64encode(key.encode()).decode(),
+            qr_code_data=qr_code_data,
             barcode_value=f"9000{next(self._barcodes):010d}", **rules,
         )
         with self.lock:
@@ -259,10 +273,11 @@ class ForloySandbox(Sandbox):
         lifetime_punches: int | None = None, reward_title: str = "Free Coffee",
         reward_description: str = "One free drink of your choice",
         card_title: str = "Coffee Rewards", customer_name: str = "Jane Doe",
-        status: str = "active",
+        status: str = "active", qr_code_data: str | None = None,
     ) -> Card:
         return self._new_card(
             "punch", card_title=card_title, customer_name=customer_name, status=status,
+            qr_code_data=qr_code_data,
             punch_requirement=punch_requirement, current_punches=current_punches,
             lifetime_punches=current_punches if lifetime_punches is None else lifetime_punches,
             reward_title=reward_title, reward_description=reward_description,
@@ -272,9 +287,11 @@ class ForloySandbox(Sandbox):
         self, *, balance: str | Decimal = "0.00", cashback_rate: str | Decimal = "0.05",
         tiers: Iterable[Tier | tuple] | None = None, lifetime_spend: str | Decimal = "0",
         card_title: str = "Cashback Club", customer_name: str = "Jane Doe", status: str = "active",
+        qr_code_data: str | None = None,
     ) -> Card:
         return self._new_card(
             "cashback", card_title=card_title, customer_name=customer_name, status=status,
+            qr_code_data=qr_code_data,
             balance=_decimal(balance), lifetime_spend=_decimal(lifetime_spend),
             tiers=tiers if tiers is not None else [("Standard", "0", cashback_rate)],
         )
@@ -283,15 +300,54 @@ class ForloySandbox(Sandbox):
         self, *, discount_rate: str | Decimal = "0.10",
         tiers: Iterable[Tier | tuple] | None = None, lifetime_spend: str | Decimal = "0",
         card_title: str = "VIP Discount", customer_name: str = "Jane Doe", status: str = "active",
+        qr_code_data: str | None = None,
     ) -> Card:
         return self._new_card(
             "discount", card_title=card_title, customer_name=customer_name, status=status,
+            qr_code_data=qr_code_data,
             lifetime_spend=_decimal(lifetime_spend),
             tiers=tiers if tiers is not None else [("Member", "0", discount_rate)],
         )
 
     def card(self, card_instance_id: str) -> Card:
         return self.cards[card_instance_id]
+
+    # --- for a newcomer: demo accounts, the driver's credentials, fresh customers ---
+
+    #: the QR payload of the public QR guide's example, seeded so the docs' example scans
+    DOCS_QR_EXAMPLE = "forloy_enr_abc123def456"
+
+    def credentials(self) -> dict[str, str]:
+        """The ``ForloyDriver`` keyword arguments (besides base_url) for this sandbox."""
+        return {"email": self.STAFF_EMAIL, "password": self.STAFF_PASSWORD,
+                "location_id": self.LOCATION_ID, "staff_user_id": self.STAFF_USER_ID}
+
+    def seed_demo(self) -> list[dict[str, str]]:
+        """One card of each type, the QR guide's example among them; idempotent."""
+        with self.lock:
+            by_qr = {card.qr_code_data: card for card in self.cards.values()}
+        if self.DOCS_QR_EXAMPLE not in by_qr:
+            by_qr[self.DOCS_QR_EXAMPLE] = self.add_punch_card(current_punches=9,
+                                                              qr_code_data=self.DOCS_QR_EXAMPLE)
+            by_qr[_DEMO_CASHBACK_QR] = self.add_cashback_card(balance="5.00", qr_code_data=_DEMO_CASHBACK_QR)
+            by_qr[_DEMO_DISCOUNT_QR] = self.add_discount_card(qr_code_data=_DEMO_DISCOUNT_QR)
+        return [self._customer(by_qr[qr]) for qr in (self.DOCS_QR_EXAMPLE, _DEMO_CASHBACK_QR, _DEMO_DISCOUNT_QR)]
+
+    def issue_customer(self) -> dict[str, str]:
+        """A new cashback card holding 5.00, usable for a sale right away."""
+        card = self.add_cashback_card(balance="5.00", qr_code_data=f"forloy_enr_{secrets.token_hex(6)}")
+        return self._customer(card)
+
+    @staticmethod
+    def _customer(card: Card) -> dict[str, str]:
+        if card.card_type == "punch":
+            holds = f"{card.current_punches} of {card.punch_requirement} punches"
+        elif card.card_type == "cashback":
+            holds = f"cashback balance {card.balance}"
+        else:
+            holds = "a member discount"
+        return {"customer_token": card.qr_code_data,
+                "description": f"{card.card_title} ({card.card_type} card of {card.customer_name}): {holds}"}
 
     def transactions_for(self, card_instance_id: str) -> list[RecordedTransaction]:
         return [tx for tx in self.transactions if tx.card_instance_id == card_instance_id]
@@ -430,12 +486,15 @@ class ForloySandbox(Sandbox):
                 "lifetime_punches": card.lifetime_punches,
             }
         elif card.card_type == "cashback":
-            balance = {ASSUMED_CASHBACK_BALANCE_FIELD: self._amount(card.balance),
-                       "cashback_rate": card.tier().rate, ASSUMED_TIER_FIELD: card.tier().name}
+            balance = {CASHBACK_BALANCE_FIELD: self._amount(card.balance),
+                       "cashback_rate": card.tier().rate, TIER_FIELD: card.tier().name}
         else:
-            balance = {"discount_rate": card.tier().rate, ASSUMED_TIER_FIELD: card.tier().name,
+            balance = {"discount_rate": card.tier().rate, TIER_FIELD: card.tier().name,
                        "lifetime_spend": self._amount(card.lifetime_spend)}
-        return {
+        if self.flat_lookup:  # the rewards guide's shape
+            return {"card_instance_id": card.card_instance_id, "card_type": card.card_type,
+                    "card_name": card.card_title, **balance, "status": card.status}
+        return {  # seed 002's shape
             "card_instance_id": card.card_instance_id,
             "card_type": card.card_type,
             "card_title": card.card_title,
@@ -627,6 +686,9 @@ class ForloySandbox(Sandbox):
                 try:
                     if not isinstance(record, dict):
                         raise _invalid("each record must be a JSON object")
+                    if not isinstance(record.get("qr_code_data"), str):
+                        # the offline-sync guide: qr_code_data is required per record
+                        raise _invalid("every synced record needs qr_code_data")
                     data = self._record(record, "sync", key_required=True)
                     results.append({"idempotency_key": key, "success": True, "data": data})
                 except _Refused as refused:
@@ -656,11 +718,12 @@ class ForloySandbox(Sandbox):
                                "This card has no pending reward")
             reward = pending[0]  # oldest first
             reward.status, reward.claimed_at = "claimed", self.clock.now()
+            # the rewards guide's documented claim answer
             return self._ok({
-                "reward_id": reward.reward_id, "title": reward.title,
-                "description": reward.description, "status": reward.status,
-                "claimed_at": wire_timestamp(reward.claimed_at),
-                "remaining_pending_rewards": len(pending) - 1,
+                "transaction_id": f"txn_{uuid.uuid4()}", "reward_id": reward.reward_id,
+                "reward_name": reward.title, "reward_amount": 1,
+                "earned_at": wire_timestamp(reward.earned_at),
+                "pending_rewards_remaining": len(pending) - 1,
             })
 
         return self._answer(produce)

@@ -53,38 +53,52 @@ or preview again).  Every other code is secuconnect's ``code`` field, passed thr
 
 Fidelity note
 =============
-Stated by secuconnect's public material (the integration excerpt in seed 003, the API
-reference on developer.secuconnect.com, the official secuconnect SDKs):
+Sources: seed 003 (the integration excerpt); developer.secuconnect.com/integration/
+(OAuth, applying the loyalty card, paying the missing sum or the full amount, status
+flow, error handling, error codes); the official SDKs github.com/secuconnect/
+secuconnect-php-sdk 2.63.0 (maintained; run as a real client against our served sandbox
+in tests/providers/test_secuconnect_php_sdk.py) and secuconnect-js-sdk (archived).
+What they settle:
 
 - ``POST /oauth/token`` with ``grant_type=client_credentials``, ``client_id``,
   ``client_secret`` returns a bearer ``access_token`` with ``expires_in`` 1200 s
-  (``DOCUMENTED_TOKEN_LIFETIME``).  The official SDKs re-authenticate once on a 401
-  and resend (``REAUTH_STATUS``); we do the same, and also refresh ahead of expiry
-  on our clock (``TOKEN_REFRESH_MARGIN``; the PHP SDK keeps a 10 s margin).
+  (``DOCUMENTED_TOKEN_LIFETIME``) and a ``scope``.  The SDKs re-authenticate on a 401
+  (``REAUTH_STATUS``); the error-handling page answers an expired token with HTTP 403,
+  code 2003 (``EXPIRED_TOKEN_STATUS``/``EXPIRED_TOKEN_CODE``): on either the driver
+  forgets the token, logs in again and resends once.  It also refreshes ahead of
+  expiry on its own clock (``TOKEN_REFRESH_MARGIN``; the PHP SDK keeps a 10 s margin).
+- Hosts: ``connect-testing.secuconnect.com`` (seed 003, "sandbox") and
+  ``connect.secucard.com`` (the SDKs' default host, "production").
+- The header is ``Authorization: Bearer`` (the SDKs; ``ASSUMED_AUTH_HEADER`` keeps its
+  old name); the seed's ``Authenticate`` spelling is accepted by the sandbox too.
 - The paths, the basket fields (``products[]`` with ``id, articleNumber, ean, desc,
   quantity, priceOne, tax``; ``basket_info{sum, currency}``; ``idents[{type: card,
   value}]``), ``transactionRef``, the statuses (``created, processing, approved,
-  pending, ok, failed, cancelled``), ``missing_sum``, ``transactions[]``, ``trans_id``
-  and ``receipt[]`` lines (``separator`` with ``caption``, ``textline`` with ``text``,
-  ``name-value`` with ``name``/``value``, ``space``; ``decoration`` such as
-  ``important``).
+  pending, ok, failed, cancelled``), ``transactions[]``, ``trans_id`` and ``receipt[]``
+  lines (``separator`` with ``caption``, ``textline`` with ``text``, ``name-value``
+  with ``name``/``value``, ``space``; ``decoration`` such as ``important``).
 - Money in the smallest currency unit (``priceOne``, ``sum``, ``missing_sum``) with
   ``basket_info.currency``; ``tax`` an integer percent in every example.
 - Errors are ``{status: "error", error, error_details, error_user, code, supportId}``;
   ``error_user`` is the German text for the cashier (the rejection's message, with the
-  ``supportId`` for the help desk); ``code`` becomes ``ProviderRejected.code``.
-- ``preTransaction`` answers ``missing_sum`` (and ``bonus_products``, which we do not
-  use; the sandbox answers none) as in the SDKs' ``SmartTransactionsPreTransactionModel``;
-  we read it there or in ``basket_info`` and refuse two different values.
+  ``supportId`` for the help desk); ``code`` becomes ``ProviderRejected.code``.  Such an
+  envelope with a 2xx status is self-contradictory: an unknown outcome.
+- ``preTransaction`` answers only ``{missing_sum, bonus_products}`` (the docs and the PHP
+  SDK's ``SmartTransactionsPreTransactionModel``); the status is then ``processing``
+  (``PRE_TRANSACTION_STATUS``) and ``basket_info.missing_sum`` appears on later reads
+  (it is absent before).  Bonus products become negative basket lines when bonus
+  balance is spent: not modelled; a preTransaction offering any is refused
+  (``BONUS_PRODUCTS_UNSUPPORTED``) and the Smart Transaction aborted.
+- A success proves itself: a start (``ok``) or cancel (``cancelled``) answer must name
+  our Smart Transaction and carry our basket (``basket_info`` sum and currency, the
+  line count of ``basket.products``); anything else is an unknown outcome.
 - The seed's transaction was started 25:45 after it was created (``created``
   09:18:14, ``updated`` 09:43:59): a Smart Transaction outlives a token, and
   ``ASSUMED_SMART_TRANSACTION_LIFETIME`` (30 min) is consistent with it.
+- Not used (documented, outside our lifecycle): ``start/cashless`` and ``/canceltrx``.
 
 ASSUMED (no public source says so; each is one constant below, tested as such):
 
-- ``ASSUMED_AUTH_HEADER``: the seed's request spells the header ``Authenticate:
-  Bearer ...``; the official SDKs send ``Authorization: Bearer ...``.  We send
-  ``Authorization`` (the SDKs run against production); the sandbox accepts both.
 - ``ASSUMED_PREVIEW_TTL``, ``ASSUMED_UPDATE_EXTENSION``: how long a priced basket is
   honoured.  secuconnect documents no lifetime for a Smart Transaction; the sandbox
   drops un-started ones ``ASSUMED_SMART_TRANSACTION_LIFETIME`` after their last change,
@@ -101,12 +115,14 @@ ASSUMED (no public source says so; each is one constant below, tested as such):
 - A ``LineItem`` carries one product id: it is sent as ``articleNumber``; ``ean`` is
   sent empty.
 - secuconnect's own codes for the cases the sandbox refuses (unknown card, locked
-  card, balance spent elsewhere, wrong status, expired, refund window closed) are not
-  public: the sandbox's ``ERRORS`` table is assumed, codes, statuses and texts.
+  card, balance spent elsewhere, wrong status, expired, refund window closed): the
+  sandbox's ``ERRORS`` table is assumed, codes, statuses and texts, except the
+  expired token (2003, documented).  The public error-code list (1xxx internal, 2xxx
+  authentication, ...) has not been mapped onto these cases yet.
 - ``tax`` must be an integer percent (``ValidationError`` otherwise, before any call);
   a card number is 16 digits (``ASSUMED_CARD_NUMBER``, the seed's shape).
-- HTTP statuses of errors: the driver relies only on 401 (re-authenticate once) and
-  5xx (outcome unknown); every other error is read from the body.
+- HTTP statuses of errors: the driver relies only on 401 and 403/2003 (re-authenticate
+  once) and 5xx (outcome unknown); every other error is read from the body.
 - The seed's ``start/cash`` example answers ``missing_sum: 0`` and an unchanged card
   balance of 10,00 EUR although its text says the balance is redeemed in full.  The
   sandbox reproduces that answer exactly for a ``start/cash`` without
@@ -131,6 +147,7 @@ from typing import Any
 import attrs
 import httpx
 
+from txengine.answers import Answer
 from txengine.clock import Clock, SystemClock
 from txengine.drivers import Capabilities, Delivery, Exchange, HttpDriver, PreviewRequest
 from txengine.errors import EngineError, OutcomeUnknown, ProviderRejected, ValidationError
@@ -140,6 +157,8 @@ from txengine.money import Money
 from txengine.secret import Secret
 
 DEFAULT_BASE_URL = "https://connect-testing.secuconnect.com"
+#: the official SDKs' default host (secuconnect-js-sdk ConnectionConfig, the PHP SDK's examples)
+PRODUCTION_BASE_URL = "https://connect.secucard.com"
 TOKEN_PATH = "/oauth/token"
 TRANSACTIONS_PATH = "/api/v2/Smart/Transactions"
 
@@ -148,6 +167,13 @@ TRANSACTIONS_PATH = "/api/v2/Smart/Transactions"
 DOCUMENTED_TOKEN_LIFETIME = timedelta(seconds=1200)
 #: the SDKs fetch a new token once and resend when a call answers this
 REAUTH_STATUS = 401
+#: developer.secuconnect.com/integration/ error handling: an expired token answers HTTP
+#: 403 with code 2003 (ProductNotAllowedException); we log in again and resend once
+EXPIRED_TOKEN_STATUS = 403
+EXPIRED_TOKEN_CODE = 2003
+#: preTransaction answers only these (the docs and the PHP SDK's
+#: SmartTransactionsPreTransactionModel); the status is then ``processing``
+PRE_TRANSACTION_STATUS = "processing"
 
 # --- our policy --------------------------------------------------------------------------
 #: fetch a new token this long before the current one ends, so none expires in flight
@@ -167,6 +193,8 @@ ASSUMED_REFUND_WINDOW = timedelta(hours=24)
 ASSUMED_SMART_TRANSACTION_LIFETIME = timedelta(minutes=30)
 ASSUMED_IDEMPOTENT_CALLS = frozenset({"start", "abort", "cancel"})
 ASSUMED_CARD_NUMBER = re.compile(r"[0-9]{16}")
+#: our code: preTransaction offered bonus products (negative basket lines; not modelled)
+BONUS_PRODUCTS_UNSUPPORTED = "BONUS_PRODUCTS_UNSUPPORTED"
 
 #: card balance first, the missing sum at the register (start/loyalty or start/cash)
 SPLIT_PAYMENT = "SPLIT_PAYMENT"
@@ -216,7 +244,7 @@ class SecuconnectDriver(HttpDriver):
     """secuconnect Smart Transactions with a secucard as the customer's key."""
 
     name = "secuconnect"
-    environments: Mapping[str, str] = {"sandbox": DEFAULT_BASE_URL}
+    environments: Mapping[str, str] = {"sandbox": DEFAULT_BASE_URL, "production": PRODUCTION_BASE_URL}
     capabilities = Capabilities(
         remote={"preview", "update", "finalize", "cancel", "refund"},
         local={"begin_payment"},
@@ -299,10 +327,11 @@ class SecuconnectDriver(HttpDriver):
         return (yield from self._call_once(method, path, body))
 
     def _call_once(self, method: str, path: str, body: Any) -> Exchange[dict[str, Any]]:
-        """A 401 fetches a new token once and resends: the provider refused before acting."""
+        """A refused token (401, or 403 code 2003: expired) is forgotten, a new one fetched
+        once and the call resent: the provider refused before acting."""
         token = yield from self._bearer()
         response = yield self._authorized(method, path, body, token)
-        if response.status_code == REAUTH_STATUS:
+        if _token_refused(response):
             self._forget(token)
             token = yield from self._bearer()
             response = yield self._authorized(method, path, body, token)
@@ -322,6 +351,10 @@ class SecuconnectDriver(HttpDriver):
         if not isinstance(body, dict):
             raise self.unknown(f"HTTP {status} with a JSON body that is not an object")
         if body.get("status") == "error":
+            if status < 400:
+                # An error envelope with a success status contradicts itself: the call may
+                # have acted, so the outcome is unknown (recover() asks again).
+                raise self.unknown(f"HTTP {status} carrying an error envelope")
             raise self._refusal(body, response)
         if status >= 400:
             if isinstance(body.get("error"), str):  # OAuth: {error, error_description}
@@ -364,7 +397,7 @@ class SecuconnectDriver(HttpDriver):
         return info
 
     def _missing_sum(self, body: Mapping[str, Any], gross: Money) -> int:
-        """preTransaction's ``missing_sum``: top level (the SDK model) or in basket_info."""
+        """A read's ``missing_sum`` (``basket_info``, after a preTransaction), checked."""
         info = self._check_basket_info(body, gross)
         missing = body.get("missing_sum", info.get("missing_sum"))
         if "missing_sum" in body and "missing_sum" in info and info["missing_sum"] != missing:
@@ -523,11 +556,24 @@ class SecuconnectDriver(HttpDriver):
                            {"card_applied": applied, "smart_transaction_status": status})
 
     def _apply_balance(self, stx_id: str, gross: Money) -> Exchange[tuple[int, str]]:
-        """``preTransaction``: the card balance applied; the missing sum and the new status."""
+        """``preTransaction``: the card balance applied; the missing sum and the new status.
+
+        The documented answer is only ``{missing_sum, bonus_products}``: nothing in it names
+        the transaction, so the sum is checked against the basket we sent.
+        """
         prepared = yield from self._call("POST", f"{TRANSACTIONS_PATH}/{stx_id}/preTransaction", {},
                                          resend=True)
-        self._smart_transaction(prepared, stx_id)
-        return self._missing_sum(prepared, gross), self._status(prepared)
+        answer = Answer(prepared, provider=self.name, where="preTransaction")
+        missing = answer.number("missing_sum")  # cents; 296.0 is 296 (JSON has one number type)
+        if missing != missing.to_integral_value() or not 0 <= missing <= gross.amount_minor:
+            raise answer.fail("missing_sum is not a whole number of cents between 0 and the basket sum")
+        if answer.array("bonus_products", optional=True):
+            # Bonus products become negative basket lines at secuconnect; we do not model
+            # them yet, so a quote built without them would be wrong: refuse it clearly.
+            raise self.rejected(BONUS_PRODUCTS_UNSUPPORTED,
+                                "secuconnect offers bonus products for this card, which txengine"
+                                " does not redeem yet; use EXTERNAL_PAYMENT or another card")
+        return int(missing), PRE_TRANSACTION_STATUS
 
     def finalize(self, tx: Transaction, key: str) -> Exchange[Outcome]:
         stx_id = self._provider_ref(tx)
@@ -537,7 +583,7 @@ class SecuconnectDriver(HttpDriver):
         self._smart_transaction(current, stx_id)
         status = self._status(current)
         if status == "ok":
-            return self._outcome(current, stx_id)
+            return self._outcome(current, stx_id, tx)
         self._refuse_dead(status)
         if status in _UNDER_WAY:
             raise self.unknown(f"the smart transaction is {status}: a start is under way")
@@ -563,7 +609,7 @@ class SecuconnectDriver(HttpDriver):
         if status != "ok":
             self._refuse_dead(status)
             raise self.unknown(f"start/{method} answered status {status!r}, not ok")
-        return self._outcome(started, stx_id)
+        return self._outcome(started, stx_id, tx)
 
     def cancel(self, tx: Transaction, key: str) -> Exchange[Outcome]:
         stx_id = self._provider_ref(tx)
@@ -577,6 +623,7 @@ class SecuconnectDriver(HttpDriver):
         status = self._status(reversed_)
         if status != "cancelled":
             raise self.unknown(f"cancel answered status {status!r}, not cancelled")
+        self._settled(reversed_, stx_id, tx, "cancelled", "cancel")
         receipt, skipped = self._receipt(reversed_)
         details: dict[str, Any] = {"smart_transaction_status": status}
         if skipped:
@@ -615,7 +662,21 @@ class SecuconnectDriver(HttpDriver):
             raise self.rejected(f"STATUS_{status.upper()}",
                                 f"the smart transaction is {status} at secuconnect")
 
-    def _outcome(self, body: Mapping[str, Any], stx_id: str) -> Outcome:
+    def _settled(self, body: Mapping[str, Any], stx_id: str, tx: Transaction, status: str, where: str) -> None:
+        """A success proves itself: our Smart Transaction, the awaited status, our basket
+        (sum, currency and line count), read strictly; anything else may have acted."""
+        answer = Answer(body, provider=self.name, where=where)
+        answer.expect("id", stx_id)
+        answer.expect("status", status)
+        info = answer.obj("basket_info")
+        info.expect("currency", tx.currency)
+        info.expect("sum", tx.gross.amount_minor)
+        basket = answer.obj("basket", optional=True)
+        if basket is not None:
+            basket.array("products", length=len(tx.items))
+
+    def _outcome(self, body: Mapping[str, Any], stx_id: str, tx: Transaction) -> Outcome:
+        self._settled(body, stx_id, tx, "ok", "start")
         details: dict[str, Any] = {"smart_transaction_status": "ok"}
         method = body.get("payment_method")
         if isinstance(method, str):
@@ -645,6 +706,19 @@ class SecuconnectDriver(HttpDriver):
 
 
 # --- small pure helpers --------------------------------------------------------------------------
+
+
+def _token_refused(response: httpx.Response) -> bool:
+    """401, or the documented expired-token answer (HTTP 403, code 2003)."""
+    if response.status_code == REAUTH_STATUS:
+        return True
+    if response.status_code != EXPIRED_TOKEN_STATUS:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("code") in (EXPIRED_TOKEN_CODE, str(EXPIRED_TOKEN_CODE))
 
 
 def _int(value: Any) -> int | None:

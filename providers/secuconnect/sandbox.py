@@ -5,7 +5,11 @@ Business rules (the driver's fidelity note says which are documented and which a
 - OAuth client credentials (``POST /oauth/token``, JSON or form body): bearer tokens
   that die ``expires_in`` (1200 s) later on the sandbox clock.  Every other call needs
   ``Authorization: Bearer`` (the SDKs' spelling) or ``Authenticate: Bearer`` (the
-  seed's); otherwise 401 ``invalid_token``.
+  seed's); an unknown token answers 401 ``invalid_token``, an expired one HTTP 403
+  code 2003 (documented).  The token answer carries ``scope`` (``TOKEN_SCOPE``'s value
+  is assumed).
+- ``preTransaction`` answers only ``{missing_sum, bonus_products}`` (never any bonus
+  products); ``basket_info.missing_sum`` is absent until it ran.
 - Cards hold a cash balance in minor units.  ``preTransaction`` applies it:
   ``missing_sum = max(0, sum - balance)``, status ``processing``.  ``PUT`` replaces the
   basket and resets the transaction to ``created`` (apply the balance again).
@@ -25,7 +29,9 @@ Business rules (the driver's fidelity note says which are documented and which a
   gutgeschrieben``) are ASSUMED wording.
 - Errors use secuconnect's envelope ``{status: "error", error, error_details,
   error_user, code, supportId}``.  The codes, exception names and HTTP statuses in
-  ``ERRORS`` are ASSUMED: the public error list does not cover these cases.
+  ``ERRORS`` are ASSUMED except ``token_expired`` (403, 2003, documented).
+- For a newcomer: ``seed_demo()`` (the seed's card), ``credentials()`` (the driver's
+  client id and secret) and ``issue_customer()`` (a new card holding 10,00 EUR).
 
 Inspection for tests: ``card_balance``, ``opening_balances``, ``loyalty_transactions``,
 ``smart_transaction``, ``tokens_issued``; set-up: ``add_card``, ``lock_card``,
@@ -60,6 +66,8 @@ from .driver import (
     ASSUMED_REFUND_WINDOW,
     ASSUMED_SMART_TRANSACTION_LIFETIME,
     DOCUMENTED_TOKEN_LIFETIME,
+    EXPIRED_TOKEN_CODE,
+    EXPIRED_TOKEN_STATUS,
     SEED_AUTH_HEADER,
     TOKEN_PATH,
     TRANSACTIONS_PATH,
@@ -80,6 +88,11 @@ DEMO_CARDGROUP_PICTURE = "https://connect.secucard.com/ds_g/8e79737df1e2513db489
 CARD_PREFIX = "9276"
 CARD_NAME = "secucard Kundenkarte"
 FIRST_TRANS_ID = 29187332
+
+#: ASSUMED value: the docs show the token answer carries ``scope``, not our client's scope
+TOKEN_SCOPE = "https://scope.secucard.com/e/api"
+#: what ``issue_customer`` loads on a new card (10,00 EUR, like the seed's card)
+NEW_CUSTOMER_BALANCE = 1000
 
 MAX_PRODUCTS = 1000
 OPEN = ("created", "processing")  # not started yet: may be changed, applied, started, aborted
@@ -112,6 +125,9 @@ ERRORS: dict[str, ErrorKind] = {
     "expired": ErrorKind(409, "ProductNotAllowedException", 4031, "Die Transaktion ist abgelaufen"),
     "refund_window_closed": ErrorKind(409, "ProductNotAllowedException", 4032,
                                       "Die Stornofrist ist abgelaufen"),
+    # documented (developer.secuconnect.com/integration/, error handling): not assumed
+    "token_expired": ErrorKind(EXPIRED_TOKEN_STATUS, "ProductNotAllowedException", EXPIRED_TOKEN_CODE,
+                               "Die Sitzung ist abgelaufen"),
 }
 
 
@@ -249,6 +265,33 @@ class SecuconnectSandbox(Sandbox):
         with self.lock:
             self._tokens.clear()
 
+    # --- for a newcomer: demo accounts, the driver's credentials, fresh customers ----------------
+
+    def credentials(self) -> dict[str, str]:
+        """The ``SecuconnectDriver`` keyword arguments (besides base_url) for this sandbox."""
+        client_id, client_secret = next(iter(self.clients.items()))
+        return {"client_id": client_id, "client_secret": client_secret}
+
+    def seed_demo(self) -> list[dict[str, str]]:
+        """The seed's card (9276004429942845, 10,00 EUR at John's Bakery); idempotent."""
+        with self.lock:
+            if DEMO_CARD_NUMBER not in self.cards:
+                self._enrol_demo_card()
+        return [self._customer(DEMO_CARD_NUMBER, "the seed's secucard")]
+
+    def issue_customer(self) -> dict[str, str]:
+        """A new secucard holding ``NEW_CUSTOMER_BALANCE``, usable for a sale right away."""
+        number = DEMO_CARD_NUMBER
+        while number in self.cards:
+            number = f"{CARD_PREFIX}{secrets.randbelow(10**12):012d}"
+        self.add_card(number, NEW_CUSTOMER_BALANCE)
+        return self._customer(number, "a new secucard")
+
+    def _customer(self, number: str, label: str) -> dict[str, str]:
+        balance = self.card_balance(number)
+        return {"customer_token": number,
+                "description": f"{label}: balance {_amount(balance, 'EUR')}"}
+
     def _enrol_demo_card(self) -> None:
         self.cards[DEMO_CARD_NUMBER] = Card(
             number=DEMO_CARD_NUMBER, cash_balance=DEMO_CARD_BALANCE,
@@ -294,8 +337,8 @@ class SecuconnectSandbox(Sandbox):
             if expires_at is None:
                 return self._oauth_error(401, "invalid_token", "The access token provided is invalid")
             if self.clock.now() >= expires_at:
-                del self._tokens[token.strip()]
-                return self._oauth_error(401, "invalid_token", "The access token provided has expired")
+                # the error-handling page: an expired token is HTTP 403, code 2003
+                return self.error(EXPIRED_TOKEN_STATUS, "token_expired", "The access token has expired")
         return None
 
     # --- OAuth ----------------------------------------------------------------------------------
@@ -321,6 +364,7 @@ class SecuconnectSandbox(Sandbox):
             "access_token": token,
             "expires_in": int(DOCUMENTED_TOKEN_LIFETIME.total_seconds()),
             "token_type": "bearer",
+            "scope": TOKEN_SCOPE,
         })
 
     # --- Smart Transactions -------------------------------------------------------------------
@@ -369,8 +413,9 @@ class SecuconnectSandbox(Sandbox):
         redeem = min(card.cash_balance, stx.sum)
         stx.status, stx.prepared_redeem, stx.missing_sum = "processing", redeem, stx.sum - redeem
         self._touch(stx)
-        return SandboxResponse.json(200, {**self._render(stx), "missing_sum": stx.missing_sum,
-                                          "bonus_products": []})
+        # The documented answer: only these two fields (the PHP SDK's
+        # SmartTransactionsPreTransactionModel); the sandbox offers no bonus products.
+        return SandboxResponse.json(200, {"missing_sum": stx.missing_sum, "bonus_products": []})
 
     @route("POST", TRANSACTIONS_PATH + "/{stx_id}/start/{method}", "start")
     def start(self, request: SandboxRequest, stx_id: str, method: str) -> SandboxResponse:
@@ -565,8 +610,9 @@ class SecuconnectSandbox(Sandbox):
             "intent": None,
             "basket": {"products": [dict(p) for p in stx.products], "texts": [], "type": "default"},
             "receipt": [dict(line) for line in stx.receipt],
+            # missing_sum appears only once a preTransaction has computed it
             "basket_info": {"sum": stx.sum, "currency": stx.currency, "gratuity": None,
-                            "missing_sum": stx.missing_sum},
+                            **({} if stx.missing_sum is None else {"missing_sum": stx.missing_sum})},
             "idents": [self._ident(stx.card_number)] if stx.card_number is not None else [],
             "payment_method": stx.payment_method,
             "trans_id": stx.trans_id,

@@ -174,7 +174,7 @@ class TestOffline:
     def test_finalize_commits_locally_and_one_sync_delivers_the_batch(self, offline, clock):
         sandbox, pos = offline
         cards = [sandbox.add_punch_card(current_punches=9) for _ in range(3)]
-        done = [pos.finalize(pos.preview("forloy", COFFEE, customer_token=c.barcode_value).id) for c in cards]
+        done = [pos.finalize(pos.preview("forloy", COFFEE, customer_token=c.qr_code_data).id) for c in cards]
         assert all(tx.state == "finalized" for tx in done)
         assert sandbox.transactions == []  # nothing recorded yet
         assert [row.status for row in pos.deliveries()] == ["pending"] * 3
@@ -189,7 +189,7 @@ class TestOffline:
     def test_a_lost_sync_is_retried_later_without_doubling(self, offline, clock):
         sandbox, pos = offline
         card = sandbox.add_cashback_card(cashback_rate="0.10")
-        tx = pos.finalize(pos.preview("forloy", COFFEE, customer_token=card.barcode_value).id)
+        tx = pos.finalize(pos.preview("forloy", COFFEE, customer_token=card.qr_code_data).id)
         sandbox.faults.inject("sync", Fault.TIMEOUT_AFTER_COMMIT, times=1 + forloy.SAFE_RETRIES)
         assert pos.deliver_pending() == 0
         [row] = pos.deliveries(tx.id)
@@ -201,10 +201,10 @@ class TestOffline:
     def test_a_refused_record_is_parked_visible_never_dropped(self, offline, clock):
         sandbox, pos = offline
         card = sandbox.add_punch_card()
-        first = pos.finalize(pos.preview("forloy", COFFEE, customer_token=card.barcode_value).id)
+        first = pos.finalize(pos.preview("forloy", COFFEE, customer_token=card.qr_code_data).id)
         pos.deliver_pending()
         clock.advance(seconds=30)
-        second = pos.finalize(pos.preview("forloy", COFFEE, customer_token=card.barcode_value).id)
+        second = pos.finalize(pos.preview("forloy", COFFEE, customer_token=card.qr_code_data).id)
         assert pos.deliver_pending() == 0
         [row] = pos.deliveries(second.id)
         assert row.status == "dead" and "COOLDOWN_ACTIVE" in row.last_error
@@ -213,9 +213,9 @@ class TestOffline:
     def test_a_batch_refused_in_part_settles_each_record_on_its_own(self, offline, clock):
         sandbox, pos = offline
         card = sandbox.add_punch_card()
-        first = pos.finalize(pos.preview("forloy", COFFEE, customer_token=card.barcode_value).id)
+        first = pos.finalize(pos.preview("forloy", COFFEE, customer_token=card.qr_code_data).id)
         clock.advance(seconds=30)  # inside the punch cooldown: Forloy refuses the second record
-        second = pos.finalize(pos.preview("forloy", COFFEE, customer_token=card.barcode_value).id)
+        second = pos.finalize(pos.preview("forloy", COFFEE, customer_token=card.qr_code_data).id)
         assert pos.deliver_pending() == 1, "one sync batch: one accepted, one refused"
         syncs = [r for r in sandbox.requests if r.path.endswith("/transactions/sync")]
         assert len(syncs) == 1

@@ -133,7 +133,7 @@ class TestRequests:
         sandbox, driver = forloy_pair(clock, offline=True)
         card = sandbox.add_cashback_card()
         items = basket("12.30")
-        quote = preview(driver, clock, card.barcode_value, items)
+        quote = preview(driver, clock, card.qr_code_data, items)
         tx = previewed_tx(quote, items, clock)
         from attrs import evolve
 
@@ -143,8 +143,9 @@ class TestRequests:
         driver.run(driver.deliver((delivery,)))
         (sync,) = sent(sandbox, "/transactions/sync")
         assert sync.method == "POST"
+        # the offline-sync guide (staging-api.forloy.com/en/guide/offline-sync): qr_code_data per record
         assert json.loads(sync.body, parse_float=Decimal) == {"transactions": [{
-            "card_instance_id": card.card_instance_id,
+            "qr_code_data": card.qr_code_data,
             "location_id": "loc_001",
             "staff_user_id": "staff_042",
             "purchase_amount": Decimal("12.30"),
@@ -319,7 +320,7 @@ class TestTheGuidesExamples:
 
     def test_discount_answer_matches_the_local_quote(self, clock):
         lookup = SEED_LOOKUP.replace('"punch"', '"discount"').replace(
-            '"current_punches": 7,', '"discount_rate": 0.10, "tier_name": "Silver", "current_punches": 7,')
+            '"current_punches": 7,', '"discount_rate": 0.10, "current_tier_name": "Silver", "current_punches": 7,')
         driver, _ = seed_driver({"/cards/lookup": lookup, "/transactions/record": SEED_DISCOUNT}, clock)
         items = basket("100.00", "20.00")
         quote = preview(driver, clock, "12345", items)

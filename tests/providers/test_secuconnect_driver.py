@@ -552,7 +552,6 @@ def envelope(**fields) -> dict:
     ("status", "body", "code"),
     [
         (400, envelope(), "4711"),
-        (200, envelope(), "4711"),  # an error envelope is an error whatever the status
         (409, envelope(code="4711"), "4711"),
         (403, envelope(code=None), "ProductNotAllowedException"),
         (403, envelope(code=""), "ProductNotAllowedException"),
@@ -562,6 +561,7 @@ def envelope(**fields) -> dict:
     ],
 )
 def test_error_answers_become_rejections_with_the_providers_code(clock, status, body, code):
+    """A 4xx error envelope is a refusal; the same envelope with HTTP 200 is unknown (below)."""
     driver = answering(clock, status, body)
     if body == b"":
         with pytest.raises(ProtocolError):  # an empty body is no answer at all
@@ -618,14 +618,16 @@ def _created(**changes) -> dict:
 @pytest.mark.parametrize(
     "pre_answer",
     [
-        _created(status="processing", missing_sum=900),  # more missing than the basket holds
-        _created(status="processing", missing_sum=-1),
-        _created(status="processing", missing_sum="0"),
-        _created(status="processing", missing_sum=100,
-                 basket_info={"sum": 796, "currency": "EUR", "missing_sum": 50}),  # two answers
-        _created(status="processing", missing_sum=0, basket_info={"sum": 795, "currency": "EUR"}),
-        _created(status="processing", missing_sum=0, basket_info={"sum": 796, "currency": "HUF"}),
-        _created(id="STX_2", status="processing", missing_sum=0),  # about another transaction
+        {"missing_sum": 900, "bonus_products": []},  # more missing than the basket holds
+        {"missing_sum": -1, "bonus_products": []},
+        {"missing_sum": "0", "bonus_products": []},  # a number as a string
+        {"missing_sum": True, "bonus_products": []},  # a bool for a number
+        {"missing_sum": 10.5, "bonus_products": []},  # half a cent
+        {"bonus_products": []},
+        {},
+        {"status": "error", "code": "MAINTENANCE"},  # an error envelope sent with HTTP 200
+        ["missing_sum", 0],
+        {"missing_sum": 0, "bonus_products": "none"},
     ],
 )
 def test_a_pre_transaction_answer_that_does_not_add_up_is_a_protocol_error(clock, pre_answer):
@@ -639,9 +641,19 @@ def test_a_pre_transaction_answer_that_does_not_add_up_is_a_protocol_error(clock
         driver.run(driver.preview(preview_request(clock)))
 
 
+def test_an_error_envelope_sent_with_http_200_is_an_unknown_outcome(clock):
+    driver = answering(clock, 200, envelope())
+    with pytest.raises(ProtocolError, match="error envelope"):
+        driver.run(driver.preview(preview_request(clock)))
+
+
 def test_integral_floats_in_an_answer_are_read_as_cents(clock):
-    prepared = _created(status="processing", missing_sum=296.0, basket_info={"sum": 796.0, "currency": "EUR"})
-    driver = scripted(clock, lambda request: httpx.Response(200, json=prepared))
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/preTransaction"):
+            return httpx.Response(200, json={"missing_sum": 296.0, "bonus_products": []})
+        return httpx.Response(200, json=_created(basket_info={"sum": 796.0, "currency": "EUR"}))
+
+    driver = scripted(clock, answer)
     quote = driver.run(driver.preview(preview_request(clock)))
     assert quote.details["missing_sum"] == 296
 
