@@ -93,7 +93,7 @@ def journal_line(event: Event) -> str:
 def next_steps(tx: Transaction, allowed: Sequence[str], intent: object | None) -> str:
     """What the cashier or the operator can do with it now."""
     if getattr(intent, "attention", None):
-        return ("an operator checks with the provider and settles it (Engine.resolve), or the POS"
+        return ("an operator checks with the provider and settles it (txengine resolve TX --applied|--not-applied), or the POS"
                 " cancels it")
     if tx.pending:
         return (f"in doubt: the POS retries {tx.pending} with its idempotency key, or the worker's"

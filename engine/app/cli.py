@@ -387,6 +387,29 @@ def recover(db: str, providers: str | None, demo_sandboxes: bool, limit: int) ->
 
 
 @cli.command()
+@click.argument("tx_id")
+@click.option("--applied/--not-applied", required=True,
+              help="what the provider shows for the parked call, after you checked with it")
+@db_option
+@providers_option
+@demo_option
+@handles_errors
+def resolve(tx_id: str, applied: bool, db: str, providers: str | None, demo_sandboxes: bool) -> int:
+    """Settle a transaction's in-doubt call by an operator's word (a parked update, say).
+
+    Check with the provider first: --applied commits the transition the call would have
+    made, --not-applied records that it did not happen.  Refused while a call is live.
+    """
+    engine = engine_on(db, chosen_providers(providers, demo_sandboxes))
+    try:
+        tx = engine.resolve(tx_id, applied=applied)
+    finally:
+        engine.close()
+    click.echo(f"{tx.id}: {'applied' if applied else 'not applied'}; now {tx.state}")
+    return OK
+
+
+@cli.command()
 @db_option
 @providers_option
 @demo_option
