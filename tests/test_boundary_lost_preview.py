@@ -11,6 +11,7 @@ import logging
 import pathlib
 import sqlite3
 
+import httpx
 import pytest
 
 from txengine import Basket, Engine, LineItem, Money
@@ -19,7 +20,7 @@ from txengine.errors import OutcomeUnknown, ProviderRejected, TransactionInDoubt
 from txengine.providers.cheers import CheersDriver, CheersSandbox
 from txengine.providers.cheers import driver as cheers
 from txengine.providers.cheers.sandbox import DEFAULT_API_KEY, WORKED_EXAMPLE_TRANSACTION_KEY, WORKED_EXAMPLE_WALLET
-from txengine.providers.reference import TIMERS
+from txengine.providers.reference import TIMERS, ReferenceDriver, ReferenceSandbox
 from txengine.providers.sandbox import Fault
 from txengine.providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
 from txengine.providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
@@ -211,3 +212,39 @@ def test_no_customer_key_in_the_database_logs_errors_or_reprs(db_url, driver, sa
         assert all(secret not in text for text in shown)
     assert engine.core._sealer_cache.unseal(hold.sealed_token, "another hold") is None, "bound to its hold"
     assert engine.core._sealer_cache.unseal(hold.sealed_token, f"{hold.key}\n{hold.tx_id}") == Secret(CUSTOMER)
+
+
+# --- a preview whose process died mid-call --------------------------------------------------------
+
+
+class Killed(BaseException):
+    """The process died: nothing after the provider call ran (not an ``Exception``)."""
+
+
+def test_a_preview_cut_off_mid_call_is_completed_once_its_lease_ran_out(db_url, sandbox, clock, basket):
+    inner = sandbox.transport()
+
+    def die_after_the_provider_committed(request):
+        inner.handle_request(request)
+        raise Killed
+
+    dying = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key,
+                            transport=httpx.MockTransport(die_after_the_provider_committed))
+    with Engine.open(db_url, providers={"reference": dying}, clock=clock) as crashed:
+        with pytest.raises(Killed):
+            crashed.preview("reference", basket, customer_token=CUSTOMER)
+    [(key, tx_id, _)] = holds(db_url)
+
+    driver = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=inner)
+    with Engine.open(db_url, providers={"reference": driver}, clock=clock) as engine:
+        assert engine.recover() == 0, "its lease still covers a call that may be live"
+        clock.advance(engine.core.intent_leases["reference"])
+        assert engine.recover() == 1
+        assert engine.get(tx_id).state == "previewed" and len(sandbox.previews) == 1
+        assert holds(db_url) == []
+
+
+def test_both_facades_settle_a_lost_preview(pos, sandbox, basket):
+    lost = lose_preview(pos, sandbox, provider="reference", basket=basket, customer_token=CUSTOMER)
+    assert pos.recover() == 1
+    assert pos.get(lost.tx_id).state == "previewed" and len(sandbox.previews) == 1
