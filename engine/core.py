@@ -64,7 +64,7 @@ from .errors import (
 )
 from .machine import TimerPolicy, decide
 from .models import MAX_LINES, Basket, LineItem, Outcome, PricedLine, Quote, Transaction, is_text
-from .secret import Secret, as_secret
+from .secret import Sealer, Secret, as_secret
 from .store.base import (
     DEAD,
     DELIVERED,
@@ -86,6 +86,7 @@ from .store.base import (
     Intent,
     IntentOp,
     NewDelivery,
+    PreviewHold,
 )
 
 
@@ -186,6 +187,13 @@ DEFAULT_CALL_DEADLINE = 30.0
 MAX_KEY_LENGTH = 255
 MAX_COMMENT_LENGTH = 500
 DEFAULT_PAYMENT_TYPE = "SPLIT_PAYMENT"
+#: The code a preview's key replays once recover() gave the lost preview up.
+PREVIEW_ABANDONED = "PREVIEW_ABANDONED"
+
+
+def _hold_binding(key: str, tx_id: str) -> str:
+    """What a sealed customer key is bound to: it opens only in its own preview's hold."""
+    return f"{key}\n{tx_id}"
 
 
 def _write(commit: Commit) -> StoreOp:
@@ -250,7 +258,10 @@ class Core:
         delivery_concurrency: int = 8,
         delivery_round: int = 100,
         rng: random.Random | None = None,
+        secret_key: str | bytes | None = None,
     ) -> None:
+        """``secret_key``: what a lost preview's customer key is sealed under while
+        ``recover()`` may need it (None: a random key kept in the store)."""
         if not drivers:
             raise ValidationError("an engine needs at least one provider driver")
         unknown = set(timers or ()) - set(drivers)
@@ -273,6 +284,10 @@ class Core:
         self.delivery_round = delivery_round
         self.rng = rng or random.Random()
         self._hash_key: bytes | None = None
+        if secret_key is not None and not isinstance(secret_key, (str, bytes)):
+            raise ValidationError("secret_key must be a str or bytes")
+        self._secret_key = secret_key
+        self._sealer_cache: Sealer | None = Sealer(secret_key) if secret_key is not None else None
 
     @property
     def providers(self) -> tuple[str, ...]:
@@ -368,30 +383,43 @@ class Core:
         now = self.clock.now()
         lease_until = now + self.intent_leases[provider]
         record = yield StoreOp("load_command", (key,))
+        hold = None
         if record is None:
             record = CommandRecord(key, "preview", fingerprint, _new_tx_id(), IN_FLIGHT, lease_until=lease_until,
                                    started_at=now)
             claim = CommandOp(record, insert=True)
+            # Kept until the preview settles, so recover() can settle it if the answer is lost.
+            hold = yield from self._hold(record, provider, basket, token, payment_type, capabilities)
         else:
             replayed = yield from self._replay(record, "preview", fingerprint)
             if replayed is not None:
                 return replayed
             record = attrs.evolve(record, lease_until=lease_until)
             claim = CommandOp(record, take_lease_at=now)
+        return (yield from self._send_preview(record, claim, hold, provider, basket, token, payment_type))
+
+    def _send_preview(self, record: CommandRecord, claim: CommandOp, hold: PreviewHold | None, provider: str,
+                      basket: Basket, token: Secret | None, payment_type: str) -> Command:
+        """Claim the preview's key, call the provider and store what it answers.
+
+        The POS's first call, its retry with the same key and ``recover()`` completing a
+        lost preview all run this; each settlement deletes the preview's hold."""
+        capabilities = self._capabilities(provider)
+        key = record.key
         # The provider's clock started at the first attempt: a retry keeps that time for
         # every deadline, or allowed_events would offer what the provider then refuses.
-        started = record.started_at or now
+        started = record.started_at or self.clock.now()
         step = decide(None, "preview", started, capabilities.timers)
         call = self._prepare(provider, "preview",
                              PreviewRequest(record.tx_id, basket, token, payment_type, key, started))
-        yield _write(Commit(record.tx_id, 0, command=claim))
+        yield _write(Commit(record.tx_id, 0, command=claim, hold=hold))
         try:
             quote = yield call
             _check_quote(quote, basket.gross.amount_minor, provider)
         except ProviderRejected as refusal:
             settled = attrs.evolve(record, status=REJECTED, code=refusal.code,
                                    message=refusal.provider_message, lease_until=None)
-            yield _write(Commit(record.tx_id, 0, command=CommandOp(settled)))
+            yield _write(Commit(record.tx_id, 0, command=CommandOp(settled), release_hold=key))
             raise _in_context(refusal, None, "preview", record.tx_id) from None
         except OutcomeUnknown as unknown:
             yield _write(Commit(record.tx_id, 0, command=CommandOp(attrs.evolve(record, lease_until=None))))
@@ -408,9 +436,67 @@ class Core:
                                          target=step.target, fields=fields)
         tx = journal.apply(None, event)
         done = attrs.evolve(record, status=DONE, version=tx.version, lease_until=None)
-        stored = _write(Commit(tx.id, 0, events=(event,), snapshot=tx, command=CommandOp(done)))
+        stored = _write(Commit(tx.id, 0, events=(event,), snapshot=tx, command=CommandOp(done), release_hold=key))
         yield from _unknown_if_unstored(_steps(stored), None, "preview", tx.id, idempotency_key=key)
         return tx
+
+    # --- lost previews: held while in doubt, settled by recover() ---------------------------------
+
+    def _sealer(self) -> Command:
+        if self._sealer_cache is None:
+            secret_key = self._secret_key or (yield StoreOp("sealing_key"))
+            self._sealer_cache = Sealer(secret_key)
+        return self._sealer_cache
+
+    def _hold(self, record: CommandRecord, provider: str, basket: Basket, token: Secret | None,
+              payment_type: str, capabilities: Capabilities) -> Command:
+        """What ``recover()`` needs to send this preview again: never the key in plain text."""
+        sealed = None
+        if token is not None:
+            sealer = yield from self._sealer()
+            sealed = sealer.seal(token, _hold_binding(record.key, record.tx_id))
+        deadline = decide(None, "preview", record.started_at, capabilities.timers).changes["expires_at"]
+        request = {"currency": basket.currency, "payment_type": payment_type,
+                   "lines": [encode_line(PricedLine.unpriced(item)) for item in basket.items]}
+        return PreviewHold(record.key, record.tx_id, provider, request, sealed, deadline)
+
+    def _settle_lost_preview(self, hold: PreviewHold, now: datetime) -> Command:
+        """Complete a preview whose answer was lost, or give it up.
+
+        Before its deadline it is re-sent under its own idempotency key (the provider
+        replays the first answer) and stored like any preview; the POS then finds it
+        with ``get()``.  After the deadline the provider has expired it itself, and a
+        provider whose preview is not idempotent would make a second one: those are
+        abandoned (the key's record says so; nothing was stored).  Either way the
+        hold, and the sealed customer key in it, is deleted.
+        """
+        record = yield StoreOp("load_command", (hold.key,))
+        if record is None or record.status != IN_FLIGHT:  # settled by its own retry meanwhile
+            yield _write(Commit(hold.tx_id, 0, release_hold=hold.key))
+            return None
+        capabilities = self._capabilities(hold.provider)
+        if now >= hold.expires_at or "preview" in capabilities.not_idempotent:
+            why = ("its deadline passed: the provider expires it" if now >= hold.expires_at
+                   else f"{hold.provider} makes a new preview on every send; the lost one expires there")
+            abandoned = attrs.evolve(record, status=REJECTED, code=PREVIEW_ABANDONED, lease_until=None,
+                                     message=f"the preview's answer was lost and recover() gave it up: {why}")
+            yield _write(Commit(hold.tx_id, 0, command=CommandOp(abandoned, take_lease_at=now),
+                                release_hold=hold.key))
+            return None
+        token = None
+        if hold.sealed_token is not None:
+            sealer = yield from self._sealer()
+            token = sealer.unseal(hold.sealed_token, _hold_binding(hold.key, hold.tx_id))
+            if token is None:
+                raise TransactionInDoubt("its preview's customer key was sealed under another secret_key;"
+                                         " an engine with that key, or its deadline, settles it",
+                                         tx_id=hold.tx_id, event="preview")
+        request = hold.request
+        basket = Basket(decode_line(line, request["currency"]).item for line in request["lines"])
+        claim = CommandOp(attrs.evolve(record, lease_until=now + self.intent_leases[hold.provider]),
+                          take_lease_at=now)
+        return (yield from self._send_preview(record, claim, None, hold.provider, basket, token,
+                                              request["payment_type"]))
 
     # --- commands on an existing transaction ---------------------------------------------------
 
@@ -732,7 +818,8 @@ class Core:
                 return expired  # drained, or a full pass moved nothing: never spin on it
 
     def recover(self, batch: int = 100) -> Command:
-        """Re-drive every in-doubt side effect whose lease is free; returns how many settled.
+        """Re-drive every in-doubt side effect whose lease is free, then settle the previews
+        whose answer was lost (``_settle_lost_preview``); returns how many settled.
 
         Each is re-sent under its original idempotency key, through the driver's own
         operation (a driver whose provider has a status query reads it first), and the
@@ -753,6 +840,14 @@ class Core:
                 settled += 1  # definitely refused: no longer in doubt
             except EngineError:
                 pass  # still in doubt, or taken by another process: a later sweep retries
+        for hold in (yield StoreOp("previews_to_settle", (now, batch, self._providers))):
+            try:
+                yield from self._settle_lost_preview(hold, now)
+                settled += 1
+            except ProviderRejected:
+                settled += 1  # refused: no longer in doubt (and its hold is deleted)
+            except EngineError:
+                pass  # still in doubt, or its POS is retrying it right now: a later sweep retries
         return settled
 
     def deliver_pending(self, batch: int | None = None, max_rounds: int | None = None) -> Command:

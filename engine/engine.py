@@ -7,6 +7,7 @@ lives in ``engine.core`` and ``engine.machine``; ``AsyncEngine`` shares all of i
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,9 @@ from . import telemetry
 from .secret import Secret
 from .store import Store, open_store
 from .store.base import Intent
+
+#: The environment variable a deployment may set instead of passing ``secret_key``.
+SECRET_KEY_ENV = "TXENGINE_SECRET_KEY"
 
 
 def driver_failure(op: ProviderOp, error: Exception) -> Exception:
@@ -42,7 +46,10 @@ class _Facade:
         **options: Any,
     ) -> None:
         """``options`` configure the core: ``timers``, ``intent_lease``, ``delivery_lease``,
-        ``delivery_concurrency``, ``delivery_round``, ``rng`` (see ``engine.core.Core``)."""
+        ``delivery_concurrency``, ``delivery_round``, ``rng``, ``secret_key`` (see
+        ``engine.core.Core``).  Without ``secret_key``, ``TXENGINE_SECRET_KEY`` is used if set."""
+        if options.get("secret_key") is None and os.environ.get(SECRET_KEY_ENV):
+            options["secret_key"] = os.environ[SECRET_KEY_ENV]
         self.store = store
         self.clock = clock or SystemClock()
         self.core = Core(providers, self.clock, **options)

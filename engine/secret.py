@@ -8,8 +8,10 @@ value.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import os
 
 from .errors import ValidationError
 
@@ -54,3 +56,57 @@ class Secret:
 
 def as_secret(value: str | Secret | None) -> Secret | None:
     return None if value is None else Secret(value)
+
+
+class Sealer:
+    """Encrypts a customer key for the short time an in-doubt preview may still need it.
+
+    A preview whose answer was lost can only be completed by re-sending it, and that
+    needs the customer key; so the engine keeps it, sealed with AES-256-GCM, in the
+    preview's hold row, which is deleted when the preview settles or its deadline
+    passes.  The sealed value is bound to its hold (``bound_to``, authenticated but not
+    encrypted): a ciphertext copied into another row does not open there.
+
+    The key is derived (HKDF-SHA256) from the POS's secret (``Engine.open(...,
+    secret_key=...)`` or ``TXENGINE_SECRET_KEY``) or, failing that, from a random key
+    kept in the database itself.
+    """
+
+    __slots__ = ("_aead",)
+
+    _INFO = b"txengine preview hold v1"
+    _NONCE = 12
+
+    def __init__(self, secret_key: str | bytes) -> None:
+        # Imported here: the rest of the engine does not need the library loaded.
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        material = secret_key.encode() if isinstance(secret_key, str) else secret_key
+        if not isinstance(material, bytes) or len(material) < 16:
+            raise ValidationError("secret_key must be a str or bytes of at least 16 bytes")
+        derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=self._INFO).derive(material)
+        self._aead = AESGCM(derived)
+
+    def seal(self, secret: Secret, bound_to: str) -> str:
+        nonce = os.urandom(self._NONCE)
+        sealed = self._aead.encrypt(nonce, secret.reveal().encode(), bound_to.encode())
+        return base64.urlsafe_b64encode(nonce + sealed).decode("ascii")
+
+    def unseal(self, sealed: str, bound_to: str) -> Secret | None:
+        """The secret, or None if it was sealed under another key (or tampered with)."""
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            raw = base64.urlsafe_b64decode(sealed.encode("ascii"))
+            plain = self._aead.decrypt(raw[: self._NONCE], raw[self._NONCE:], bound_to.encode())
+        except (InvalidTag, ValueError):
+            return None
+        return Secret(plain.decode())
+
+    def __repr__(self) -> str:
+        return "Sealer('***')"
+
+    def __reduce__(self):
+        raise TypeError("a Sealer cannot be pickled")

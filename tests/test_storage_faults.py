@@ -125,7 +125,7 @@ def test_a_failed_write_after_the_provider_committed_is_outcome_unknown_then_rec
         assert isinstance(unknown.value.__cause__, StoreUnavailable)
         finalized_at_provider = sandbox.balance(CUSTOMER)
         assert engine.get(tx.id).in_doubt  # the claim committed before the call is what remains
-        clock.advance(engine.core.intent_lease + timedelta(seconds=1))
+        clock.advance(engine.core.intent_leases["reference"] + timedelta(seconds=1))
         assert engine.recover() == 1
         assert engine.get(tx.id).state == "finalized"
         assert sandbox.balance(CUSTOMER) == finalized_at_provider  # settled, not charged twice
@@ -204,6 +204,6 @@ def test_a_failed_write_after_a_preview_was_priced_is_outcome_unknown(small_disk
         os.remove(small_disk / "filler")
         # The claim committed before the call remains, leased: once the lease runs out the
         # same key resumes the preview (the provider replays it: one preview, not two).
-        clock.advance(engine.core.intent_lease + timedelta(seconds=1))
+        clock.advance(engine.core.intent_leases["reference"] + timedelta(seconds=1))
         assert engine.preview("reference", basket, customer_token=CUSTOMER,
                               idempotency_key="sale-1").id == unknown.value.tx_id

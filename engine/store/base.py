@@ -113,6 +113,24 @@ class NewDelivery:
 
 
 @attrs.frozen
+class PreviewHold:
+    """What a preview needs to be sent again, kept while its outcome may be unknown.
+
+    Written with the preview's claim and deleted in the same database transaction that
+    settles it (stored, refused, or abandoned by ``recover()``), so it lives exactly as
+    long as the preview is in flight or in doubt.  The customer key is only ever here
+    sealed (``engine.secret.Sealer``); ``request`` holds the basket and payment type.
+    """
+
+    key: str  # the preview's idempotency key (its command record)
+    tx_id: str
+    provider: str
+    request: Mapping[str, Any]
+    sealed_token: str | None = attrs.field(default=None, repr=False)
+    expires_at: datetime | None = None  # the preview's deadline: after it, never completed
+
+
+@attrs.frozen
 class Commit:
     tx_id: str
     expected_version: int  # 0 creates the transaction
@@ -121,6 +139,8 @@ class Commit:
     intent: IntentOp | None = None
     command: CommandOp | None = None
     enqueue: tuple[NewDelivery, ...] = ()
+    hold: PreviewHold | None = None  # a preview's claim keeps what recover() needs to settle it
+    release_hold: str | None = None  # the key of a preview hold this commit settles (deleted)
 
 
 @attrs.frozen
@@ -167,6 +187,13 @@ class Store(Protocol):
         """The in-flight claim of a preview whose answer was lost (there is no snapshot)."""
 
     def journal(self, tx_id: str) -> list[Event]: ...
+
+    def previews_to_settle(self, now: datetime, limit: int, providers: Sequence[str]) -> list[PreviewHold]:
+        """Held previews of ``providers`` whose claim's lease is free at ``now`` (engine
+        time, like the preview's own retry): in doubt, and nobody is sending them."""
+
+    def sealing_key(self) -> bytes:
+        """The per-database key preview holds are sealed under when the POS gives none."""
 
     def write(self, commit: Commit) -> None: ...
 

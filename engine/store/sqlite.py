@@ -55,6 +55,7 @@ from .base import (
     DeliverySettlement,
     Intent,
     IntentOp,
+    PreviewHold,
     WorkerRecord,
 )
 
@@ -175,6 +176,18 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX commands_previews_in_doubt ON commands (tx_id)
         WHERE command = 'preview' AND status = 'in_flight';
     """,
+    # 4: what a preview needs to be sent again (basket, payment type, the customer key
+    # sealed), from its claim until it settles: recover() completes a lost preview
+    """
+    CREATE TABLE preview_holds (
+        key TEXT PRIMARY KEY,
+        tx_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        request TEXT NOT NULL,
+        sealed_token TEXT,
+        expires_at INTEGER NOT NULL
+    );
+    """,
 )
 
 
@@ -276,6 +289,9 @@ class SQLiteStore:
                 connection.execute("PRAGMA journal_mode = WAL")
             connection.execute("PRAGMA synchronous = FULL")
             connection.execute("PRAGMA foreign_keys = ON")
+            # Zero deleted rows' bytes where that costs no extra I/O: a settled preview's
+            # sealed customer key does not linger in free space (engine/secret.py).
+            connection.execute("PRAGMA secure_delete = FAST")
             self._local.connection = connection
             with self._connections_lock:
                 self._connections.append(connection)
@@ -296,6 +312,8 @@ class SQLiteStore:
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
             if db.execute("SELECT 1 FROM meta WHERE key = 'hash_key'").fetchone() is None:
                 db.execute("INSERT INTO meta (key, value) VALUES ('hash_key', ?)", (secrets.token_hex(32),))
+            if db.execute("SELECT 1 FROM meta WHERE key = 'sealing_key'").fetchone() is None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('sealing_key', ?)", (secrets.token_hex(32),))
 
     @property
     @_unavailable_on_sqlite_error
@@ -305,6 +323,11 @@ class SQLiteStore:
     @_unavailable_on_sqlite_error
     def keyed_hash_key(self) -> bytes:
         row = self._connection().execute("SELECT value FROM meta WHERE key = 'hash_key'").fetchone()
+        return bytes.fromhex(row[0])
+
+    @_unavailable_on_sqlite_error
+    def sealing_key(self) -> bytes:
+        row = self._connection().execute("SELECT value FROM meta WHERE key = 'sealing_key'").fetchone()
         return bytes.fromhex(row[0])
 
     # --- reads ---
@@ -350,6 +373,17 @@ class SQLiteStore:
             " WHERE tx_id = ? AND command = 'preview' AND status = 'in_flight'", (tx_id,),
         ).fetchone()
         return None if row is None else self.load_command(row[0])
+
+    @_unavailable_on_sqlite_error
+    def previews_to_settle(self, now: datetime, limit: int, providers: Sequence[str]) -> list[PreviewHold]:
+        rows = self._connection().execute(
+            "SELECT h.key, h.tx_id, h.provider, h.request, h.sealed_token, h.expires_at"
+            " FROM preview_holds h JOIN commands c ON c.key = h.key"
+            " WHERE (c.lease_until IS NULL OR c.lease_until <= ?)"
+            f" AND h.provider IN ({_placeholders(providers)}) ORDER BY h.expires_at LIMIT ?",
+            (to_us(now), *providers, limit),
+        ).fetchall()
+        return [PreviewHold(r[0], r[1], r[2], loads(r[3]), r[4], from_us(r[5])) for r in rows]
 
     @_unavailable_on_sqlite_error
     def load_command(self, key: str) -> CommandRecord | None:
@@ -430,6 +464,16 @@ class SQLiteStore:
                 )
             if commit.intent is not None:
                 self._write_intent(db, commit.tx_id, commit.intent)
+            if commit.hold is not None:
+                hold = commit.hold
+                db.execute(
+                    "INSERT INTO preview_holds (key, tx_id, provider, request, sealed_token, expires_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (hold.key, hold.tx_id, hold.provider, dumps(dict(hold.request)), hold.sealed_token,
+                     to_us(hold.expires_at)),
+                )
+            if commit.release_hold is not None:
+                db.execute("DELETE FROM preview_holds WHERE key = ?", (commit.release_hold,))
             if commit.enqueue:
                 db.executemany(
                     "INSERT INTO outbox (tx_id, provider, kind, payload, idempotency_key, status,"

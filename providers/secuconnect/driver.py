@@ -251,6 +251,7 @@ class SecuconnectDriver(HttpDriver):
         deferred={"expire": ("release",)},
         timers=TIMERS,
         payment_types={SPLIT_PAYMENT, EXTERNAL_PAYMENT},
+        not_idempotent={"preview"},  # a re-sent create makes a second Smart Transaction
     )
     #: the HTTP calls behind each remote event and deferred delivery (for the diagrams)
     calls: Mapping[str, str] = {
