@@ -39,7 +39,7 @@ def cmd_sandbox_serve(args) -> int:
     import threading
 
     from txengine.providers import load_sandbox_class
-    from txengine.providers.sandbox import serve
+    from txengine.testing.sandbox import serve
 
     sandbox = load_sandbox_class(args.name)()
     # An empty sandbox can only refuse: seed the accounts its docs' examples use.

@@ -3,7 +3,7 @@
 It has what the core needs exercising and nothing provider-specific: a wallet per
 customer key, percentage discounts on eligible products, previews that expire, a refund
 window, idempotent commits, a guaranteed "receipt" delivery after finalize, and every
-fault from ``txengine.providers.sandbox.Fault``.
+fault from ``txengine.testing.sandbox.Fault``.
 
 Wire protocol (JSON, integer minor units, header ``X-Api-Key`` on every call)::
 
@@ -37,7 +37,7 @@ from txengine.models import LineItem, Outcome, PricedLine, Quote, Transaction
 from txengine.money import Money
 from txengine.secret import Secret
 
-from .sandbox import BadRequest, Sandbox, SandboxRequest, SandboxResponse, route
+from txengine.testing.sandbox import BadRequest, Sandbox, SandboxRequest, SandboxResponse, route
 
 HOST = "reference.sandbox.invalid"
 TIMERS = TimerPolicy()

@@ -9,8 +9,9 @@ import attrs
 import pytest
 
 from txengine.errors import ProviderRejected
-from txengine.testing import Finding, ForloyHarness, ReferenceHarness, assert_conformant, check_driver
-from txengine.testing.harnesses import BUNDLED
+from txengine.testing import Finding, assert_conformant, check_driver
+from txengine.testing.harnesses import bundled
+from txengine.providers.reference_harness import ReferenceHarness
 from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
 
 
@@ -84,7 +85,7 @@ def checks(findings: list[Finding]) -> set[tuple[str, str]]:
 # --- the bundled drivers conform ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("harness", [*BUNDLED, ForloyHarness(offline=True)], ids=repr)
+@pytest.mark.parametrize("harness", bundled(), ids=repr)
 def test_the_bundled_drivers_conform(harness):
     assert check_driver(harness) == []
 

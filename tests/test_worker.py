@@ -18,7 +18,7 @@ from txengine.cli import main
 from txengine.errors import OutcomeUnknown, ValidationError
 from txengine.worker import JsonLines, Worker, configure_logging, demo_providers, load_providers
 from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 from .conftest import CUSTOMER
 

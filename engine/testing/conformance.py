@@ -41,7 +41,7 @@ from .harness import ProviderHarness, SandboxTransport, SQLiteStores, StoreFacto
 from .oracle import TARGETS
 
 try:
-    from txengine.providers.sandbox import Fault
+    from txengine.testing.sandbox import Fault
 
     AFTER_COMMIT_FAULTS: tuple[Any, ...] = (
         Fault.TIMEOUT_AFTER_COMMIT, Fault.GARBAGE_AFTER_COMMIT, Fault.TRUNCATED_AFTER_COMMIT)

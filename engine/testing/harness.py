@@ -3,8 +3,9 @@
 A harness is a small adapter between the generic suites and one provider's driver and
 sandbox (or a recorded fake that behaves like one).  It says how to build them, which
 customers exist, how to read the provider's ledger, and which sandbox operations carry
-which lifecycle event, so faults can be aimed.  ``txengine.testing.harnesses`` ships one
-per bundled provider; a POS team writes one for its own driver::
+which lifecycle event, so faults can be aimed.  Each bundled provider ships its own
+(``txengine.providers.<name>.harness``, registered as an entry point, see
+``txengine.testing.registry``); a POS team writes one for its own driver::
 
     class AcmeHarness(ProviderHarness):
         provider = "acme"
@@ -36,6 +37,7 @@ factory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -52,6 +54,11 @@ from ..drivers import ProviderDriver
 from ..models import Basket, LineItem, Transaction
 from ..money import CURRENCY_EXPONENTS, Money
 from . import strategies as values
+
+def deterministic_key(*parts: object, length: int = 32) -> str:
+    """A deterministic hex key for a harness's customers: runs replay exactly, and no real key is used."""
+    return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:length]
+
 
 # --- stores ----------------------------------------------------------------------------------------
 

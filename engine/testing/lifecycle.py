@@ -86,7 +86,7 @@ from .harness import wallet_labels as _wallet_labels
 from .oracle import ACTIVE, TERMINAL, Expectation
 
 try:  # the sandbox toolkit ships with txengine's providers
-    from txengine.providers.sandbox import Fault
+    from txengine.testing.sandbox import Fault
 except ImportError:  # pragma: no cover
     Fault = None  # type: ignore[assignment,misc]
 
