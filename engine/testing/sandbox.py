@@ -13,6 +13,11 @@ and ``SandboxResponse``; three adapters put it on the wire:
 
 Faults are injected per operation (the route's name) and fire for the next N matching
 requests: ``sandbox.faults.inject("finalize", Fault.TIMEOUT_AFTER_COMMIT)``.
+
+For a newcomer every sandbox also offers ``seed_demo()`` (demo customers),
+``credentials()`` (what a driver needs to log in) and ``issue_customer()`` (a new
+customer token, also over HTTP: ``POST /_sandbox/customers``), and logs every request to
+the stdlib logger ``txengine.sandbox`` (method, path, status, duration; secrets masked).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import asyncio
 import contextlib
 import enum
 import json
+import logging
 import re
+import time
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -34,8 +41,8 @@ import httpx
 from txengine.clock import Clock, SystemClock
 
 __all__ = [
-    "BadRequest", "Fault", "Faults", "RecordingTransport", "Sandbox", "SandboxRequest", "SandboxResponse",
-    "ServedSandbox", "route", "serve",
+    "ADMIN_CUSTOMERS", "BadRequest", "Fault", "Faults", "RecordingTransport", "Sandbox", "SandboxRequest", "SandboxResponse",
+    "REQUEST_LOG", "ServedSandbox", "route", "serve",
 ]
 
 
@@ -138,6 +145,13 @@ class _DropFault(Exception):
 
 Handler = Callable[..., SandboxResponse]
 
+#: the request log: one INFO line per request (``sandbox METHOD path -> status in N ms``)
+REQUEST_LOG = logging.getLogger("txengine.sandbox")
+#: the admin endpoint that enrols a new customer (relative to the sandbox's base URL)
+ADMIN_CUSTOMERS = "/_sandbox/customers"
+#: names whose values the log never shows (query parameters, issued customer fields)
+_SECRET_NAME = re.compile(r"key|token|secret|password|qr|auth|card|pin", re.IGNORECASE)
+
 
 def route(method: str, pattern: str, name: str):
     """Declare a handler: ``pattern`` uses ``{param}`` placeholders for path segments."""
@@ -162,6 +176,7 @@ class Sandbox:
         self.faults = Faults()
         self.lock = threading.RLock()
         self.requests: list[SandboxRequest] = []
+        self._issued_secrets: set[str] = set()
         self._routes = [
             getattr(self, attr).route
             + (getattr(self, attr),)
@@ -173,6 +188,30 @@ class Sandbox:
     def base_url(self) -> str:
         """The URL a driver uses to reach this sandbox in-process."""
         return f"https://{self.host}"
+
+    # --- for a newcomer: demo customers, credentials, new customers on demand ---
+
+    def seed_demo(self) -> list[dict[str, str]]:
+        """Enrol the demo customers and describe each (``{"customer": token, ...}``: what a
+        till scans or types, plus whatever helps a person pick one, e.g. its balance)."""
+        raise NotImplementedError(f"the {self.name} sandbox has no demo customers")
+
+    def credentials(self) -> dict[str, str]:
+        """What a driver needs to talk to this sandbox (API key, client id and secret...)."""
+        raise NotImplementedError(f"the {self.name} sandbox does not describe its credentials")
+
+    def issue_customer(self) -> dict[str, str]:
+        """Enrol one new customer (with a funded wallet where the provider has wallets) and
+        return its token as ``{"customer": token, ...}``; ``POST /_sandbox/customers`` calls it."""
+        raise NotImplementedError(f"the {self.name} sandbox cannot issue customers on demand")
+
+    def secret_values(self) -> set[str]:
+        """Strings the request log must never show (credentials and issued customer tokens)."""
+        try:
+            values = set(self.credentials().values())
+        except NotImplementedError:
+            values = set()
+        return values | self._issued_secrets
 
     # --- to be shaped by each provider ---
 
@@ -189,6 +228,57 @@ class Sandbox:
     # --- the pure core: one request in, one response out (or a simulated fault) ---
 
     def handle(self, request: SandboxRequest) -> tuple[SandboxResponse, _Armed | None]:
+        """One request in, one response out, logged to ``txengine.sandbox`` (secrets masked)."""
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            response, armed = self._dispatch(request)
+            outcome = str(response.status)
+            return response, armed
+        except _TimeoutFault:
+            outcome = "timeout (simulated)"
+            raise
+        except _DropFault:
+            outcome = "dropped (simulated)"
+            raise
+        finally:
+            REQUEST_LOG.info("%s %s %s %s -> %s in %.1f ms", self.name, request.method,
+                             self.masked(request.path), self._masked_query(request.query), outcome,
+                             (time.perf_counter() - started) * 1000)
+
+    def masked(self, text: str) -> str:
+        """``text`` with every secret this sandbox knows replaced by ``***``."""
+        for secret in sorted(self.secret_values(), key=len, reverse=True):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def _masked_query(self, query: dict[str, str]) -> str:
+        if not query:
+            return ""
+        shown = {name: "***" if _SECRET_NAME.search(name) else self.masked(value) for name, value in query.items()}
+        return "?" + "&".join(f"{name}={value}" for name, value in shown.items())
+
+    def _admin(self, request: SandboxRequest) -> SandboxResponse | None:
+        """The sandbox's own admin endpoints (not the provider's API): ``POST /_sandbox/customers``."""
+        if not request.path.endswith(ADMIN_CUSTOMERS):
+            return None
+        if request.method != "POST":
+            return SandboxResponse.json(405, {"error": {"code": "METHOD_NOT_ALLOWED",
+                                                        "message": f"use POST {ADMIN_CUSTOMERS}"}})
+        try:
+            with self.lock:
+                customer = self.issue_customer()
+        except NotImplementedError as missing:
+            return SandboxResponse.json(404, {"error": {"code": "NOT_OFFERED", "message": str(missing)}})
+        self._issued_secrets.update(value for name, value in customer.items() if _SECRET_NAME.search(name)
+                                    or name == "customer")
+        return SandboxResponse.json(201, customer)
+
+    def _dispatch(self, request: SandboxRequest) -> tuple[SandboxResponse, _Armed | None]:
+        admin = self._admin(request)
+        if admin is not None:
+            return admin, None
         for method, regex, operation, handler in self._routes:
             match = regex.match(request.path)
             if match and method == request.method:
