@@ -53,6 +53,7 @@ from ..clock import Clock
 from ..drivers import ProviderDriver
 from ..models import Basket, LineItem, Transaction
 from ..money import CURRENCY_EXPONENTS, Money
+from .sandbox import FAULT_HEADER
 from . import strategies as values
 
 def deterministic_key(*parts: object, length: int = 32) -> str:
@@ -126,6 +127,10 @@ class SandboxTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self.sandbox = sandbox
         self._inner = sandbox.transport()
         self._crash_armed = False
+        #: every request the driver sent, counted here (also those a fault swallowed)
+        self.sent: list[httpx.Request] = []
+        #: the HTTP status each answered request got (by the request's identity)
+        self.statuses: dict[int, int] = {}
 
     def crash_after_next_answer(self) -> None:
         self._crash_armed = True
@@ -142,10 +147,20 @@ class SandboxTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         return response
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        return self._after(self._inner.handle_request(request))
+        self.sent.append(request)
+        response = self._inner.handle_request(request)
+        self._count(request, response)
+        return self._after(response)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return self._after(await self._inner.handle_async_request(request))
+        self.sent.append(request)
+        response = await self._inner.handle_async_request(request)
+        self._count(request, response)
+        return self._after(response)
+
+    def _count(self, request: httpx.Request, response: httpx.Response) -> None:
+        if FAULT_HEADER not in response.headers:  # a spoiled answer is no answer
+            self.statuses[id(request)] = response.status_code
 
 
 # --- the harness ---------------------------------------------------------------------------------
@@ -266,6 +281,11 @@ class ProviderHarness:
                 "names": values.product_names(generated=False)}
 
     # --- reading requests (conformance) ------------------------------------------------------------
+
+    def repeatable(self, request: httpx.Request) -> bool:
+        """May the driver send ``request`` twice in one attempt (reads, logins)?  Default: GETs.
+        The conformance check flags any other request sent again after a clean 2xx answer."""
+        return request.method == "GET"
 
     def idempotency_key_of(self, request: Any) -> str | None:
         """The idempotency key a sandbox request carries, if any.

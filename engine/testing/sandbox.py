@@ -41,21 +41,59 @@ import httpx
 from txengine.clock import Clock, SystemClock
 
 __all__ = [
-    "ADMIN_CUSTOMERS", "BadRequest", "Fault", "Faults", "RecordingTransport", "Sandbox", "SandboxRequest", "SandboxResponse",
+    "ADMIN_CUSTOMERS", "BEFORE_COMMIT_FAULTS", "BadRequest", "FAULT_HEADER", "Fault", "GARBAGE_FAULTS", "Faults", "RecordingTransport", "Sandbox", "SandboxRequest", "SandboxResponse",
     "REQUEST_LOG", "ServedSandbox", "route", "serve",
 ]
 
 
 class Fault(enum.Enum):
-    """What can go wrong between a POS and its provider."""
+    """What can go wrong between a POS and its provider.
+
+    ``*_BEFORE_COMMIT``: the provider did nothing; ``*_AFTER_COMMIT``: it acted, and the
+    answer is lost or spoiled.  The spoiled answers (``GARBAGE_FAULTS``) are made from the
+    sandbox's own answer (``txengine.testing.garbage``), so they fit every provider.
+    """
 
     TIMEOUT_BEFORE_COMMIT = "timeout_before_commit"  # request lost: nothing happened
     TIMEOUT_AFTER_COMMIT = "timeout_after_commit"  # provider committed, answer lost
     SERVER_ERROR = "server_error"  # 503 before doing anything
+    SERVER_ERROR_AFTER_COMMIT = "server_error_after_commit"  # committed, then answered 503
     GARBAGE_AFTER_COMMIT = "garbage_after_commit"  # committed, answered an HTML page
     TRUNCATED_AFTER_COMMIT = "truncated_after_commit"  # committed, JSON cut in half
     DROP_CONNECTION = "drop_connection"  # connection closed before any answer
     SLOW = "slow"  # answers correctly, after ``delay`` seconds (over a real socket)
+    # 2xx answers that are not the documented success, before the provider acted
+    EMPTY_BEFORE_COMMIT = "empty_before_commit"  # HTTP 200, empty body
+    EMPTY_OBJECT_BEFORE_COMMIT = "empty_object_before_commit"  # HTTP 200, {}
+    ERROR_SHAPED_BEFORE_COMMIT = "error_shaped_before_commit"  # HTTP 200, the provider's error shape
+    HTML_BEFORE_COMMIT = "html_before_commit"  # HTTP 200, an HTML page
+    # the provider acted; its real answer, spoiled
+    EMPTY_AFTER_COMMIT = "empty_after_commit"
+    EMPTY_OBJECT_AFTER_COMMIT = "empty_object_after_commit"
+    ERROR_SHAPED_AFTER_COMMIT = "error_shaped_after_commit"
+    WRONG_TYPES_AFTER_COMMIT = "wrong_types_after_commit"  # numbers sent as strings
+    WRONG_IDS_AFTER_COMMIT = "wrong_ids_after_commit"  # another transaction's ids
+    WRONG_TOTALS_AFTER_COMMIT = "wrong_totals_after_commit"  # every amount off by one
+    HUGE_AFTER_COMMIT = "huge_after_commit"  # the answer padded to several megabytes
+
+    @property
+    def before_commit(self) -> bool:
+        return self in BEFORE_COMMIT_FAULTS
+
+
+#: faults where the provider never acts
+BEFORE_COMMIT_FAULTS = frozenset({
+    Fault.TIMEOUT_BEFORE_COMMIT, Fault.SERVER_ERROR, Fault.DROP_CONNECTION, Fault.EMPTY_BEFORE_COMMIT,
+    Fault.EMPTY_OBJECT_BEFORE_COMMIT, Fault.ERROR_SHAPED_BEFORE_COMMIT, Fault.HTML_BEFORE_COMMIT,
+})
+#: spoiled answers: what the conformance check sends before and after the provider acts
+GARBAGE_FAULTS = (
+    Fault.EMPTY_BEFORE_COMMIT, Fault.EMPTY_OBJECT_BEFORE_COMMIT, Fault.ERROR_SHAPED_BEFORE_COMMIT,
+    Fault.HTML_BEFORE_COMMIT, Fault.EMPTY_AFTER_COMMIT, Fault.EMPTY_OBJECT_AFTER_COMMIT,
+    Fault.ERROR_SHAPED_AFTER_COMMIT, Fault.WRONG_TYPES_AFTER_COMMIT, Fault.WRONG_IDS_AFTER_COMMIT,
+    Fault.WRONG_TOTALS_AFTER_COMMIT, Fault.TRUNCATED_AFTER_COMMIT, Fault.GARBAGE_AFTER_COMMIT,
+    Fault.HUGE_AFTER_COMMIT,
+)
 
 
 @attrs.define
@@ -135,6 +173,14 @@ class BadRequest(Exception):
         self.code = code
 
 
+def _html(status: int, text: str) -> SandboxResponse:
+    return SandboxResponse(status, f"<html><body>{text}</body></html>".encode(), (("content-type", "text/html"),))
+
+
+_SPOILED_BEFORE = frozenset({Fault.EMPTY_BEFORE_COMMIT, Fault.EMPTY_OBJECT_BEFORE_COMMIT,
+                             Fault.ERROR_SHAPED_BEFORE_COMMIT, Fault.HTML_BEFORE_COMMIT})
+
+
 class _TimeoutFault(Exception):
     pass
 
@@ -147,6 +193,8 @@ Handler = Callable[..., SandboxResponse]
 
 #: the request log: one INFO line per request (``sandbox METHOD path -> status in N ms``)
 REQUEST_LOG = logging.getLogger("txengine.sandbox")
+#: the header an in-process answer carries when a fault shaped it (tests read it; drivers must not)
+FAULT_HEADER = "x-sandbox-fault"
 #: the admin endpoint that enrols a new customer (relative to the sandbox's base URL)
 ADMIN_CUSTOMERS = "/_sandbox/customers"
 #: names whose values the log never shows (query parameters, issued customer fields)
@@ -294,8 +342,9 @@ class Sandbox:
         if fault is Fault.DROP_CONNECTION:
             raise _DropFault(operation)
         if fault is Fault.SERVER_ERROR:
-            return SandboxResponse(503, b"<html><body>503 Service Unavailable</body></html>",
-                                   (("content-type", "text/html"),)), armed
+            return _html(503, "503 Service Unavailable"), armed
+        if fault in _SPOILED_BEFORE:
+            return self._spoiled(fault, None), armed
         refused = self.authorize(request, operation)
         if refused is not None:
             return refused, armed
@@ -306,13 +355,31 @@ class Sandbox:
             response = self.error(bad.status, bad.code, str(bad))
         if fault is Fault.TIMEOUT_AFTER_COMMIT:
             raise _TimeoutFault(operation)
-        if fault is Fault.GARBAGE_AFTER_COMMIT:
-            return SandboxResponse(200, b"<html><body>Bad Gateway</body></html>",
-                                   (("content-type", "text/html"),)), armed
-        if fault is Fault.TRUNCATED_AFTER_COMMIT:
-            return SandboxResponse(response.status, response.body[: len(response.body) // 2],
-                                   response.headers), armed
+        if fault is Fault.SERVER_ERROR_AFTER_COMMIT:
+            return _html(503, "503 Service Unavailable"), armed
+        if fault is not None and fault not in (Fault.SLOW,) and not fault.before_commit:
+            return self._spoiled(fault, response), armed
         return response, armed
+
+    def _spoiled(self, fault: Fault, real: SandboxResponse | None) -> SandboxResponse:
+        """The answer ``fault`` puts in place of ``real`` (None: the provider did not act)."""
+        from . import garbage
+
+        if fault in (Fault.EMPTY_BEFORE_COMMIT, Fault.EMPTY_AFTER_COMMIT):
+            return SandboxResponse(200, b"", (("content-type", "application/json"),))
+        if fault in (Fault.EMPTY_OBJECT_BEFORE_COMMIT, Fault.EMPTY_OBJECT_AFTER_COMMIT):
+            return SandboxResponse.json(200, {})
+        if fault in (Fault.ERROR_SHAPED_BEFORE_COMMIT, Fault.ERROR_SHAPED_AFTER_COMMIT):
+            shaped = self.error(503, "MAINTENANCE", "down for maintenance")
+            return SandboxResponse(200, shaped.body, shaped.headers)
+        if fault in (Fault.HTML_BEFORE_COMMIT, Fault.GARBAGE_AFTER_COMMIT):
+            return _html(200, "Bad Gateway")
+        assert real is not None
+        if fault is Fault.TRUNCATED_AFTER_COMMIT:
+            return SandboxResponse(real.status, real.body[: len(real.body) // 2], real.headers)
+        spoil = {Fault.WRONG_TYPES_AFTER_COMMIT: garbage.wrong_types, Fault.WRONG_IDS_AFTER_COMMIT: garbage.wrong_ids,
+                 Fault.WRONG_TOTALS_AFTER_COMMIT: garbage.wrong_totals, Fault.HUGE_AFTER_COMMIT: garbage.huge}[fault]
+        return SandboxResponse(real.status, garbage.respoil(real.body, spoil), real.headers)
 
     # --- adapter 1: httpx.MockTransport (sync and async clients, in-process) ---
 
@@ -325,14 +392,17 @@ class Sandbox:
             body=request.read(),
         )
         try:
-            response, _ = self.handle(incoming)
+            response, armed = self.handle(incoming)
         except _TimeoutFault:
             raise httpx.ReadTimeout("sandbox: simulated timeout", request=request) from None
         except _DropFault:
             raise httpx.RemoteProtocolError(
                 "sandbox: server disconnected without sending a response", request=request
             ) from None
-        return httpx.Response(response.status, headers=list(response.headers), content=response.body)
+        headers = list(response.headers)
+        if armed is not None:  # in-process only: lets the test transport tell a spoiled answer
+            headers.append((FAULT_HEADER, armed.fault.value))
+        return httpx.Response(response.status, headers=headers, content=response.body)
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self._handle_httpx)
