@@ -69,3 +69,20 @@ def test_a_pos_team_registers_its_own_harness_in_process():
 def test_an_unknown_harness_names_the_known_ones():
     with pytest.raises(LookupError, match="'nope'.*reference"):
         load_harness("nope")
+
+
+def test_the_kit_runs_on_a_store_the_pos_team_points_it_at(tmp_path):
+    from txengine.testing import as_store_factory, check_driver
+    from txengine.testing.conformance import Fault
+
+    made: list[str] = []
+
+    def fresh_database() -> str:
+        made.append(f"sqlite:///{tmp_path / f'pos-{len(made)}.db'}")
+        return made[-1]
+
+    assert check_driver(load_harness("reference"), store=fresh_database, faults=(Fault.TIMEOUT_AFTER_COMMIT,)) == []
+    assert len(made) > 5 and all(Path(url.removeprefix("sqlite:///")).exists() for url in made)
+    assert as_store_factory(f"sqlite:///{tmp_path}/").new_url().startswith(f"sqlite:///{tmp_path}/")
+    with pytest.raises(ValueError, match="fresh one"):
+        as_store_factory("sqlite:///one.db")

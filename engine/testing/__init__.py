@@ -33,6 +33,7 @@ _HOMES = {
     "Finding": ".conformance", "assert_conformant": ".conformance", "check_driver": ".conformance",
     "ProviderHarness": ".harness", "SandboxTransport": ".harness", "SimulatedCrash": ".harness",
     "SQLiteStores": ".harness", "StoreFactory": ".harness", "deterministic_key": ".harness",
+    "CallableStores": ".harness", "as_store_factory": ".harness",
     "At": ".lifecycle", "InvariantViolation": ".lifecycle", "LifecycleStateMachine": ".lifecycle",
     "harness_names": ".registry", "load_harness": ".registry", "register_harness": ".registry",
     "register_profiles": ".profiles",

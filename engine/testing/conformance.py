@@ -45,7 +45,7 @@ from ..clock import FakeClock
 from ..engine import Engine
 from ..errors import EngineError
 from ..models import Transaction
-from .harness import ProviderHarness, SandboxTransport, SQLiteStores, StoreFactory
+from .harness import ProviderHarness, SandboxTransport, StoreFactory, StoreOption, as_store_factory
 from .oracle import TARGETS
 
 from .sandbox import GARBAGE_FAULTS, Fault
@@ -445,10 +445,11 @@ def _check_delivery_retry(event: str, operation: str, fault: Any):
 # --- the entry points ------------------------------------------------------------------------------------
 
 
-def check_driver(harness: ProviderHarness, *, store: StoreFactory | None = None,
+def check_driver(harness: ProviderHarness, *, store: StoreOption | None = None,
                  faults: tuple[Any, ...] = DEFAULT_FAULTS) -> list[Finding]:
-    """Run every conformance scenario for ``harness``'s driver; what it breaks, or ``[]``."""
-    store = store or SQLiteStores()
+    """Run every conformance scenario for ``harness``'s driver; what it breaks, or ``[]``.
+    ``store``: where the engines keep their data (see ``as_store_factory``), SQLite by default."""
+    store = as_store_factory(store)
     findings: list[Finding] = []
     probe = _World(harness, store)
     capabilities = probe.capabilities

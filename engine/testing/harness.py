@@ -43,7 +43,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import httpx
@@ -106,6 +106,45 @@ class SQLiteStores:
 
     def __repr__(self) -> str:
         return f"SQLiteStores({self.directory!r})"
+
+
+class CallableStores:
+    """A store factory from a function: ``new_url()`` is called for every run (it must give
+    a fresh, empty store: a new file, schema or database), ``dispose(url)`` after it."""
+
+    def __init__(self, new_url: Callable[[], str], dispose: Callable[[str], None] | None = None) -> None:
+        self._new_url, self._dispose = new_url, dispose
+
+    def new_url(self) -> str:
+        return self._new_url()
+
+    def dispose(self, url: str) -> None:
+        if self._dispose is not None:
+            self._dispose(url)
+
+    def __repr__(self) -> str:
+        return f"CallableStores({getattr(self._new_url, '__name__', self._new_url)!r})"
+
+
+StoreOption = StoreFactory | Callable[[], str] | str
+
+
+def as_store_factory(store: StoreOption | None) -> StoreFactory:
+    """What the suites accept as ``store``: a ``StoreFactory``; a function returning a fresh
+    store's URL per run; ``"sqlite:///some/dir/"`` (a new file per run in that directory);
+    or None (``SQLiteStores()``)."""
+    if store is None:
+        return SQLiteStores()
+    if isinstance(store, str):
+        if store.startswith("sqlite:///") and store.endswith("/"):
+            return SQLiteStores(store.removeprefix("sqlite:///"))
+        raise ValueError("a store URL names one database, and every run needs a fresh one: pass"
+                         " 'sqlite:///a/directory/' or a function returning a new URL per run")
+    if hasattr(store, "new_url"):
+        return store  # type: ignore[return-value]
+    if callable(store):
+        return CallableStores(store)
+    raise TypeError(f"not a store factory: {store!r}")
 
 
 # --- the transport the suites hand a driver ----------------------------------------------------------

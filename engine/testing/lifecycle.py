@@ -81,7 +81,8 @@ from ..machine import TimerPolicy
 from ..models import Basket, LineItem, Transaction
 from . import oracle
 from . import strategies as values
-from .harness import ProviderHarness, SandboxTransport, SimulatedCrash, SQLiteStores, StoreFactory, operations
+from .harness import (ProviderHarness, SandboxTransport, SimulatedCrash, SQLiteStores, StoreFactory, StoreOption,
+                      as_store_factory, operations)
 from .harness import wallet_labels as _wallet_labels
 from .oracle import ACTIVE, TERMINAL, Expectation
 
@@ -228,7 +229,7 @@ class LifecycleStateMachine(RuleBasedStateMachine):
     txs = Bundle("tx")
 
     @classmethod
-    def for_harness(cls, harness: ProviderHarness, *, store: StoreFactory | None = None,
+    def for_harness(cls, harness: ProviderHarness, *, store: StoreOption | None = None,
                     engine_kind: str = "sync", name: str | None = None) -> type[LifecycleStateMachine]:
         """A machine class for ``harness``: ``for_harness(AcmeHarness()).TestCase`` is a test."""
         if engine_kind not in ("sync", "async"):
@@ -236,7 +237,7 @@ class LifecycleStateMachine(RuleBasedStateMachine):
         name = name or f"{harness.provider.title()}{'Async' if engine_kind == 'async' else ''}Lifecycle"
         attributes: dict[str, Any] = {"harness": harness, "engine_kind": engine_kind, "__module__": cls.__module__}
         if store is not None:
-            attributes["store"] = store
+            attributes["store"] = as_store_factory(store)
         return type(name, (cls,), attributes)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
