@@ -434,7 +434,7 @@ class LifecycleStateMachine(RuleBasedStateMachine):
         """``engine.update(tx.id, items)``: fees and tips after the preview."""
         self._command(tx, "update", idempotency_key, items=items)
 
-    @rule(tx=txs, items=st.one_of(values.hostile_baskets().filter(lambda raw: raw.repeat == 1),
+    @rule(tx=txs, items=st.one_of(values.hostile_baskets(oversized=False),
                                   st.sampled_from(([], "Tip", None))))
     @_step
     def update_untrusted(self, tx: TxHandle, items: Any) -> None:
