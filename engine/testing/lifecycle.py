@@ -106,8 +106,11 @@ class At(enum.Enum):
 
 
 #: Faults that leave an outcome unknown (SLOW only matters over a real socket).
-UNKNOWN_OUTCOME_FAULTS: tuple[Any, ...] = tuple(
-    fault for fault in (Fault or ()) if fault.name != "SLOW")
+UNKNOWN_OUTCOME_FAULTS: tuple[Any, ...] = (
+    Fault.TIMEOUT_BEFORE_COMMIT, Fault.TIMEOUT_AFTER_COMMIT, Fault.SERVER_ERROR, Fault.GARBAGE_AFTER_COMMIT,
+    Fault.TRUNCATED_AFTER_COMMIT, Fault.DROP_CONNECTION)
+# (the spoiled-answer faults added for the conformance check are not drawn here yet: an
+# error-shaped answer after a commit is a provider lying, which the ledger check rightly flags)
 
 #: Clock moves, in seconds: mostly short (a till works in seconds), then around a minute
 #: (leases, the punch cooldown), around the ten-minute preview, around a day (the refund
