@@ -54,7 +54,7 @@ LINES = (PricedLine.unpriced(LineItem("COFFEE", "Flat white", 1, Money(350, "EUR
 
 def _serve_sandbox(ready, commands) -> None:
     from txengine.providers.rekonect import RekonectSandbox
-    from txengine.providers.sandbox import serve
+    from txengine.testing.sandbox import serve
 
     sandbox = RekonectSandbox()
     with serve(sandbox) as served:

@@ -3,7 +3,7 @@
 It has what the core needs exercising and nothing provider-specific: a wallet per
 customer key, percentage discounts on eligible products, previews that expire, a refund
 window, idempotent commits, a guaranteed "receipt" delivery after finalize, and every
-fault from ``txengine.providers.sandbox.Fault``.
+fault from ``txengine.testing.sandbox.Fault``.
 
 Wire protocol (JSON, integer minor units, header ``X-Api-Key`` on every call)::
 
@@ -30,14 +30,16 @@ from typing import Any
 import attrs
 import httpx
 
+from txengine.answers import Answer
 from txengine.clock import Clock
 from txengine.drivers import Capabilities, Delivery, Exchange, HttpDriver, PreviewRequest
+from txengine.errors import ValidationError
 from txengine.machine import TimerPolicy
 from txengine.models import LineItem, Outcome, PricedLine, Quote, Transaction
 from txengine.money import Money
 from txengine.secret import Secret
 
-from .sandbox import BadRequest, Sandbox, SandboxRequest, SandboxResponse, route
+from txengine.testing.sandbox import BadRequest, Sandbox, SandboxRequest, SandboxResponse, route
 
 HOST = "reference.sandbox.invalid"
 TIMERS = TimerPolicy()
@@ -75,7 +77,11 @@ class ReferenceDriver(HttpDriver):
             headers["Idempotency-Key"] = idempotency_key
         return self.request("POST", path, json=body or {}, headers=headers)
 
-    def _answer(self, response: httpx.Response) -> dict[str, Any]:
+    # A success must prove itself (engine/answers.py): every 2xx answer is read through
+    # ``Answer`` as the documented shape and checked against what was asked; anything
+    # else is ProtocolError (the outcome is unknown, recover() asks again).
+
+    def _answer(self, response: httpx.Response, where: str) -> Answer:
         if response.status_code >= 500:
             raise self.unknown(f"HTTP {response.status_code} from the provider")
         body = self.json_of(response)
@@ -84,31 +90,51 @@ class ReferenceDriver(HttpDriver):
             if not isinstance(error, dict) or "code" not in error:
                 raise self.unknown(f"HTTP {response.status_code} without an error code")
             raise self.rejected(error["code"], error.get("message", ""))
-        if not isinstance(body, dict):
-            raise self.unknown("the answer is not a JSON object")
-        return body
+        if not 200 <= response.status_code < 300:
+            raise self.unknown(f"HTTP {response.status_code} is not a documented answer")
+        answer = Answer(body, provider=self.name, where=f"reference {where}")
+        if "error" in answer:
+            raise answer.fail("an error envelope sent as a success")
+        return answer
 
-    def _quote(self, body: dict[str, Any], currency: str) -> Quote:
+    def _view(self, response: httpx.Response, where: str, *, status: str, preview_id: str | None,
+              lines: int | None = None) -> Answer:
+        """A preview view: ``{id, status, expires_at, items[]}``, the expected id, status and line count."""
+        answer = self._answer(response, where)
+        if preview_id is not None:
+            answer.expect("id", preview_id)
+        else:
+            answer.text("id")
+        answer.expect("status", status)
+        answer.text("expires_at")
+        answer.array("items", length=lines)
+        return answer
+
+    def _quote(self, answer: Answer, currency: str, sent: tuple[LineItem, ...]) -> Quote:
+        """The priced basket; its lines must be the ones sent (``sent`` is the answer's tail)."""
+        priced = list(answer.objects("items"))
+        for line, item in zip(priced[len(priced) - len(sent):], sent):
+            answer_line_matches(line, item)
         try:
             lines = [
                 PricedLine(
                     item=LineItem(
-                        product_id=line.get("product_id"),
-                        name=line["name"],
-                        quantity=line["quantity"],
-                        unit_price=Money(line["unit_price"], currency),
-                        vat_percent=str(line["vat"]),
+                        product_id=line.text("product_id", optional=True),
+                        name=line.text("name"),
+                        quantity=line.integer("quantity", minimum=1),
+                        unit_price=Money(line.integer("unit_price", minimum=0), currency),
+                        vat_percent=line.text("vat"),
                     ),
-                    discount=Money(line["discount"], currency),
-                    credits=Money(line["credits"], currency),
-                    outstanding=Money(line["outstanding"], currency),
+                    discount=Money(line.integer("discount", minimum=0), currency),
+                    credits=Money(line.integer("credits", minimum=0), currency),
+                    outstanding=Money(line.integer("outstanding", minimum=0), currency),
                 )
-                for line in body["items"]
+                for line in priced
             ]
-            return Quote(lines=lines, provider_ref=body["id"])
-        except (KeyError, TypeError, ValueError) as broken:
-            # includes ValidationError: a quote whose parts do not add up is not stored
-            raise self.unknown(f"unusable quote: {broken}") from None
+            return Quote(lines=lines, provider_ref=answer.text("id"))
+        except ValidationError as broken:
+            # a quote whose parts do not add up is not stored
+            raise answer.fail(f"unusable quote: {broken}") from None
 
     @staticmethod
     def _items(items) -> list[dict[str, Any]]:
@@ -131,25 +157,32 @@ class ReferenceDriver(HttpDriver):
             "items": self._items(request.basket.items),
         }
         response = yield self._post("/previews", body, request.idempotency_key)
-        return self._quote(self._answer(response), request.basket.currency)
+        items = tuple(request.basket.items)
+        answer = self._view(response, "preview", status="open", preview_id=None, lines=len(items))
+        return self._quote(answer, request.basket.currency, items)
 
     def update(self, tx: Transaction, items: tuple[LineItem, ...], key: str) -> Exchange[Quote]:
         response = yield self._post(f"/previews/{tx.provider_ref}/items", {"items": self._items(items)}, key)
-        return self._quote(self._answer(response), tx.currency)
+        answer = self._view(response, "update", status="open", preview_id=tx.provider_ref,
+                            lines=len(tx.items) + len(items))
+        return self._quote(answer, tx.currency, tuple(items))
 
-    def _commit(self, tx: Transaction, action: str, key: str, body: Any = None) -> Exchange[Outcome]:
+    def _commit(self, tx: Transaction, action: str, status: str, key: str, body: Any = None) -> Exchange[Outcome]:
         response = yield self._post(f"/previews/{tx.provider_ref}/{action}", body, key)
-        answer = self._answer(response)
-        return Outcome(provider_ref=answer.get("id"), details={f"{action}_status": answer.get("status")})
+        answer = self._view(response, action, status=status, preview_id=tx.provider_ref, lines=len(tx.items))
+        credits = sum(line.integer("credits", minimum=0) for line in answer.objects("items"))
+        if credits != tx.total_credits.amount_minor:
+            raise answer.fail("items' credits do not add up to the transaction's")
+        return Outcome(provider_ref=tx.provider_ref, details={f"{action}_status": status})
 
     def finalize(self, tx: Transaction, key: str) -> Exchange[Outcome]:
-        return (yield from self._commit(tx, "finalize", key))
+        return (yield from self._commit(tx, "finalize", "finalized", key))
 
     def cancel(self, tx: Transaction, key: str) -> Exchange[Outcome]:
-        return (yield from self._commit(tx, "cancel", key))
+        return (yield from self._commit(tx, "cancel", "cancelled", key))
 
     def refund(self, tx: Transaction, key: str, comment: str | None) -> Exchange[Outcome]:
-        return (yield from self._commit(tx, "refund", key, {"comment": comment}))
+        return (yield from self._commit(tx, "refund", "refunded", key, {"comment": comment}))
 
     def delivery_payload(self, kind: str, tx: Transaction) -> Mapping[str, Any]:
         return {
@@ -161,7 +194,15 @@ class ReferenceDriver(HttpDriver):
     def deliver(self, deliveries: tuple[Delivery, ...]) -> Exchange[None]:
         for delivery in deliveries:
             response = yield self._post("/receipts", dict(delivery.payload), delivery.idempotency_key)
-            self._answer(response)
+            self._answer(response, "receipt").expect("received", delivery.payload["transaction"])
+
+
+def answer_line_matches(line: Answer, item: LineItem) -> None:
+    """A priced line is the item that was sent: same product, name, quantity and price."""
+    line.expect("product_id", item.product_id)
+    line.expect("name", item.name)
+    line.expect("quantity", item.quantity)
+    line.expect("unit_price", item.unit_price.amount_minor)
 
 
 # --- the sandbox ----------------------------------------------------------------------------
@@ -196,6 +237,7 @@ class ReferenceSandbox(Sandbox):
         self.commits: list[tuple[str, str]] = []  # (preview id, action) that changed money
         self._replays: dict[str, SandboxResponse] = {}
         self._ids = itertools.count(1)
+        self._customers = itertools.count(0xC0FFEE << 96)  # issued keys: distinct from the demo's
 
     # --- set-up and inspection, for tests and the demo ---
 
@@ -208,6 +250,29 @@ class ReferenceSandbox(Sandbox):
 
     def balance(self, customer: str) -> int:
         return self.wallets[customer]
+
+    #: the demo customers: customer key -> opening balance (minor units); beer is 40 % off
+    DEMO_CUSTOMERS = {"5ccd7850844b415091071c027930101f": 800, "9f2c1d7e3b6a4c5d8e0f1a2b3c4d5e6f": 100_000}
+
+    def seed_demo(self) -> list[dict[str, str]]:
+        """Two demo wallets and 40 % off ``beer``; calling it again changes nothing."""
+        for customer, balance in self.DEMO_CUSTOMERS.items():
+            if customer not in self.wallets:
+                self.open_wallet(customer, balance)
+        self.discounts.setdefault("beer", 40)
+        return [{"customer": customer, "balance_minor": str(self.wallets[customer])}
+                for customer in self.DEMO_CUSTOMERS]
+
+    def credentials(self) -> dict[str, str]:
+        """The driver's keyword arguments (besides ``base_url``/``environment``)."""
+        return {"api_key": self.api_key}
+
+    def issue_customer(self) -> dict[str, str]:
+        """A new customer key with a 100.00 wallet (any currency: balances are minor units)."""
+        with self.lock:
+            customer = f"{next(self._customers):032x}"
+            self.open_wallet(customer, 10_000)
+        return {"customer": customer, "balance_minor": "10000"}
 
     # --- protocol ---
 

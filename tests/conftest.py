@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
-from hypothesis.database import DirectoryBasedExampleDatabase
 
 from txengine import Basket, Engine, FakeClock, LineItem, Money
+from txengine.testing import register_profiles
 from txengine.testing.lifecycle import BlockingAsyncEngine
 from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
 
-# stateful_step_count: steps per run of the lifecycle state machines (tests/test_property_*)
-settings.register_profile("dev", max_examples=25, deadline=None, stateful_step_count=30)
-settings.register_profile(
-    "ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-    stateful_step_count=100,
-)
-# make fuzz: long runs, with an example database kept across runs (failures replay first)
-settings.register_profile(
-    "fuzz", max_examples=5000, deadline=None, stateful_step_count=100,
-    suppress_health_check=[HealthCheck.too_slow],
-    database=DirectoryBasedExampleDatabase(str(Path(__file__).resolve().parents[1] / ".hypothesis-fuzz")),
-)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+# the kit's profiles (dev, ci, fuzz); make fuzz keeps its example database in the repository
+register_profiles(load=True, fuzz_database=Path(__file__).resolve().parents[1] / ".hypothesis-fuzz")
 
 CUSTOMER = "5ccd7850844b415091071c027930101f"
 

@@ -21,7 +21,7 @@ from txengine.providers.cheers import CheersDriver, CheersSandbox
 from txengine.providers.cheers import driver as cheers
 from txengine.providers.cheers.sandbox import DEFAULT_API_KEY, WORKED_EXAMPLE_TRANSACTION_KEY, WORKED_EXAMPLE_WALLET
 from txengine.providers.reference import TIMERS, ReferenceDriver, ReferenceSandbox
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 from txengine.providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
 from txengine.providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 from txengine.secret import Secret

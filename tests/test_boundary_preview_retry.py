@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 
 from txengine.errors import OutcomeUnknown
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 from .conftest import CUSTOMER
 

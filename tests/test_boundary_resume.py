@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from txengine.errors import OutcomeUnknown, TransactionInDoubt
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 from .conftest import CUSTOMER, tip
 

@@ -11,7 +11,7 @@ from txengine.errors import OutcomeUnknown, TransactionInDoubt
 from txengine.models import LineItem
 from txengine.money import Money
 from txengine.providers.cheers import sandbox as cheers_sandbox
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 from .test_recovery_cheers import WALLET, engine, ledger, preview, sandbox  # noqa: F401 (fixtures)
 

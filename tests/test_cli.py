@@ -26,7 +26,7 @@ from txengine.app.cli import cli
 from txengine.app.wiring import demo_providers
 from txengine.errors import OutcomeUnknown, ProviderRejected
 from txengine.providers.reference import ReferenceSandbox
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 from .conftest import CUSTOMER
 

@@ -9,7 +9,7 @@ import pytest
 from txengine import Engine, SystemClock
 from txengine.errors import ConcurrentModification, TransactionInDoubt
 from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
-from txengine.providers.sandbox import serve
+from txengine.testing.sandbox import serve
 
 from .conftest import CUSTOMER
 

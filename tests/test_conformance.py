@@ -9,8 +9,11 @@ import attrs
 import pytest
 
 from txengine.errors import ProviderRejected
-from txengine.testing import Finding, ForloyHarness, ReferenceHarness, assert_conformant, check_driver
-from txengine.testing.harnesses import BUNDLED
+from txengine.models import Outcome, PricedLine, Quote
+from txengine.money import Money
+from txengine.testing import Finding, assert_conformant, check_driver
+from txengine.testing.harnesses import bundled
+from txengine.providers.reference_harness import ReferenceHarness
 from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
 
 
@@ -77,6 +80,67 @@ class FreshKeyEveryAttempt(ReferenceDriver):
         return super()._post(path, body, idempotency_key)
 
 
+class FinalizesTwice(ReferenceDriver):
+    """Sends finalize twice in one attempt: the provider replays the second, so only the
+    requests counted at the transport show it."""
+
+    def finalize(self, tx, key):
+        yield self._post(f"/previews/{tx.provider_ref}/finalize", None, key)
+        return (yield from super().finalize(tx, key))
+
+
+class CancelsWithoutAsking(ReferenceDriver):
+    """Declares cancel remote, and tells the engine it is done without a word to the provider."""
+
+    def cancel(self, tx, key):
+        return Outcome(provider_ref=tx.provider_ref, details={})
+        yield  # pragma: no cover
+
+
+class TrustsAnySuccessStatus(ReferenceDriver):
+    """Takes any 2xx answer to finalize for a commit (the lax reading of #10)."""
+
+    def finalize(self, tx, key):
+        response = yield self._post(f"/previews/{tx.provider_ref}/finalize", None, key)
+        if response.is_success:
+            return Outcome(provider_ref=tx.provider_ref, details={})
+        self._answer(response, "finalize")  # raises: rejected, or unknown
+
+
+class TakesAServerErrorForSuccess(ReferenceDriver):
+    """Reports a finalize done when the provider answers 503 (it hoped the provider went on)."""
+
+    def finalize(self, tx, key):
+        response = yield self._post(f"/previews/{tx.provider_ref}/finalize", None, key)
+        if response.status_code >= 500:
+            return Outcome(provider_ref=tx.provider_ref, details={})
+        self._view(response, "finalize", status="finalized", preview_id=tx.provider_ref, lines=len(tx.items))
+        return Outcome(provider_ref=tx.provider_ref, details={})
+
+
+class GivesUpOnAServerError(ReferenceDriver):
+    """Reads a 5xx as a refusal: after a commit whose answer was a 503 the engine says failed."""
+
+    def _answer(self, response, where):
+        if response.status_code >= 500:
+            raise self.rejected("UNAVAILABLE", "the provider is unavailable")
+        return super()._answer(response, where)
+
+
+class WorksOutTheRest(ReferenceDriver):
+    """Reads each line's discount and outstanding amount (as numbers, whatever their JSON type)
+    and works out the credits itself, so a quote that does not add up still adds up."""
+
+    def _quote(self, answer, currency, sent):
+        lines = []
+        for item, line in zip(sent, answer.objects("items")):
+            discount = Money(int(line.raw("discount")), currency)
+            outstanding = Money(int(line.raw("outstanding")), currency)
+            lines.append(PricedLine(item=item, discount=discount, credits=item.gross - discount - outstanding,
+                                    outstanding=outstanding))
+        return Quote(lines=lines, provider_ref=answer.text("id"))
+
+
 def checks(findings: list[Finding]) -> set[tuple[str, str]]:
     return {(finding.check, finding.event) for finding in findings}
 
@@ -84,7 +148,7 @@ def checks(findings: list[Finding]) -> set[tuple[str, str]]:
 # --- the bundled drivers conform ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("harness", [*BUNDLED, ForloyHarness(offline=True)], ids=repr)
+@pytest.mark.parametrize("harness", bundled(), ids=repr)
 def test_the_bundled_drivers_conform(harness):
     assert check_driver(harness) == []
 
@@ -147,3 +211,60 @@ def test_a_rejection_on_the_happy_path_is_a_finding_not_a_crash():
 
     findings = check_driver(Harness(RefusesEveryFinalize))
     assert ("capabilities", "finalize") in checks(findings)
+
+
+# --- faults before and after the provider commits, judged by the ledger and the wire ------------------
+
+
+def test_a_driver_sending_finalize_twice_in_one_attempt_is_caught_at_the_transport():
+    findings = check_driver(Harness(FinalizesTwice))
+    assert ("double-send", "finalize") in checks(findings)
+    [finding] = [f for f in findings if (f.check, f.event) == ("double-send", "finalize")]
+    assert "POST /previews/pv_" in finding.detail and "/finalize twice" in finding.detail
+
+
+def test_a_remote_event_that_sends_nothing_is_caught():
+    findings = check_driver(Harness(CancelsWithoutAsking))
+    assert ("double-send", "cancel") in checks(findings)
+    assert any("sent no request" in f.detail for f in findings)
+
+
+def details(findings: list[Finding], event: str) -> str:
+    return "\n".join(f.detail for f in findings if f.event == event)
+
+
+def test_a_driver_taking_any_2xx_for_a_commit_is_caught_before_and_after_the_commit():
+    findings = check_driver(Harness(TrustsAnySuccessStatus))
+    assert details(findings, "finalize") == (
+        "after EMPTY_BEFORE_COMMIT on 'finalize' the engine reports finalize done, but the provider holds no new"
+        " 'finalize' commit: a success reported without a commit")
+
+
+def test_a_driver_taking_a_spoiled_quote_for_a_price_is_caught_by_what_it_records():
+    findings = check_driver(Harness(WorksOutTheRest))
+    found = details(findings, "preview")
+    assert "after WRONG_TOTALS_AFTER_COMMIT on 'preview' the engine recorded" in found
+    assert "a spoiled answer taken for a success" in found
+
+
+def test_a_driver_reporting_success_after_a_5xx_is_caught_though_the_sandbox_would_replay():
+    findings = check_driver(Harness(TakesAServerErrorForSuccess))
+    assert "SERVER_ERROR on 'finalize' the engine reports finalize done, but the provider holds no new" \
+        in details(findings, "finalize")
+
+
+def test_a_driver_reporting_a_commit_as_a_failure_is_caught():
+    findings = check_driver(Harness(GivesUpOnAServerError))
+    found = details(findings, "finalize")
+    assert "SERVER_ERROR_AFTER_COMMIT on 'finalize' the engine reports finalize failed, but the provider" \
+           " committed it" in found
+    assert "a commit reported as a failure" in found
+
+
+def test_the_bundled_faults_cover_before_and_after_the_commit():
+    from txengine.testing.conformance import DEFAULT_FAULTS
+    from txengine.testing.sandbox import Fault
+
+    assert {fault.before_commit for fault in DEFAULT_FAULTS} == {True, False}
+    assert {Fault.WRONG_IDS_AFTER_COMMIT, Fault.WRONG_TYPES_AFTER_COMMIT, Fault.WRONG_TOTALS_AFTER_COMMIT,
+            Fault.HUGE_AFTER_COMMIT, Fault.EMPTY_OBJECT_BEFORE_COMMIT} <= set(DEFAULT_FAULTS)

@@ -196,7 +196,7 @@ def serve_all():
     from txengine.providers.forloy import ForloySandbox
     from txengine.providers.reference import ReferenceSandbox
     from txengine.providers.rekonect import RekonectSandbox
-    from txengine.providers.sandbox import serve
+    from txengine.testing.sandbox import serve
 
     sandboxes = {
         "reference": ReferenceSandbox(Clock(T0)),

@@ -18,7 +18,7 @@ from txengine.core import NotStarted, ParallelOp
 from txengine.journal import replay
 from txengine.store.base import DELIVERED, PENDING, DeliverySettlement
 from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 from .conftest import CUSTOMER, BlockingView
 

@@ -18,7 +18,7 @@ from txengine.cli import main as txengine
 from txengine.drivers import Capabilities
 from txengine.errors import OutcomeUnknown, ProviderRejected
 from txengine.machine import TimerPolicy
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 from .conftest import CUSTOMER, tip
 

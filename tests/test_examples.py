@@ -21,7 +21,7 @@ from txengine.providers.cheers.sandbox import (
     WORKED_EXAMPLE_TRANSACTION_KEY,
     WORKED_EXAMPLE_WALLET,
 )
-from txengine.providers.sandbox import serve
+from txengine.testing.sandbox import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ from txengine.errors import (
     TransactionInDoubt,
 )
 from txengine.journal import replay
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 from .conftest import CUSTOMER, tip
 

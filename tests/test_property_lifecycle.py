@@ -64,7 +64,7 @@ def test_the_oracle_and_the_engine_read_the_same_table():
 
 def test_an_unsupported_event_on_a_terminal_transaction_is_an_illegal_transition(tmp_path):
     from txengine import Basket, Engine, FakeClock, LineItem, Money
-    from txengine.testing import ForloyHarness
+    from txengine.providers.forloy.harness import ForloyHarness
     from txengine.testing.harness import SandboxTransport
 
     harness, clock = ForloyHarness(), FakeClock()

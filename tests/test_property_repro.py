@@ -16,7 +16,8 @@ from hypothesis.stateful import run_state_machine_as_test
 
 import txengine.testing.repro
 from txengine.models import Outcome
-from txengine.testing import InvariantViolation, LifecycleStateMachine, ReferenceHarness
+from txengine.testing import InvariantViolation, LifecycleStateMachine
+from txengine.providers.reference_harness import ReferenceHarness
 from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
 
 

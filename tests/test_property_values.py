@@ -21,7 +21,6 @@ from txengine.models import MAX_LINES
 from txengine.money import CURRENCY_EXPONENTS
 from txengine.testing import (
     RawBasket,
-    ReferenceHarness,
     SQLiteStores,
     baskets,
     command_sequences,
@@ -36,6 +35,7 @@ from txengine.testing import (
     transaction_keys,
 )
 from txengine.testing.harness import SandboxTransport
+from txengine.providers.reference_harness import ReferenceHarness
 from txengine.testing.oracle import TERMINAL
 from txengine.testing.strategies import UNENCODABLE_NAMES
 

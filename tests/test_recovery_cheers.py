@@ -24,7 +24,7 @@ from txengine.errors import OutcomeUnknown
 from txengine.providers.cheers import CheersDriver, CheersSandbox
 from txengine.providers.cheers import driver as cheers
 from txengine.providers.cheers.sandbox import DEFAULT_API_KEY, WORKED_EXAMPLE_TRANSACTION_KEY, WORKED_EXAMPLE_WALLET
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 AFTER_COMMIT = [Fault.TIMEOUT_AFTER_COMMIT, Fault.GARBAGE_AFTER_COMMIT, Fault.TRUNCATED_AFTER_COMMIT]
 BEFORE_COMMIT = [Fault.TIMEOUT_BEFORE_COMMIT, Fault.SERVER_ERROR, Fault.DROP_CONNECTION]

@@ -14,7 +14,7 @@ from txengine.core import RECOVERY_BACKOFF
 from txengine.errors import OutcomeUnknown
 from txengine.store.sqlite import MIGRATIONS, SQLiteStore, _statements
 from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 from .conftest import CUSTOMER
 

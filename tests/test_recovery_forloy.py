@@ -24,7 +24,7 @@ from txengine import Basket, Engine, LineItem, Money
 from txengine.errors import OutcomeUnknown
 from txengine.providers.forloy import driver as forloy
 from txengine.providers.forloy import ForloyDriver, forloy_pair
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 COFFEE = Basket([LineItem("latte", "Latte", 2, Money.of("3.90", "EUR"), 7),
                  LineItem("cake", "Carrot cake", 1, Money.of("4.20", "EUR"), 7)])

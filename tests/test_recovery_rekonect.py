@@ -24,7 +24,7 @@ from txengine import Basket, Engine, LineItem, Money
 from txengine.errors import OutcomeUnknown
 from txengine.providers.rekonect import RekonectDriver, RekonectSandbox
 from txengine.providers.rekonect import driver as policy
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 PHONE = "5511122233"
 

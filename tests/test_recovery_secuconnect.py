@@ -22,7 +22,7 @@ import pytest
 
 from txengine import Engine, LineItem, Money
 from txengine.errors import OutcomeUnknown
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 from txengine.providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
 from txengine.providers.secuconnect import driver as secu
 from txengine.providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET

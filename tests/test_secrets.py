@@ -9,7 +9,7 @@ from txengine import Basket, Engine, FakeClock, LineItem, Money
 from txengine.demo import demo_pairs, run_sessions
 from txengine.errors import EngineError
 from txengine.providers.forloy.sandbox import ForloySandbox
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 SECRET_HEADERS = ("authorization", "authenticate", "x-api-key", "x-transaction-key")
 SECRET_BODY_FIELDS = ("password", "client_secret", "refresh_token", "qr_code_data", "barcode_value", "customer")

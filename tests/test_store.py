@@ -104,7 +104,7 @@ def test_engines_for_different_providers_share_a_database_without_spinning(db_ur
     """A full batch of rows this engine has no driver for is never read, expired or retried."""
     from txengine import Engine
     from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
-    from txengine.providers.sandbox import Fault
+    from txengine.testing.sandbox import Fault
 
     other = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())
     mine = ReferenceDriver(environment="sandbox", api_key=ReferenceSandbox.api_key, transport=sandbox.transport())

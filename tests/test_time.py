@@ -11,7 +11,7 @@ import pytest
 
 from txengine.errors import OutcomeUnknown
 from txengine.machine import TimerPolicy
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 from .conftest import CUSTOMER, tip
 

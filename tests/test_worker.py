@@ -19,7 +19,7 @@ from txengine.app.wiring import demo_providers, load_providers
 from txengine.errors import OutcomeUnknown, ValidationError
 from txengine.worker import JsonLines, Worker, configure_logging
 from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 from .conftest import CUSTOMER
 

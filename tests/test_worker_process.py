@@ -18,7 +18,7 @@ import pytest
 
 from txengine import Engine, SystemClock
 from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
-from txengine.providers.sandbox import Fault, serve
+from txengine.testing.sandbox import Fault, serve
 
 REPO = Path(__file__).resolve().parent.parent
 URL_VARIABLE = "TXENGINE_TEST_REFERENCE_URL"

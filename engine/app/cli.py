@@ -625,7 +625,7 @@ def serve(name: str, host: str, port: int) -> int:
     """Serve the NAME sandbox, seeded with demo accounts; prints its credentials and
     customer tokens, and how to get more."""
     from txengine.providers import load_sandbox_class
-    from txengine.providers.sandbox import serve as serve_sandbox
+    from txengine.testing.sandbox import serve as serve_sandbox
 
     from ..drivers import is_loopback
 

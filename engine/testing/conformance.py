@@ -11,9 +11,17 @@ sandbox through a real engine and returns what it found (``[]``: conformant);
     it, if any, sends nothing (else the engine would skip a call the provider needs);
     every deferred delivery it declares is delivered.
 ``exactly-once``
-    each remote event (and each deferred delivery) is hit by a fault after the provider
-    committed (answer lost, garbage, truncated), then retried as a POS would (the same
-    command, then ``recover()``): the provider's ledger must hold one commit, not two.
+    each remote event (and each deferred delivery) is hit by a fault before the provider
+    acts and after it (answer lost, 5xx, dropped, and the garbage set: empty, ``{}``,
+    error-shaped 2xx, wrong types, wrong ids, wrong totals, truncated, HTML, huge), then
+    retried as a POS would (the same command, then ``recover()``).  Judged against the
+    sandbox's ledger: one commit, not two; none reported as a failure; no success reported
+    without one; and what the engine records equals what a clean run records (a driver
+    that takes a spoiled answer for a success records wrong money).
+``double-send``
+    counted at the transport: no attempt sends the same non-GET request twice (a
+    provider that replays by key hides it from the ledger, not from the wire), and an
+    event declared remote sends at least one request.
 ``idempotency-key``
     the retry must carry the same idempotency key as the first attempt, request by
     request (a driver that mints a fresh key per attempt turns every retry into a new
@@ -37,16 +45,22 @@ from ..clock import FakeClock
 from ..engine import Engine
 from ..errors import EngineError
 from ..models import Transaction
-from .harness import ProviderHarness, SandboxTransport, SQLiteStores, StoreFactory
+from .harness import ProviderHarness, SandboxTransport, StoreFactory, StoreOption, as_store_factory
 from .oracle import TARGETS
 
-try:
-    from txengine.providers.sandbox import Fault
+from .sandbox import GARBAGE_FAULTS, Fault
 
-    AFTER_COMMIT_FAULTS: tuple[Any, ...] = (
-        Fault.TIMEOUT_AFTER_COMMIT, Fault.GARBAGE_AFTER_COMMIT, Fault.TRUNCATED_AFTER_COMMIT)
-except ImportError:  # pragma: no cover
-    AFTER_COMMIT_FAULTS = ()
+AFTER_COMMIT_FAULTS: tuple[Fault, ...] = (
+    Fault.TIMEOUT_AFTER_COMMIT, Fault.GARBAGE_AFTER_COMMIT, Fault.TRUNCATED_AFTER_COMMIT)
+#: what ``check_driver`` injects by default: every way an answer is lost, refused or spoiled,
+#: before the provider acts and after.  Not ``ERROR_SHAPED_AFTER_COMMIT``: a provider's own
+#: error answer is trusted as a refusal by contract, so "committed, then said error" is a
+#: provider lying, not a driver's fault; before the commit it still must not pass for a success.
+DEFAULT_FAULTS: tuple[Fault, ...] = (
+    Fault.TIMEOUT_BEFORE_COMMIT, Fault.SERVER_ERROR, Fault.DROP_CONNECTION,
+    Fault.TIMEOUT_AFTER_COMMIT, Fault.SERVER_ERROR_AFTER_COMMIT,
+    *(fault for fault in GARBAGE_FAULTS if fault is not Fault.ERROR_SHAPED_AFTER_COMMIT),
+)
 
 CONFORMANCE_KEY = "conformance-key"
 #: retries of a command, then rounds of recover(), before a scenario gives up
@@ -171,14 +185,22 @@ def _scenario(harness: ProviderHarness, store: StoreFactory, findings: list[Find
 def _check_remote(event: str):
     def body(world: _World) -> None:
         tx = world.ready_for(event)
+        start = len(world.transport.sent)
         try:
             result = world.run(event, tx)
         except _Failed as failed:  # a bare error: the driver cannot do what it declares
             raise _Failed(Finding("capabilities", event, f"declared remote, but {failed.finding.detail}")) from None
+        sent = world.transport.sent[start:]
         target = TARGETS[event]["new" if tx is None else tx.state]
         if not isinstance(result, Transaction) or result.state != target:
             raise _Failed(Finding("capabilities", event, f"declared remote, but on the happy path it answered"
                                                          f" {result!r}"))
+        if not sent:
+            raise _Failed(Finding("double-send", event, "declared remote, but it sent no request: the engine"
+                                                        " records a provider step that never happened"))
+        twice = _sent_twice(world.harness, sent, world.transport.statuses)
+        if twice:
+            raise _Failed(Finding("double-send", event, f"one attempt sent {twice} twice"))
 
     return body
 
@@ -257,6 +279,29 @@ def _requests_since(world: _World, start: int) -> list[Any]:
     return list(world.sandbox.requests[start:])
 
 
+def _sent_twice(harness: ProviderHarness, sent: list[httpx.Request], statuses: dict[int, int]) -> str | None:
+    """The first non-GET request sent again, byte for byte, in one attempt after a 2xx answer
+    to it ("POST /x"), if any.  Re-sending after a lost answer or a 5xx is a retry, not this."""
+    succeeded: set[tuple[str, str, bytes]] = set()
+    for request in sent:
+        if harness.repeatable(request):
+            continue  # reads may poll, logins may repeat
+        identity = (request.method, str(request.url), request.content)
+        if identity in succeeded:
+            return f"{request.method} {request.url.path}"
+        if 200 <= statuses.get(id(request), 0) < 300:
+            succeeded.add(identity)
+    return None
+
+
+def _money(result: Any) -> str | None:
+    """What a POS would read off a settled transaction: state and amounts."""
+    if not isinstance(result, Transaction):
+        return None
+    return (f"{result.state}: gross {result.gross}, discount {result.total_discount},"
+            f" credits {result.total_credits}, outstanding {result.outstanding}")
+
+
 def _compare_keys(harness: ProviderHarness, event: str, first: list[Any], retry: list[Any]) -> Finding | None:
     """Request by request ((method, path, n-th time in the attempt)), the retry's key must be the first's."""
 
@@ -277,7 +322,8 @@ def _compare_keys(harness: ProviderHarness, event: str, first: list[Any], retry:
     return None
 
 
-def _retry_until_settled(world: _World, event: str, tx: Transaction | None, attempts: list[list[Any]]) -> Any:
+def _retry_until_settled(world: _World, event: str, tx: Transaction | None, attempts: list[list[Any]],
+                         sends: list[list[Any]]) -> Any:
     """Retry as a POS would: the same command while it stays in doubt, then recover()."""
     result: Any = None
     for round_ in range(RETRIES):
@@ -285,38 +331,63 @@ def _retry_until_settled(world: _World, event: str, tx: Transaction | None, atte
             current = world.load(tx.id)
             if current.pending is None:
                 return current
-        start = len(world.sandbox.requests)
+        start, sent = len(world.sandbox.requests), len(world.transport.sent)
         if round_ < 2:
             result = world.run(event, tx)
         else:
             world.clock.advance(timedelta(minutes=15))  # past any recovery backoff
             world.attempt("recover", world.engine.recover)
         attempts.append(_requests_since(world, start))
+        sends.append(world.transport.sent[sent:])
         if tx is None and isinstance(result, Transaction):
             return result
     return world.load(tx.id) if tx is not None else result
 
 
-def _check_retry(event: str, operation: str, fault: Any):
+def _clean_run(harness: ProviderHarness, store: StoreFactory, event: str) -> str | None:
+    """What the engine records for ``event`` with no fault: the yardstick of a faulted run."""
+    world = _World(harness, store)
+    try:
+        result = world.run(event, world.ready_for(event))
+        return _money(result)
+    except _Failed:
+        return None
+    finally:
+        world.close()
+
+
+def _check_retry(event: str, operation: str, fault: Any, clean: str | None):
     def body(world: _World) -> None:
         tx = world.ready_for(event)
         before = world.harness.commits(world.sandbox)
         world.sandbox.faults.inject(operation, fault)
-        start = len(world.sandbox.requests)
+        start, sent = len(world.sandbox.requests), len(world.transport.sent)
         first = world.run(event, tx)
-        attempts = [_requests_since(world, start)]
-        final = first if isinstance(first, Transaction) else _retry_until_settled(world, event, tx, attempts)
+        attempts, sends = [_requests_since(world, start)], [world.transport.sent[sent:]]
+        final = first if isinstance(first, Transaction) else _retry_until_settled(world, event, tx, attempts, sends)
         world.sandbox.faults.clear()
         target = TARGETS[event]["new" if tx is None else tx.state]
         done = isinstance(final, Transaction) and (final.state, final.pending) == (target, None)
-        _judge_retry(world, event, f"{fault.name} on {operation!r}", before, done, attempts)
+        settled = done or (isinstance(final, Transaction) and final.pending is None) or (
+            tx is None and not isinstance(final, Transaction))
+        what = f"{fault.name} on {operation!r}"
+        found = _judged(world, event, what, before, done, settled, attempts)
+        twice = next(filter(None, (_sent_twice(world.harness, attempt, world.transport.statuses) for attempt in sends)), None)
+        if twice:
+            found.append(Finding("double-send", event, f"after {what}, one attempt sent {twice} twice"))
+        if done and clean is not None and _money(final) != clean and not found:
+            found.append(Finding("exactly-once", event, f"after {what} the engine recorded ({_money(final)}),"
+                                                        f" a clean run ({clean}): a spoiled answer taken for a success"))
+        if found:
+            raise _Failed(*found)
 
     return body
 
 
-def _judge_retry(world: _World, event: str, what: str, before: Counter, done: bool,
-                 attempts: list[list[Any]]) -> None:
-    """No commit twice; one new commit of the event's kind when it is done; the same keys on retry."""
+def _judged(world: _World, event: str, what: str, before: Counter, done: bool, settled: bool,
+            attempts: list[list[Any]]) -> list[Finding]:
+    """No commit twice; one new commit of the event's kind when it is done, none when it failed;
+    the same keys on retry."""
     harness = world.harness
     found: list[Finding] = []
     for retry in attempts[1:]:
@@ -331,9 +402,23 @@ def _judge_retry(world: _World, event: str, what: str, before: Counter, done: bo
     if twice:
         found.append(Finding("exactly-once", event, f"after {what} and a retry the provider committed"
                                                     f" twice: {twice}"))
+    elif kind is not None and done and new == 0:
+        found.append(Finding("exactly-once", event, f"after {what} the engine reports {event} done, but the"
+                                                    f" provider holds no new {kind!r} commit: a success"
+                                                    " reported without a commit"))
     elif kind is not None and done and new != 1:
         found.append(Finding("exactly-once", event, f"after {what} and a retry the provider holds {new}"
                                                     f" new {kind!r} commits for one {event}"))
+    elif kind is not None and settled and not done and new:
+        found.append(Finding("exactly-once", event, f"after {what} the engine reports {event} failed, but the"
+                                                    f" provider committed it ({new} new {kind!r}): a commit"
+                                                    " reported as a failure"))
+    return found
+
+
+def _judge_retry(world: _World, event: str, what: str, before: Counter, done: bool,
+                 attempts: list[list[Any]]) -> None:
+    found = _judged(world, event, what, before, done, done, attempts)
     if found:
         raise _Failed(*found)
 
@@ -360,10 +445,11 @@ def _check_delivery_retry(event: str, operation: str, fault: Any):
 # --- the entry points ------------------------------------------------------------------------------------
 
 
-def check_driver(harness: ProviderHarness, *, store: StoreFactory | None = None,
-                 faults: tuple[Any, ...] = AFTER_COMMIT_FAULTS) -> list[Finding]:
-    """Run every conformance scenario for ``harness``'s driver; what it breaks, or ``[]``."""
-    store = store or SQLiteStores()
+def check_driver(harness: ProviderHarness, *, store: StoreOption | None = None,
+                 faults: tuple[Any, ...] = DEFAULT_FAULTS) -> list[Finding]:
+    """Run every conformance scenario for ``harness``'s driver; what it breaks, or ``[]``.
+    ``store``: where the engines keep their data (see ``as_store_factory``), SQLite by default."""
+    store = as_store_factory(store)
     findings: list[Finding] = []
     probe = _World(harness, store)
     capabilities = probe.capabilities
@@ -376,9 +462,10 @@ def check_driver(harness: ProviderHarness, *, store: StoreFactory | None = None,
     for event, kinds in sorted(capabilities.deferred.items()):
         _scenario(harness, store, findings, _check_deferred(event, kinds))
     for event in sorted(capabilities.remote):
+        clean = _clean_run(harness, store, event)
         for operation in harness.fault_operations.get(event, ()):
             for fault in faults:
-                _scenario(harness, store, findings, _check_retry(event, operation, fault))
+                _scenario(harness, store, findings, _check_retry(event, operation, fault, clean))
     for event in sorted(capabilities.deferred):
         for operation in harness.fault_operations.get("deliver", ()):
             for fault in faults:

@@ -3,8 +3,9 @@
 A harness is a small adapter between the generic suites and one provider's driver and
 sandbox (or a recorded fake that behaves like one).  It says how to build them, which
 customers exist, how to read the provider's ledger, and which sandbox operations carry
-which lifecycle event, so faults can be aimed.  ``txengine.testing.harnesses`` ships one
-per bundled provider; a POS team writes one for its own driver::
+which lifecycle event, so faults can be aimed.  Each bundled provider ships its own
+(``txengine.providers.<name>.harness``, registered as an entry point, see
+``txengine.testing.registry``); a POS team writes one for its own driver::
 
     class AcmeHarness(ProviderHarness):
         provider = "acme"
@@ -36,12 +37,13 @@ factory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import httpx
@@ -51,7 +53,13 @@ from ..clock import Clock
 from ..drivers import ProviderDriver
 from ..models import Basket, LineItem, Transaction
 from ..money import CURRENCY_EXPONENTS, Money
+from .sandbox import FAULT_HEADER
 from . import strategies as values
+
+def deterministic_key(*parts: object, length: int = 32) -> str:
+    """A deterministic hex key for a harness's customers: runs replay exactly, and no real key is used."""
+    return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:length]
+
 
 # --- stores ----------------------------------------------------------------------------------------
 
@@ -100,6 +108,45 @@ class SQLiteStores:
         return f"SQLiteStores({self.directory!r})"
 
 
+class CallableStores:
+    """A store factory from a function: ``new_url()`` is called for every run (it must give
+    a fresh, empty store: a new file, schema or database), ``dispose(url)`` after it."""
+
+    def __init__(self, new_url: Callable[[], str], dispose: Callable[[str], None] | None = None) -> None:
+        self._new_url, self._dispose = new_url, dispose
+
+    def new_url(self) -> str:
+        return self._new_url()
+
+    def dispose(self, url: str) -> None:
+        if self._dispose is not None:
+            self._dispose(url)
+
+    def __repr__(self) -> str:
+        return f"CallableStores({getattr(self._new_url, '__name__', self._new_url)!r})"
+
+
+StoreOption = StoreFactory | Callable[[], str] | str
+
+
+def as_store_factory(store: StoreOption | None) -> StoreFactory:
+    """What the suites accept as ``store``: a ``StoreFactory``; a function returning a fresh
+    store's URL per run; ``"sqlite:///some/dir/"`` (a new file per run in that directory);
+    or None (``SQLiteStores()``)."""
+    if store is None:
+        return SQLiteStores()
+    if isinstance(store, str):
+        if store.startswith("sqlite:///") and store.endswith("/"):
+            return SQLiteStores(store.removeprefix("sqlite:///"))
+        raise ValueError("a store URL names one database, and every run needs a fresh one: pass"
+                         " 'sqlite:///a/directory/' or a function returning a new URL per run")
+    if hasattr(store, "new_url"):
+        return store  # type: ignore[return-value]
+    if callable(store):
+        return CallableStores(store)
+    raise TypeError(f"not a store factory: {store!r}")
+
+
 # --- the transport the suites hand a driver ----------------------------------------------------------
 
 
@@ -119,6 +166,10 @@ class SandboxTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self.sandbox = sandbox
         self._inner = sandbox.transport()
         self._crash_armed = False
+        #: every request the driver sent, counted here (also those a fault swallowed)
+        self.sent: list[httpx.Request] = []
+        #: the HTTP status each answered request got (by the request's identity)
+        self.statuses: dict[int, int] = {}
 
     def crash_after_next_answer(self) -> None:
         self._crash_armed = True
@@ -135,10 +186,20 @@ class SandboxTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         return response
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        return self._after(self._inner.handle_request(request))
+        self.sent.append(request)
+        response = self._inner.handle_request(request)
+        self._count(request, response)
+        return self._after(response)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return self._after(await self._inner.handle_async_request(request))
+        self.sent.append(request)
+        response = await self._inner.handle_async_request(request)
+        self._count(request, response)
+        return self._after(response)
+
+    def _count(self, request: httpx.Request, response: httpx.Response) -> None:
+        if FAULT_HEADER not in response.headers:  # a spoiled answer is no answer
+            self.statuses[id(request)] = response.status_code
 
 
 # --- the harness ---------------------------------------------------------------------------------
@@ -259,6 +320,11 @@ class ProviderHarness:
                 "names": values.product_names(generated=False)}
 
     # --- reading requests (conformance) ------------------------------------------------------------
+
+    def repeatable(self, request: httpx.Request) -> bool:
+        """May the driver send ``request`` twice in one attempt (reads, logins)?  Default: GETs.
+        The conformance check flags any other request sent again after a clean 2xx answer."""
+        return request.method == "GET"
 
     def idempotency_key_of(self, request: Any) -> str | None:
         """The idempotency key a sandbox request carries, if any.

@@ -81,12 +81,13 @@ from ..machine import TimerPolicy
 from ..models import Basket, LineItem, Transaction
 from . import oracle
 from . import strategies as values
-from .harness import ProviderHarness, SandboxTransport, SimulatedCrash, SQLiteStores, StoreFactory, operations
+from .harness import (ProviderHarness, SandboxTransport, SimulatedCrash, SQLiteStores, StoreFactory, StoreOption,
+                      as_store_factory, operations)
 from .harness import wallet_labels as _wallet_labels
 from .oracle import ACTIVE, TERMINAL, Expectation
 
 try:  # the sandbox toolkit ships with txengine's providers
-    from txengine.providers.sandbox import Fault
+    from txengine.testing.sandbox import Fault
 except ImportError:  # pragma: no cover
     Fault = None  # type: ignore[assignment,misc]
 
@@ -105,8 +106,11 @@ class At(enum.Enum):
 
 
 #: Faults that leave an outcome unknown (SLOW only matters over a real socket).
-UNKNOWN_OUTCOME_FAULTS: tuple[Any, ...] = tuple(
-    fault for fault in (Fault or ()) if fault.name != "SLOW")
+UNKNOWN_OUTCOME_FAULTS: tuple[Any, ...] = (
+    Fault.TIMEOUT_BEFORE_COMMIT, Fault.TIMEOUT_AFTER_COMMIT, Fault.SERVER_ERROR, Fault.GARBAGE_AFTER_COMMIT,
+    Fault.TRUNCATED_AFTER_COMMIT, Fault.DROP_CONNECTION)
+# (the spoiled-answer faults added for the conformance check are not drawn here yet: an
+# error-shaped answer after a commit is a provider lying, which the ledger check rightly flags)
 
 #: Clock moves, in seconds: mostly short (a till works in seconds), then around a minute
 #: (leases, the punch cooldown), around the ten-minute preview, around a day (the refund
@@ -228,7 +232,7 @@ class LifecycleStateMachine(RuleBasedStateMachine):
     txs = Bundle("tx")
 
     @classmethod
-    def for_harness(cls, harness: ProviderHarness, *, store: StoreFactory | None = None,
+    def for_harness(cls, harness: ProviderHarness, *, store: StoreOption | None = None,
                     engine_kind: str = "sync", name: str | None = None) -> type[LifecycleStateMachine]:
         """A machine class for ``harness``: ``for_harness(AcmeHarness()).TestCase`` is a test."""
         if engine_kind not in ("sync", "async"):
@@ -236,7 +240,7 @@ class LifecycleStateMachine(RuleBasedStateMachine):
         name = name or f"{harness.provider.title()}{'Async' if engine_kind == 'async' else ''}Lifecycle"
         attributes: dict[str, Any] = {"harness": harness, "engine_kind": engine_kind, "__module__": cls.__module__}
         if store is not None:
-            attributes["store"] = store
+            attributes["store"] = as_store_factory(store)
         return type(name, (cls,), attributes)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -437,7 +441,7 @@ class LifecycleStateMachine(RuleBasedStateMachine):
         """``engine.update(tx.id, items)``: fees and tips after the preview."""
         self._command(tx, "update", idempotency_key, items=items)
 
-    @rule(tx=txs, items=st.one_of(values.hostile_baskets().filter(lambda raw: raw.repeat == 1),
+    @rule(tx=txs, items=st.one_of(values.hostile_baskets(oversized=False),
                                   st.sampled_from(([], "Tip", None))))
     @_step
     def update_untrusted(self, tx: TxHandle, items: Any) -> None:

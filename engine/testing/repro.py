@@ -17,40 +17,39 @@ The machines for the bundled harnesses are defined here, named as they print.
 
 import datetime
 from decimal import Decimal
+from typing import Any
 
 from ..models import Basket, LineItem
 from ..money import Money
-from .harnesses import CheersHarness, ForloyHarness, ReferenceHarness, RekonectHarness, SecuconnectHarness
 from .lifecycle import At, LifecycleStateMachine
+from .registry import harness_names, load_harness, machine_name
+from .sandbox import Fault
 from .strategies import RawBasket, RawLine, Step
 
-try:
-    from txengine.providers.sandbox import Fault
-except ImportError:  # pragma: no cover
-    Fault = None  # type: ignore[assignment,misc]
+_machines: dict[str, type[LifecycleStateMachine]] = {}
 
-_machine = LifecycleStateMachine.for_harness
 
-ReferenceLifecycle = _machine(ReferenceHarness())
-CheersLifecycle = _machine(CheersHarness())
-RekonectLifecycle = _machine(RekonectHarness())
-ForloyLifecycle = _machine(ForloyHarness())
-ForloyOfflineLifecycle = _machine(ForloyHarness(offline=True), name="ForloyOfflineLifecycle")
-SecuconnectLifecycle = _machine(SecuconnectHarness())
+def _machine_names() -> dict[str, tuple[str, str]]:
+    """Every registered harness's machine name -> (harness name, engine kind)."""
+    return {machine_name(name, kind): (name, kind) for name in harness_names() for kind in ("sync", "async")}
 
-ReferenceAsyncLifecycle = _machine(ReferenceHarness(), engine_kind="async")
-CheersAsyncLifecycle = _machine(CheersHarness(), engine_kind="async")
-RekonectAsyncLifecycle = _machine(RekonectHarness(), engine_kind="async")
-ForloyAsyncLifecycle = _machine(ForloyHarness(), engine_kind="async")
-SecuconnectAsyncLifecycle = _machine(SecuconnectHarness(), engine_kind="async")
+
+def __getattr__(name: str) -> Any:
+    """``ReferenceLifecycle``, ``ForloyOfflineLifecycle``, ``CheersAsyncLifecycle``...: built on first use
+    from the registered harnesses, so a printed reproduction's machine name always resolves."""
+    if name not in _machines:
+        known = _machine_names()
+        if name not in known:
+            raise AttributeError(f"no machine {name!r}: no harness registered for it (known: {sorted(known)})")
+        harness, kind = known[name]
+        _machines[name] = LifecycleStateMachine.for_harness(load_harness(harness), engine_kind=kind, name=name)
+    return _machines[name]
+
 
 __all__ = [
     # values a printed step uses
     "At", "Basket", "Decimal", "Fault", "LineItem", "Money", "RawBasket", "RawLine", "Step", "datetime",
-    # the machines
     "LifecycleStateMachine",
-    "CheersLifecycle", "ForloyLifecycle", "ForloyOfflineLifecycle", "ReferenceLifecycle", "RekonectLifecycle",
-    "SecuconnectLifecycle",
-    "CheersAsyncLifecycle", "ForloyAsyncLifecycle", "ReferenceAsyncLifecycle", "RekonectAsyncLifecycle",
-    "SecuconnectAsyncLifecycle",
+    # the machines, one per registered harness and engine kind
+    *sorted(_machine_names()),
 ]

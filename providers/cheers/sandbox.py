@@ -40,7 +40,7 @@ import attrs
 
 from txengine.clock import Clock
 
-from ..sandbox import BadRequest, Sandbox, SandboxRequest, SandboxResponse, route
+from txengine.testing.sandbox import BadRequest, Sandbox, SandboxRequest, SandboxResponse, route
 from .driver import (
     ASSUMED_ERROR_STATUS,
     ASSUMED_PREVIEW_LIFETIME,

@@ -46,7 +46,7 @@ import attrs
 
 from txengine.clock import Clock
 from txengine.money import currency_exponent
-from txengine.providers.sandbox import Sandbox, SandboxRequest, SandboxResponse, route
+from txengine.testing.sandbox import Sandbox, SandboxRequest, SandboxResponse, route
 
 from .driver import (
     ACCESS_TOKEN_TTL,

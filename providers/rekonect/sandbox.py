@@ -44,7 +44,7 @@ import attrs
 
 from txengine.clock import Clock
 
-from ..sandbox import BadRequest, Sandbox, SandboxRequest, SandboxResponse, route
+from txengine.testing.sandbox import BadRequest, Sandbox, SandboxRequest, SandboxResponse, route
 from .driver import (
     ASSUMED_ERROR_STATUS,
     DEV_BASE_URL,

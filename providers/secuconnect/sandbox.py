@@ -59,7 +59,7 @@ import attrs
 from txengine.clock import Clock
 from txengine.money import CURRENCY_EXPONENTS
 
-from ..sandbox import BadRequest, Sandbox, SandboxRequest, SandboxResponse, route
+from txengine.testing.sandbox import BadRequest, Sandbox, SandboxRequest, SandboxResponse, route
 from .driver import (
     ASSUMED_AUTH_HEADER,
     ASSUMED_IDEMPOTENT_CALLS,

@@ -23,7 +23,7 @@ from txengine.secret import Secret
 from txengine.providers.cheers import CheersDriver, CheersSandbox
 from txengine.providers.cheers import driver as cheers
 from txengine.providers.cheers.sandbox import DEFAULT_API_KEY
-from txengine.providers.sandbox import Fault, RecordingTransport, serve
+from txengine.testing.sandbox import Fault, RecordingTransport, serve
 
 # --- the seed's worked example, verbatim ---------------------------------------------------
 

@@ -30,7 +30,7 @@ from txengine.providers.cheers.sandbox import (
     WORKED_EXAMPLE_TRANSACTION_KEY,
     WORKED_EXAMPLE_WALLET,
 )
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 from tests.conftest import BlockingView
 from tests.providers.test_cheers import (
     SEED_PREVIEW_REQUEST,
@@ -349,7 +349,7 @@ def test_neither_the_qr_key_nor_the_api_key_reaches_the_database(db_url, engine,
 
 
 async def test_a_session_through_the_async_engine_over_a_loopback_socket(db_url, sandbox, clock):
-    from txengine.providers.sandbox import serve
+    from txengine.testing.sandbox import serve
 
     with serve(sandbox) as served:
         driver = CheersDriver(api_key=DEFAULT_API_KEY, base_url=served.base_url, timeout=5)

@@ -15,7 +15,7 @@ from txengine.models import Transaction
 from txengine.secret import Secret
 from txengine.providers.forloy import ForloyDriver, ForloySandbox, forloy_pair
 from txengine.providers.forloy import driver as forloy
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 ITEMS = Basket([LineItem("latte", "Latte", 1, Money.of("4.50", "EUR"), 7)])
 LIFETIME = forloy.ACCESS_TOKEN_TTL

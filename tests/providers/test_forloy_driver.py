@@ -18,7 +18,7 @@ from txengine.models import Transaction
 from txengine.secret import Secret
 from txengine.providers.forloy import ForloyDriver, ForloySandbox, forloy_pair
 from txengine.providers.forloy import driver as forloy
-from txengine.providers.sandbox import Fault, serve
+from txengine.testing.sandbox import Fault, serve
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from txengine.errors import (
 )
 from txengine.providers.forloy import forloy_pair
 from txengine.providers.forloy import driver as forloy
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 
 
 def eur(amount: str) -> Money:

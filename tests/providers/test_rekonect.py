@@ -18,7 +18,7 @@ from txengine.money import Money
 from txengine.secret import Secret
 from txengine.providers.rekonect import RekonectDriver, RekonectSandbox
 from txengine.providers.rekonect import driver as policy
-from txengine.providers.sandbox import Fault, serve
+from txengine.testing.sandbox import Fault, serve
 
 PHONE = "5511122233"
 API_HEADERS = ("x-api-key", "x-source-type", "x-source-name", "x-pos-id", "x-branch-id")

@@ -11,7 +11,7 @@ from txengine import AsyncEngine, Basket, Engine, LineItem, Money
 from txengine.errors import OutcomeUnknown, PreviewExpired, ProviderRejected, RefundWindowClosed
 from txengine.providers.rekonect import RekonectDriver, RekonectSandbox
 from txengine.providers.rekonect import driver as policy
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 from tests.conftest import BlockingView
 
 PHONE = "5511122233"

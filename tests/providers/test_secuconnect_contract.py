@@ -22,7 +22,7 @@ from txengine.money import Money
 from txengine.secret import Secret
 from txengine.providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
 from txengine.providers.secuconnect import driver as secu
-from txengine.providers.sandbox import RecordingTransport
+from txengine.testing.sandbox import RecordingTransport
 from txengine.providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 
 SEED_CARD = "9276004429942845"

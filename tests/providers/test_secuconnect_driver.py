@@ -19,7 +19,7 @@ from txengine.errors import OutcomeUnknown, ProtocolError, ProviderRejected, Val
 from txengine.models import Basket, LineItem, PricedLine, Quote, Transaction
 from txengine.money import Money
 from txengine.secret import Secret
-from txengine.providers.sandbox import Fault, RecordingTransport, serve
+from txengine.testing.sandbox import Fault, RecordingTransport, serve
 from txengine.providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
 from txengine.providers.secuconnect import driver as secu
 from txengine.providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ERRORS

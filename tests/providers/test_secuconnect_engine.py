@@ -19,7 +19,7 @@ from txengine.errors import (
     TransactionInDoubt,
 )
 from txengine.models import ReceiptLine
-from txengine.providers.sandbox import Fault
+from txengine.testing.sandbox import Fault
 from txengine.providers.secuconnect import SecuconnectDriver, SecuconnectSandbox
 from txengine.providers.secuconnect import driver as secu
 from txengine.providers.secuconnect.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ERRORS

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from txengine.providers.sandbox import serve
+from txengine.testing.sandbox import serve
 from txengine.providers.secuconnect import SecuconnectSandbox
 from txengine.providers.secuconnect.sandbox import DEMO_CARD_NUMBER
 
