@@ -222,6 +222,10 @@ class ProviderHarness:
     #: provider calls use; ``deliver`` names those of deferred deliveries.  A fault
     #: injected into one of these fires on that call.
     fault_operations: Mapping[str, tuple[str, ...]] = {}
+    #: operation -> why its answer carries an amount only the provider can compute and
+    #: nothing in the transaction confirms (secuconnect's ``missing_sum``): an amount off
+    #: by one there is undetectable, so the conformance check does not demand it
+    unconfirmable_amounts: Mapping[str, str] = {}
     #: event -> the kind of provider commit (in ``commits``) the event makes, when it makes one
     commit_kinds: Mapping[str, str] = {}
     #: the currencies baskets are drawn in (the first is the default for added items)

@@ -25,6 +25,10 @@ class SecuconnectHarness(ProviderHarness):
         "finalize": ("get", "start"), "cancel": ("abort",), "refund": ("cancel",), "deliver": ("abort",),
     }
     commit_kinds = {"finalize": "start", "refund": "reversal"}
+    unconfirmable_amounts = {
+        "preTransaction": "missing_sum is the provider's reckoning of the card balance against the basket;"
+                          " the driver bounds it by the basket's gross, nothing else confirms it",
+    }
     product_ids = ("30037", "51", None)
     integer_vat = True
 
