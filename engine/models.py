@@ -11,11 +11,12 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import attrs
 
 from .errors import ValidationError
+from .machine import TxEvent, TxState
 from .money import Money
 
 MAX_LINES = 1000
@@ -23,7 +24,7 @@ MAX_QUANTITY = 1_000_000
 MAX_NAME_LENGTH = 200
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     raise ValidationError(message)
 
 
@@ -37,12 +38,12 @@ def is_text(value: str) -> bool:
     return True
 
 
-def _check_encodable(attribute, value: str) -> None:
+def _check_encodable(attribute: attrs.Attribute[Any], value: str) -> None:
     if not is_text(value):
         _fail(f"{attribute.name} is not valid Unicode text")
 
 
-def _check_name(instance, attribute, value) -> None:
+def _check_name(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, str) or not value.strip():
         _fail(f"{attribute.name} must be a non-empty string")
     _check_encodable(attribute, value)
@@ -52,21 +53,21 @@ def _check_name(instance, attribute, value) -> None:
         _fail(f"{attribute.name} contains control characters")
 
 
-def _check_product_id(instance, attribute, value) -> None:
+def _check_product_id(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and (not isinstance(value, str) or not value or len(value) > 255):
         _fail("product_id must be None or a non-empty string of at most 255 characters")
     if value is not None:
         _check_encodable(attribute, value)
 
 
-def _check_quantity(instance, attribute, value) -> None:
+def _check_quantity(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if type(value) is not int:
         _fail(f"quantity must be an int, got {type(value).__name__}")
     if not 0 < value <= MAX_QUANTITY:
         _fail(f"quantity must be between 1 and {MAX_QUANTITY}, got {value}")
 
 
-def _check_unit_price(instance, attribute, value) -> None:
+def _check_unit_price(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, Money):
         _fail("unit_price must be Money")
     if value.amount_minor < 0:
@@ -282,6 +283,25 @@ class DeliveryRecord:
     delivered_at: datetime | None
 
 
+Member = TypeVar("Member", TxState, TxEvent)
+
+
+def _member(enum: type[Member], value: str, field: str) -> Member:
+    """The lifecycle member a stored or given string names (a tampered row is refused)."""
+    try:
+        return enum(value)
+    except ValueError:
+        _fail(f"{field} {value!r} is not one of {', '.join(enum)}")
+
+
+def _state(value: str) -> TxState:
+    return _member(TxState, value, "state")
+
+
+def _pending(value: str | None) -> TxEvent | None:
+    return None if value is None else _member(TxEvent, value, "pending")
+
+
 @attrs.frozen(kw_only=True)
 class Transaction:
     """An immutable snapshot of one payment, rebuilt exactly by replaying its journal.
@@ -292,7 +312,7 @@ class Transaction:
 
     id: str
     provider: str
-    state: str
+    state: TxState = attrs.field(converter=_state)
     items: tuple[PricedLine, ...] = attrs.field(converter=tuple)
     currency: str
     payment_type: str | None = None
@@ -302,7 +322,7 @@ class Transaction:
     provider_ref: str | None = None
     receipt: tuple[ReceiptLine, ...] = attrs.field(default=(), converter=tuple)
     details: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
-    pending: str | None = None
+    pending: TxEvent | None = attrs.field(default=None, converter=_pending)
     version: int = 0
     created_at: datetime
     updated_at: datetime
