@@ -518,6 +518,7 @@ class Core:
         idempotency_key: str | None = None,
     ) -> Command[Transaction]:
         key = _check_key(idempotency_key)
+        items = _read_once(items)
         params = command_params(event, items, comment)
         tx = yield from self._load(tx_id)
         if items is not None:
@@ -974,6 +975,14 @@ def _intent_lease(provider: str, driver: ProviderDriver, configured: timedelta |
             f"intent_lease must be a timedelta of at least {shortest.total_seconds():g} s for {provider}"
             f" (its {deadline:g} s call deadline plus a {LEASE_MARGIN.total_seconds():g} s margin)")
     return configured
+
+
+def _read_once(items: Iterable[LineItem] | None) -> Sequence[LineItem] | None:
+    """The caller's lines as a list: a generator must not be used up by validation before
+    the currency check reads it (an unchecked USD line would be re-read as EUR)."""
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        return items  # refused by command_params with a clear message
+    return list(items)
 
 
 def command_params(event: str, items: Iterable[LineItem] | None, comment: str | None) -> dict[str, Any]:
