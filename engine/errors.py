@@ -49,7 +49,7 @@ def _with_context(message: str, tx_id: str | None, state: str | None, event: str
     if tx_id is not None:
         where.append(f"on transaction {tx_id}")
     if state is not None:
-        where.append(f"in state {str(state)!r}")  # 'previewed', not <TxState.previewed: ...>
+        where.append(f"in state {state!r}")
     return f"{' '.join(where)}: {message}" if where else message
 
 

@@ -236,7 +236,15 @@ class PaymentLifecycle(StateChart[Any]):
 # --- States and events as values -------------------------------------------------------
 
 
-class TxState(StrEnum):
+class _Name(StrEnum):
+    """A lifecycle name: equal to, hashed, formatted and repr'd as its plain string, so
+    messages, logs and snapshot reprs read exactly as they did with strings."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class TxState(_Name):
     """A transaction's state (``tx.state``); each member equals its name as a string."""
 
     new = "new"
@@ -249,7 +257,7 @@ class TxState(StrEnum):
     expired = "expired"
 
 
-class TxEvent(StrEnum):
+class TxEvent(_Name):
     """A lifecycle event (a POS command, or the engine's ``expire``); equal to its name."""
 
     preview = "preview"

@@ -34,6 +34,7 @@ def test_a_pos_gets_members_that_still_compare_to_strings(pos, basket):
     tx = pos.preview("reference", basket, customer_token=CUSTOMER)
     assert tx.state is TxState.previewed and tx.state == "previewed"
     assert f"{tx.state}" == "previewed" and {"previewed": 1}[tx.state] == 1
+    assert "state='previewed'" in repr(tx) and repr([TxEvent.cancel]) == "['cancel']"  # reprs read as before
     allowed = pos.allowed_events(tx.id)
     assert all(type(event) is TxEvent for event in allowed)
     assert "finalize" in allowed and TxEvent.begin_payment in allowed
