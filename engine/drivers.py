@@ -64,6 +64,10 @@ def _events(value: Iterable[str]) -> frozenset[TxEvent]:
     return frozenset(TxEvent(name) for name in names)
 
 
+def _payment_types(value: Iterable[str]) -> frozenset[str]:
+    return frozenset(value)
+
+
 def _deferred(value: Mapping[str, Any]) -> Mapping[str, tuple[str, ...]]:
     return {event: tuple(kinds) for event, kinds in dict(value).items()}
 
@@ -75,7 +79,7 @@ class Capabilities:
     deferred: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict, converter=_deferred)
     timers: TimerPolicy = attrs.field(factory=TimerPolicy)
     payment_types: frozenset[str] = attrs.field(
-        default=frozenset({"SPLIT_PAYMENT"}), converter=frozenset
+        default=frozenset({"SPLIT_PAYMENT"}), converter=_payment_types
     )
     delivery_schedule: tuple[timedelta, ...] = DEFAULT_DELIVERY_SCHEDULE
     #: how many queued deliveries one ``deliver`` exchange may carry (Forloy sync: 100)

@@ -201,6 +201,24 @@ class PricedLine:
         return self.item.gross
 
 
+# Converters with concrete types (``converter=tuple`` would make a checker see the
+# parameter as ``Iterable[_T_co]`` and refuse every list a driver passes).
+def _priced_lines(value: Iterable[PricedLine]) -> tuple[PricedLine, ...]:
+    return tuple(value)
+
+
+def _decoration(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _receipt_lines(value: Iterable[ReceiptLine]) -> tuple[ReceiptLine, ...]:
+    return tuple(value)
+
+
+def _deliveries(value: Iterable[DeliveryRecord]) -> tuple[DeliveryRecord, ...]:
+    return tuple(value)
+
+
 RECEIPT_LINE_KINDS = ("separator", "textline", "name-value", "space")
 
 
@@ -212,7 +230,7 @@ class ReceiptLine:
     text: str = ""
     name: str = ""
     value: str = ""
-    decoration: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    decoration: tuple[str, ...] = attrs.field(default=(), converter=_decoration)
 
     def render(self, width: int = 40) -> str:
         if self.kind == "separator":
@@ -236,9 +254,9 @@ def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
 class Quote:
     """What a provider answered to a preview or an update: the priced basket."""
 
-    lines: tuple[PricedLine, ...] = attrs.field(converter=tuple)
+    lines: tuple[PricedLine, ...] = attrs.field(converter=_priced_lines)
     provider_ref: str | None = None
-    receipt: tuple[ReceiptLine, ...] = attrs.field(default=(), converter=tuple)
+    receipt: tuple[ReceiptLine, ...] = attrs.field(default=(), converter=_receipt_lines)
     # Provider facts worth keeping on the snapshot (secuconnect missing_sum, Forloy card
     # type...).  Never secrets: drivers decide what goes here.
     details: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
@@ -254,7 +272,7 @@ class Outcome:
     """What a provider answered to finalize, cancel or refund."""
 
     provider_ref: str | None = None
-    receipt: tuple[ReceiptLine, ...] = attrs.field(default=(), converter=tuple)
+    receipt: tuple[ReceiptLine, ...] = attrs.field(default=(), converter=_receipt_lines)
     details: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
 
 
@@ -313,14 +331,14 @@ class Transaction:
     id: str
     provider: str
     state: TxState = attrs.field(converter=_state)
-    items: tuple[PricedLine, ...] = attrs.field(converter=tuple)
+    items: tuple[PricedLine, ...] = attrs.field(converter=_priced_lines)
     currency: str
     payment_type: str | None = None
     expires_at: datetime | None = None
     refund_deadline: datetime | None = None
     finalized_at: datetime | None = None
     provider_ref: str | None = None
-    receipt: tuple[ReceiptLine, ...] = attrs.field(default=(), converter=tuple)
+    receipt: tuple[ReceiptLine, ...] = attrs.field(default=(), converter=_receipt_lines)
     details: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
     pending: TxEvent | None = attrs.field(default=None, converter=_pending)
     version: int = 0
@@ -331,7 +349,7 @@ class Transaction:
     # snapshot nor the journal, and left out of equality so a replay equals the stored
     # snapshot whatever the deliveries have done since.
     deliveries: tuple[DeliveryRecord, ...] = attrs.field(
-        default=(), converter=tuple, eq=False, metadata={"stored": False})
+        default=(), converter=_deliveries, eq=False, metadata={"stored": False})
     # Why the pending call waits for an operator (the engine will not re-send it), as
     # read from its intent; never stored in the snapshot.
     attention: str | None = attrs.field(default=None, eq=False, metadata={"stored": False})

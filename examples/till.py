@@ -9,7 +9,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import assert_type
 
-from txengine import AsyncEngine, Basket, Engine, Event, FakeClock, LineItem, Money, Transaction, TxEvent, TxState
+from txengine import (AsyncEngine, Basket, Engine, Event, FakeClock, LineItem, Money, ReceiptLine, Transaction,
+                      TxEvent, TxState)
 from txengine.errors import EngineError, OutcomeUnknown
 from txengine.providers.cheers import CheersDriver
 
@@ -36,6 +37,12 @@ def inspect(engine: Engine, tx: Transaction) -> list[TxEvent]:
     assert_type(engine.history(tx.id), list[Event])
     assert_type(engine.expire_due(), int)
     return assert_type(engine.allowed_events(tx.id), list[TxEvent])
+
+
+def print_receipt(tx: Transaction) -> list[str]:
+    """The provider's lines, then the till's own: a list goes wherever a tuple is kept."""
+    own = ReceiptLine("name-value", name="To pay", value=str(tx.outstanding), decoration=["important"])
+    return [line.render() for line in (*tx.receipt, own)]
 
 
 async def sell_async(engine: AsyncEngine, qr_key: str) -> Transaction:
