@@ -41,7 +41,7 @@ import time
 import uuid
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypedDict, TypeVar
 
 import attrs
 
@@ -249,6 +249,17 @@ def _unknown_if_unstored(settling: Command[T], tx: Transaction | None, event: st
             f"the provider was called but its answer could not be stored ({failure.detail});"
             " recover() settles it once the store is back", tx_id=tx.id if tx else tx_id,
             state=tx.state if tx else None, event=event, idempotency_key=idempotency_key) from failure
+
+
+class EngineOptions(TypedDict, total=False):
+    """What ``Engine.open(url, providers, clock, **options)`` accepts (see ``Core``)."""
+
+    timers: Mapping[str, TimerPolicy] | None
+    intent_lease: timedelta | None
+    delivery_lease: timedelta
+    delivery_concurrency: int
+    delivery_round: int
+    rng: random.Random | None
 
 
 class Core:

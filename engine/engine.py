@@ -11,10 +11,10 @@ import os
 import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, Unpack
 
 from .clock import Clock, SystemClock
-from .core import Command, Core, NotStarted, ParallelOp, ProviderOp, StoreOp, Steps
+from .core import Command, Core, EngineOptions, NotStarted, ParallelOp, ProviderOp, StoreOp, Steps
 from .drivers import ProviderDriver
 from .errors import EngineError, ProtocolError
 from .machine import TxEvent
@@ -46,7 +46,7 @@ class _Facade:
         store: Store,
         providers: Mapping[str, ProviderDriver],
         clock: Clock | None = None,
-        **options: Any,
+        **options: Unpack[EngineOptions],
     ) -> None:
         """``options`` configure the core: ``timers``, ``intent_lease``, ``delivery_lease``,
         ``delivery_concurrency``, ``delivery_round``, ``rng``, ``secret_key`` (see
@@ -62,7 +62,7 @@ class _Facade:
 
     @classmethod
     def open(cls, url: str, providers: Mapping[str, ProviderDriver], clock: Clock | None = None,
-             **options: Any) -> Self:
+             **options: Unpack[EngineOptions]) -> Self:
         """Open (and migrate) the store at ``url`` and build an engine on it."""
         store = open_store(url)
         try:

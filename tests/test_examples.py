@@ -159,3 +159,23 @@ def test_the_public_api_type_checks_strictly(installed_layout):
     result = mypy_strict(installed_layout, *(arg for module in STRICT_MODULES for arg in ("-m", module)))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("Success: no issues found"), result.stdout
+
+
+@pytest.mark.slow
+def test_a_pos_misusing_the_api_is_told_by_the_type_checker(installed_layout):
+    """The annotations are precise enough to catch what a POS gets wrong, before it runs."""
+    (installed_layout / "misuse.py").write_text(
+        "from txengine import Engine, TxState\n"
+        "from txengine.providers.cheers import CheersDriver\n"
+        "driver = CheersDriver(api_key='k', environment='sandbox')\n"
+        "engine = Engine.open('sqlite:///t.db', {'cheers': driver}, intent_lease=30)\n"
+        "tx = engine.get('tx_1')\n"
+        "if tx.state is TxState.finalised:\n"
+        "    engine.refund(tx.id, comment=42)\n"
+    )
+    result = mypy_strict(installed_layout, "misuse.py")
+    errors = [line.split(": error: ")[1] for line in result.stdout.splitlines() if ": error: " in line]
+    assert any('"intent_lease"' in error and '"int"' in error for error in errors), result.stdout
+    assert any('TxState]" has no attribute "finalised"' in error for error in errors), result.stdout
+    assert any('"comment"' in error and '"int"' in error for error in errors), result.stdout
+    assert len(errors) == 3, result.stdout
