@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import attrs
 
@@ -301,23 +301,26 @@ class DeliveryRecord:
     delivered_at: datetime | None
 
 
-Member = TypeVar("Member", TxState, TxEvent)
-
-
-def _member(enum: type[Member], value: str, field: str) -> Member:
-    """The lifecycle member a stored or given string names (a tampered row is refused)."""
-    try:
-        return enum(value)
-    except ValueError:
-        _fail(f"{field} {value!r} is not one of {', '.join(enum)}")
+# Lookups by value, a dict read each: snapshots are rebuilt on every command and replay.
+_STATES: dict[str, TxState] = {state.value: state for state in TxState}
+_EVENTS: dict[str, TxEvent] = {event.value: event for event in TxEvent}
 
 
 def _state(value: str) -> TxState:
-    return _member(TxState, value, "state")
+    """The state a stored or given string names (a tampered row is refused)."""
+    try:
+        return _STATES[value]
+    except (KeyError, TypeError):
+        _fail(f"state {value!r} is not one of {', '.join(TxState)}")
 
 
 def _pending(value: str | None) -> TxEvent | None:
-    return None if value is None else _member(TxEvent, value, "pending")
+    if value is None:
+        return None
+    try:
+        return _EVENTS[value]
+    except (KeyError, TypeError):
+        _fail(f"pending {value!r} is not one of {', '.join(TxEvent)}")
 
 
 @attrs.frozen(kw_only=True)
