@@ -260,6 +260,7 @@ class EngineOptions(TypedDict, total=False):
     delivery_concurrency: int
     delivery_round: int
     rng: random.Random | None
+    secret_key: str | bytes | None
 
 
 class Core:
@@ -474,7 +475,8 @@ class Core:
         if token is not None:
             sealer = yield from self._sealer()
             sealed = sealer.seal(token, _hold_binding(record.key, record.tx_id))
-        deadline = decide(None, "preview", record.started_at, capabilities.timers).changes["expires_at"]
+        started = record.started_at or self.clock.now()  # set by the claim: the first attempt's time
+        deadline = decide(None, "preview", started, capabilities.timers).changes["expires_at"]
         request = {"currency": basket.currency, "payment_type": payment_type,
                    "lines": [encode_line(PricedLine.unpriced(item)) for item in basket.items]}
         return PreviewHold(record.key, record.tx_id, provider, request, sealed, deadline)

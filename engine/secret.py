@@ -109,5 +109,5 @@ class Sealer:
     def __repr__(self) -> str:
         return "Sealer('***')"
 
-    def __reduce__(self):
+    def __reduce__(self) -> NoReturn:
         raise TypeError("a Sealer cannot be pickled")
