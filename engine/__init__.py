@@ -7,7 +7,7 @@ from .aio import AsyncEngine
 from .clock import Clock, FakeClock, SystemClock
 from .drivers import Capabilities, HttpDriver, PreviewRequest, ProviderDriver
 from .engine import Engine
-from .machine import PaymentLifecycle, TimerPolicy
+from .machine import PaymentLifecycle, TimerPolicy, TxEvent, TxState
 from .models import Basket, Event, LineItem, Outcome, PricedLine, Quote, ReceiptLine, Transaction
 from .money import Money
 from .secret import Secret
@@ -16,4 +16,5 @@ __all__ = [
     "AsyncEngine", "Basket", "Capabilities", "Clock", "Engine", "Event", "FakeClock", "HttpDriver",
     "LineItem", "Money", "Outcome", "PaymentLifecycle", "PreviewRequest", "PricedLine",
     "ProviderDriver", "Quote", "ReceiptLine", "Secret", "SystemClock", "TimerPolicy", "Transaction",
+    "TxEvent", "TxState",
 ]

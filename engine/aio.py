@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
-from .core import Command, NotStarted, Steps, ParallelOp, ProviderOp, StoreOp
+from .core import Command, NotStarted, ParallelOp, ProviderOp, Steps, StoreOp
 from .engine import _Facade, driver_failure
+from .machine import TxEvent
 from .models import Basket, DeliveryRecord, Event, LineItem, Transaction
 from . import telemetry
 from .secret import Secret
 from .store.base import Intent
 
+T = TypeVar("T")  # what a command returns
+
 
 class AsyncEngine(_Facade):
     """The asyncio engine: every command is a coroutine."""
 
-    async def _run(self, command: Command) -> Any:
+    async def _run(self, command: Command[T]) -> T:
         steps = Steps(command)
         with telemetry.command_span(command):
             for op in steps:
@@ -93,7 +96,7 @@ class AsyncEngine(_Facade):
     async def history(self, tx_id: str) -> list[Event]:
         return await self._run(self.core.history(tx_id))
 
-    async def allowed_events(self, tx_id: str) -> list[str]:
+    async def allowed_events(self, tx_id: str) -> list[TxEvent]:
         return await self._run(self.core.allowed_events(tx_id))
 
     async def expire_due(self) -> int:
@@ -131,5 +134,5 @@ class AsyncEngine(_Facade):
     async def __aenter__(self) -> AsyncEngine:
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()

@@ -41,7 +41,7 @@ import time
 import uuid
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Generic, NoReturn, TypedDict, TypeVar
 
 import attrs
 
@@ -62,8 +62,8 @@ from .errors import (
     UnsupportedOperation,
     ValidationError,
 )
-from .machine import TimerPolicy, decide
-from .models import MAX_LINES, Basket, LineItem, Outcome, PricedLine, Quote, Transaction, is_text
+from .machine import TimerPolicy, TxEvent, decide
+from .models import MAX_LINES, Basket, Event, LineItem, Outcome, PricedLine, Quote, Transaction, is_text
 from .secret import Sealer, Secret, as_secret
 from .store.base import (
     DEAD,
@@ -92,8 +92,10 @@ from .store.base import (
 
 @attrs.frozen
 class StoreOp:
+    """Call the store's ``method`` with ``args``; the runner answers what it returns."""
+
     method: str
-    args: tuple = ()
+    args: tuple[Any, ...] = ()
 
 
 @attrs.frozen
@@ -133,10 +135,14 @@ class NotStarted(Exception):
     """A call of a ``ParallelOp`` that was never sent: nothing happened at the provider."""
 
 
-Command = Generator[StoreOp | ProviderOp | ParallelOp, Any, Any]
+T = TypeVar("T")
+Op = StoreOp | ProviderOp | ParallelOp
+#: A command's generator: yields operations, is sent their results (``Any``: each
+#: operation's own), returns the command's value of type ``T``.
+Command = Generator[Op, Any, T]
 
 
-class Steps:
+class Steps(Generic[T]):
     """Iterates a command's operations; the runner answers each with its outcome.
 
     ``for op in steps: steps.answer(perform(op))`` (or ``steps.fail(error)``) drives a
@@ -144,16 +150,17 @@ class Steps:
     runners differ only in how they perform an operation.
     """
 
-    def __init__(self, command: Command) -> None:
+    value: T  #: the command's return value, set when it ends
+
+    def __init__(self, command: Command[T]) -> None:
         self._command = command
         self._result: Any = None
         self._error: BaseException | None = None
-        self.value: Any = None
 
-    def __iter__(self) -> Steps:
+    def __iter__(self) -> Steps[T]:
         return self
 
-    def __next__(self) -> StoreOp | ProviderOp | ParallelOp:
+    def __next__(self) -> Op:
         result, error = self._result, self._error
         self._result = self._error = None
         try:
@@ -223,13 +230,13 @@ def _in_context(error: EngineError, tx: Transaction | None, event: str, tx_id: s
     return error.located(tx_id=tx.id if tx else tx_id, state=tx.state if tx else None, event=event)
 
 
-def _steps(*ops: StoreOp) -> Command:
+def _steps(*ops: StoreOp) -> Command[None]:
     for op in ops:
         yield op
 
 
-def _unknown_if_unstored(settling: Command, tx: Transaction | None, event: str, tx_id: str | None = None,
-                         idempotency_key: str | None = None) -> Command:
+def _unknown_if_unstored(settling: Command[T], tx: Transaction | None, event: str, tx_id: str | None = None,
+                         idempotency_key: str | None = None) -> Command[T]:
     """Run the writes that follow a provider call, where a store failure means OutcomeUnknown.
 
     The provider may have acted and we could not record what it answered: the intent
@@ -242,6 +249,18 @@ def _unknown_if_unstored(settling: Command, tx: Transaction | None, event: str, 
             f"the provider was called but its answer could not be stored ({failure.detail});"
             " recover() settles it once the store is back", tx_id=tx.id if tx else tx_id,
             state=tx.state if tx else None, event=event, idempotency_key=idempotency_key) from failure
+
+
+class EngineOptions(TypedDict, total=False):
+    """What ``Engine.open(url, providers, clock, **options)`` accepts (see ``Core``)."""
+
+    timers: Mapping[str, TimerPolicy] | None
+    intent_lease: timedelta | None
+    delivery_lease: timedelta
+    delivery_concurrency: int
+    delivery_round: int
+    rng: random.Random | None
+    secret_key: str | bytes | None
 
 
 class Core:
@@ -304,12 +323,12 @@ class Core:
                 f"unknown provider {provider!r}; configured: {', '.join(sorted(self.drivers))}"
             ) from None
 
-    def _keyed_hash_key(self) -> Command:
+    def _keyed_hash_key(self) -> Command[bytes]:
         if self._hash_key is None:
             self._hash_key = yield StoreOp("keyed_hash_key")
         return self._hash_key
 
-    def _fingerprint(self, *parts: Any) -> Command:
+    def _fingerprint(self, *parts: Any) -> Command[str]:
         """A keyed hash of a command's parameters: what an idempotency key is bound to."""
         key = yield from self._keyed_hash_key()
         return hmac.new(key, dumps(list(parts)).encode(), hashlib.sha256).hexdigest()
@@ -328,8 +347,8 @@ class Core:
             return ProviderOp(provider, operation, result=done.value)
         return ProviderOp(provider, operation, exchange=exchange, first=first)
 
-    def _load(self, tx_id: str) -> Command:
-        tx = yield _load(_check_tx_id(tx_id))
+    def _load(self, tx_id: str) -> Command[Transaction]:
+        tx: Transaction | None = yield _load(_check_tx_id(tx_id))
         if tx is None:
             lost = yield StoreOp("preview_in_doubt", (tx_id,))
             if lost is not None:  # the id an OutcomeUnknown of a preview named
@@ -339,7 +358,8 @@ class Core:
             raise TransactionNotFound("no such transaction", tx_id=tx_id)
         return tx
 
-    def _replay(self, record: CommandRecord, command: str, fingerprint: str) -> Command:
+    def _replay(self, record: CommandRecord, command: str,
+                fingerprint: str | None) -> Command[Transaction | None]:
         """The original result of a key already used, or the reason it cannot be reused."""
         if record.command != command or record.fingerprint != fingerprint:
             raise IdempotencyConflict(
@@ -363,7 +383,7 @@ class Core:
         customer_token: str | Secret | None,
         idempotency_key: str | None,
         payment_type: str | None,
-    ) -> Command:
+    ) -> Command[Transaction]:
         capabilities = self._capabilities(provider)
         basket = basket if isinstance(basket, Basket) else Basket(basket)
         payment_type = payment_type or DEFAULT_PAYMENT_TYPE
@@ -399,7 +419,7 @@ class Core:
         return (yield from self._send_preview(record, claim, hold, provider, basket, token, payment_type))
 
     def _send_preview(self, record: CommandRecord, claim: CommandOp, hold: PreviewHold | None, provider: str,
-                      basket: Basket, token: Secret | None, payment_type: str) -> Command:
+                      basket: Basket, token: Secret | None, payment_type: str) -> Command[Transaction]:
         """Claim the preview's key, call the provider and store what it answers.
 
         The POS's first call, its retry with the same key and ``recover()`` completing a
@@ -442,25 +462,26 @@ class Core:
 
     # --- lost previews: held while in doubt, settled by recover() ---------------------------------
 
-    def _sealer(self) -> Command:
+    def _sealer(self) -> Command[Sealer]:
         if self._sealer_cache is None:
             secret_key = self._secret_key or (yield StoreOp("sealing_key"))
             self._sealer_cache = Sealer(secret_key)
         return self._sealer_cache
 
     def _hold(self, record: CommandRecord, provider: str, basket: Basket, token: Secret | None,
-              payment_type: str, capabilities: Capabilities) -> Command:
+              payment_type: str, capabilities: Capabilities) -> Command[PreviewHold]:
         """What ``recover()`` needs to send this preview again: never the key in plain text."""
         sealed = None
         if token is not None:
             sealer = yield from self._sealer()
             sealed = sealer.seal(token, _hold_binding(record.key, record.tx_id))
-        deadline = decide(None, "preview", record.started_at, capabilities.timers).changes["expires_at"]
+        started = record.started_at or self.clock.now()  # set by the claim: the first attempt's time
+        deadline = decide(None, "preview", started, capabilities.timers).changes["expires_at"]
         request = {"currency": basket.currency, "payment_type": payment_type,
                    "lines": [encode_line(PricedLine.unpriced(item)) for item in basket.items]}
         return PreviewHold(record.key, record.tx_id, provider, request, sealed, deadline)
 
-    def _settle_lost_preview(self, hold: PreviewHold, now: datetime) -> Command:
+    def _settle_lost_preview(self, hold: PreviewHold, now: datetime) -> Command[Transaction | None]:
         """Complete a preview whose answer was lost, or give it up.
 
         Before its deadline it is re-sent under its own idempotency key (the provider
@@ -505,11 +526,12 @@ class Core:
         tx_id: str,
         event: str,
         *,
-        items: Sequence[LineItem] | None = None,
+        items: Iterable[LineItem] | None = None,
         comment: str | None = None,
         idempotency_key: str | None = None,
-    ) -> Command:
+    ) -> Command[Transaction]:
         key = _check_key(idempotency_key)
+        items = _read_once(items)
         params = command_params(event, items, comment)
         tx = yield from self._load(tx_id)
         if items is not None:
@@ -535,6 +557,7 @@ class Core:
         now = self.clock.now()
         if tx.pending is not None:
             if event == "cancel" and tx.pending == "update" and "cancel" in capabilities.remote:
+                assert fingerprint is not None  # cancel is remote here: fingerprinted above
                 return (yield from self._cancel_over_update(tx, key, fingerprint, now))
             return (yield from self._resume(tx, event, key, fingerprint, now))
         if machine.is_overdue(tx, now):
@@ -549,10 +572,10 @@ class Core:
 
         if event in capabilities.local:
             fields = {**step.changes, **_local_effect(tx, event, params)}
-            record = key and CommandOp(CommandRecord(key, event, fingerprint, tx.id, DONE,
-                                                     version=tx.version + 1), insert=True)
+            keyed = (CommandOp(CommandRecord(key, event, fingerprint, tx.id, DONE, version=tx.version + 1),
+                               insert=True) if key and fingerprint is not None else None)
             return (yield from self._commit_transition(tx, step.event, step.target, fields, now,
-                                                      capabilities, command=record or None))
+                                                      capabilities, command=keyed))
 
         intent = Intent(
             tx_id=tx.id, event=event, idempotency_key=key or f"auto:{tx.id}:{event}:{tx.version + 1}",
@@ -561,6 +584,7 @@ class Core:
         call = self._prepare(tx.provider, event, *_driver_args(tx, intent))
         attempt = journal.note_event(tx, now, journal.ATTEMPT, event=event, attempt=1)
         claimed = journal.apply(tx, attempt)
+        assert fingerprint is not None  # a remote command is always fingerprinted (above)
         record = CommandRecord(intent.idempotency_key, event, fingerprint, tx.id, IN_FLIGHT)
         owner = _owner_token()
         yield _write(Commit(
@@ -571,7 +595,7 @@ class Core:
         return (yield from _unknown_if_unstored(self._settle(claimed, intent, call, attempt=1, owner=owner), tx, event))
 
     def _resume(self, tx: Transaction, event: str, key: str | None, fingerprint: str | None,
-                now: datetime) -> Command:
+                now: datetime) -> Command[Transaction]:
         """Re-send the in-doubt side effect, only if this command is exactly its retry: the
         same event with the same parameters (an update with other lines, a refund with
         another comment is another command, and must wait)."""
@@ -586,7 +610,7 @@ class Core:
                 tx_id=tx.id, state=tx.state, event=event)
         return (yield from self._take_over(tx, intent, now))
 
-    def _take_over(self, tx: Transaction, intent: Intent, now: datetime) -> Command:
+    def _take_over(self, tx: Transaction, intent: Intent, now: datetime) -> Command[Transaction]:
         if intent.attention is not None:
             raise TransactionInDoubt(
                 f"its {intent.event} needs an operator: {intent.attention}", tx_id=tx.id, state=tx.state,
@@ -611,15 +635,17 @@ class Core:
         return (yield from _unknown_if_unstored(
             self._settle(claimed, intent, call, attempt=intent.attempts + 1, owner=owner), tx, intent.event))
 
-    def _reconcile(self, tx: Transaction, intent: Intent) -> Command:
+    def _reconcile(self, tx: Transaction, intent: Intent) -> Command[Quote | Outcome | None]:
         """The driver's reading of whether the in-doubt call applied; None if it cannot tell."""
         items = _new_items(tx, intent.params) if intent.event == "update" else ()
         try:
-            return (yield self._prepare(tx.provider, "reconcile", tx, intent.event, intent.idempotency_key, items))
+            found: Quote | Outcome | None = yield self._prepare(
+                tx.provider, "reconcile", tx, intent.event, intent.idempotency_key, items)
+            return found
         except EngineError:
             return None  # no reading: treat as "cannot tell"
 
-    def _park(self, tx: Transaction, intent: Intent, owner: str) -> Command:
+    def _park(self, tx: Transaction, intent: Intent, owner: str) -> Command[NoReturn]:
         """Stop re-sending a call the provider may apply twice: an operator decides now."""
         reason = (f"{intent.event} was sent {intent.attempts} times without a usable answer and is not"
                   " idempotent at the provider; resolve it or cancel the transaction")
@@ -629,8 +655,8 @@ class Core:
         raise TransactionInDoubt(f"its {intent.event} needs an operator: {reason}",
                                  tx_id=tx.id, state=tx.state, event=intent.event)
 
-    def _cancel_over_update(self, tx: Transaction, key: str | None, fingerprint: str | None,
-                            now: datetime) -> Command:
+    def _cancel_over_update(self, tx: Transaction, key: str | None, fingerprint: str,
+                            now: datetime) -> Command[Transaction]:
         """Cancel a transaction whose only doubt is a basket update.
 
         Whatever became of the update, cancelling releases the whole preview at the
@@ -658,7 +684,7 @@ class Core:
 
     # --- an operator settles what the engine will not -------------------------------------------
 
-    def resolve(self, tx_id: str, *, applied: bool) -> Command:
+    def resolve(self, tx_id: str, *, applied: bool) -> Command[Transaction]:
         """Settle a transaction's in-doubt call by an operator's word, after checking with
         the provider: ``applied=True`` commits the transition decided when it was claimed
         (an update's lines are stored as sent, without the provider's discount, which
@@ -694,7 +720,7 @@ class Core:
                             command=CommandOp(done)))
         return after
 
-    def _settle(self, tx: Transaction, intent: Intent, call: ProviderOp, *, attempt: int, owner: str) -> Command:
+    def _settle(self, tx: Transaction, intent: Intent, call: ProviderOp, *, attempt: int, owner: str) -> Command[Transaction]:
         """Run the provider call of a claimed intent and commit whatever it answers.
 
         Every write here is fenced by ``owner``: if the lease was taken over meanwhile,
@@ -743,7 +769,7 @@ class Core:
     def _commit_transition(
         self, tx: Transaction, event: str, target: str, fields: Mapping[str, Any], now: datetime,
         capabilities: Capabilities, *, command: CommandOp | None = None, intent: IntentOp | None = None,
-    ) -> Command:
+    ) -> Command[Transaction]:
         entry = journal.transition_event(tx, now, event=event, source=tx.state, target=target, fields=fields)
         new = journal.apply(tx, entry)
         enqueue = tuple(
@@ -757,14 +783,14 @@ class Core:
             return attrs.evolve(new, deliveries=(yield StoreOp("deliveries", (new.id,))))
         return new
 
-    def _expire(self, tx: Transaction, now: datetime, capabilities: Capabilities) -> Command:
+    def _expire(self, tx: Transaction, now: datetime, capabilities: Capabilities) -> Command[Transaction]:
         step = decide(tx, "expire", now, capabilities.timers)
         return (yield from self._commit_transition(tx, step.event, step.target, step.changes, now,
                                                   capabilities))
 
     # --- reads ---------------------------------------------------------------------------------
 
-    def get(self, tx_id: str) -> Command:
+    def get(self, tx_id: str) -> Command[Transaction]:
         """The snapshot, with its guaranteed deliveries' progress read from the outbox and,
         when its pending call waits for an operator, why (``attention``)."""
         tx = yield from self._load(tx_id)
@@ -777,18 +803,19 @@ class Core:
                 tx = attrs.evolve(tx, attention=intent.attention)
         return tx
 
-    def history(self, tx_id: str) -> Command:
+    def history(self, tx_id: str) -> Command[list[Event]]:
         yield from self._load(tx_id)
-        return (yield StoreOp("journal", (tx_id,)))
+        events: list[Event] = yield StoreOp("journal", (tx_id,))
+        return events
 
-    def allowed_events(self, tx_id: str) -> Command:
+    def allowed_events(self, tx_id: str) -> Command[list[TxEvent]]:
         """The POS commands that would succeed now, judged exactly as ``command`` judges."""
         tx = yield from self._load(tx_id)
         if tx.pending is not None:  # only its retry (or recover) may act; cancel ends a doubtful update
             intent = yield StoreOp("load_intent", (tx.id,))
             retry = [tx.pending] if intent is None or intent.attention is None else []
             cancel = tx.pending == "update" and "cancel" in self._capabilities(tx.provider).remote
-            return retry + ["cancel"] if cancel else retry
+            return retry + [TxEvent.cancel] if cancel else retry
         now = self.clock.now()
         if machine.is_overdue(tx, now):
             return []  # every command would expire it first and raise PreviewExpired
@@ -798,7 +825,7 @@ class Core:
 
     # --- sweeps ----------------------------------------------------------------------------------
 
-    def expire_due(self, batch: int = 500) -> Command:
+    def expire_due(self, batch: int = 500) -> Command[int]:
         """Expire every overdue transaction; safe to run in several processes at once."""
         expired = 0
         while True:
@@ -817,7 +844,7 @@ class Core:
             if len(due) < batch or expired == progress:
                 return expired  # drained, or a full pass moved nothing: never spin on it
 
-    def recover(self, batch: int = 100) -> Command:
+    def recover(self, batch: int = 100) -> Command[int]:
         """Re-drive every in-doubt side effect whose lease is free, then settle the previews
         whose answer was lost (``_settle_lost_preview``); returns how many settled.
 
@@ -850,7 +877,7 @@ class Core:
                 pass  # still in doubt, or its POS is retrying it right now: a later sweep retries
         return settled
 
-    def deliver_pending(self, batch: int | None = None, max_rounds: int | None = None) -> Command:
+    def deliver_pending(self, batch: int | None = None, max_rounds: int | None = None) -> Command[int]:
         """Send due deliveries; reschedule failures with backoff; park the hopeless as dead.
 
         Works in rounds of up to ``batch`` deliveries (default ``delivery_round``) until
@@ -873,7 +900,7 @@ class Core:
                 break  # drained, or the runner stopped starting sends: leave the rest for later
         return delivered
 
-    def _deliver_round(self, claimed: Sequence[Delivery], now: datetime) -> Command:
+    def _deliver_round(self, claimed: Sequence[Delivery], now: datetime) -> Command[list[DeliverySettlement]]:
         """Send one round of claimed deliveries concurrently; what to settle for each."""
         settlements: list[DeliverySettlement] = []
         calls: list[ProviderOp] = []
@@ -963,7 +990,15 @@ def _intent_lease(provider: str, driver: ProviderDriver, configured: timedelta |
     return configured
 
 
-def command_params(event: str, items: Sequence[LineItem] | None, comment: str | None) -> dict[str, Any]:
+def _read_once(items: Iterable[LineItem] | None) -> Sequence[LineItem] | None:
+    """The caller's lines as a list: a generator must not be used up by validation before
+    the currency check reads it (an unchecked USD line would be re-read as EUR)."""
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        return items  # refused by command_params with a clear message
+    return list(items)
+
+
+def command_params(event: str, items: Iterable[LineItem] | None, comment: str | None) -> dict[str, Any]:
     """A command's parameters as the engine stores and fingerprints them (validated)."""
     params: dict[str, Any] = {}
     if event == "update":
@@ -1000,7 +1035,7 @@ def _new_items(tx: Transaction, params: Mapping[str, Any]) -> tuple[LineItem, ..
     return tuple(decode_line(line, tx.currency).item for line in params["items"])
 
 
-def _driver_args(tx: Transaction, intent: Intent) -> tuple:
+def _driver_args(tx: Transaction, intent: Intent) -> tuple[Any, ...]:
     if intent.event == "update":
         return (tx, _new_items(tx, intent.params), intent.idempotency_key)
     if intent.event == "refund":

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -38,7 +38,7 @@ import attrs
 import httpx
 
 from .errors import OutcomeUnknown, ProtocolError, ProviderRejected, ValidationError
-from .machine import EVENTS, TimerPolicy
+from .machine import EVENTS, TimerPolicy, TxEvent
 from .models import Basket, LineItem, Outcome, Quote, Transaction
 from .secret import Secret
 
@@ -56,12 +56,16 @@ DEFAULT_DELIVERY_SCHEDULE: tuple[timedelta, ...] = (
 )
 
 
-def _events(value) -> frozenset[str]:
-    events = frozenset(value)
-    unknown = events - set(EVENTS)
+def _events(value: Iterable[str]) -> frozenset[TxEvent]:
+    names = frozenset(value)
+    unknown = names - set(EVENTS)
     if unknown:
         raise ValueError(f"unknown lifecycle events: {sorted(unknown)}")
-    return events
+    return frozenset(TxEvent(name) for name in names)
+
+
+def _payment_types(value: Iterable[str]) -> frozenset[str]:
+    return frozenset(value)
 
 
 def _deferred(value: Mapping[str, Any]) -> Mapping[str, tuple[str, ...]]:
@@ -70,12 +74,12 @@ def _deferred(value: Mapping[str, Any]) -> Mapping[str, tuple[str, ...]]:
 
 @attrs.frozen
 class Capabilities:
-    remote: frozenset[str] = attrs.field(converter=_events)
-    local: frozenset[str] = attrs.field(converter=_events, default=frozenset({"begin_payment"}))
+    remote: frozenset[TxEvent] = attrs.field(converter=_events)
+    local: frozenset[TxEvent] = attrs.field(converter=_events, default=frozenset({"begin_payment"}))
     deferred: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict, converter=_deferred)
     timers: TimerPolicy = attrs.field(factory=TimerPolicy)
     payment_types: frozenset[str] = attrs.field(
-        default=frozenset({"SPLIT_PAYMENT"}), converter=frozenset
+        default=frozenset({"SPLIT_PAYMENT"}), converter=_payment_types
     )
     delivery_schedule: tuple[timedelta, ...] = DEFAULT_DELIVERY_SCHEDULE
     #: how many queued deliveries one ``deliver`` exchange may carry (Forloy sync: 100)
@@ -84,7 +88,7 @@ class Capabilities:
     #: Cheers adds an update's lines again).  After a lost answer the engine asks the
     #: driver's ``reconcile`` first, re-sends blindly at most once, then parks the
     #: intent as needing attention instead of re-sending again.
-    not_idempotent: frozenset[str] = attrs.field(default=frozenset(), converter=_events)
+    not_idempotent: frozenset[TxEvent] = attrs.field(default=frozenset(), converter=_events)
 
     def __attrs_post_init__(self) -> None:
         both = self.remote & self.local
@@ -98,9 +102,9 @@ class Capabilities:
             raise ValueError(f"deferred deliveries for unsupported events: {sorted(stray)}")
 
     @property
-    def supported(self) -> frozenset[str]:
+    def supported(self) -> frozenset[TxEvent]:
         # ``expire`` is decided by the engine's clock; every provider supports it.
-        return self.remote | self.local | {"expire"}
+        return self.remote | self.local | {TxEvent.expire}
 
     def with_timers(self, timers: TimerPolicy | None) -> Capabilities:
         return self if timers is None else attrs.evolve(self, timers=timers)
@@ -331,11 +335,12 @@ class HttpDriver(ProviderDriver):
             provider=self.name,
         )
 
-    def _advance(self, exchange: Exchange[T], response: httpx.Response | None = None,
-                 failure: OutcomeUnknown | None = None) -> httpx.Request:
+    def _advance(self, exchange: Exchange[T], answer: httpx.Response | OutcomeUnknown) -> httpx.Request:
         """Feed one answer (or transport failure) to the exchange; get its next request."""
         try:
-            return exchange.throw(failure) if failure is not None else exchange.send(response)
+            if isinstance(answer, OutcomeUnknown):
+                return exchange.throw(answer)
+            return exchange.send(answer)
         except ValidationError as late:
             # A request already went out: refusing now cannot undo what the provider did.
             raise self.unknown(f"the driver gave up after sending a request: {late.detail}") from None
@@ -395,11 +400,12 @@ class HttpDriver(ProviderDriver):
                 except httpx.TransportError as error:
                     if time.monotonic() >= deadline:
                         raise self._past_deadline(request) from None
-                    request = self._advance(exchange, failure=self._transport_failure(request, error))
+                    request = self._advance(exchange, self._transport_failure(request, error))
                 else:
                     request = self._advance(exchange, response)
         except StopIteration as stop:
-            return stop.value
+            result: T = stop.value  # what the exchange returned
+            return result
         finally:
             exchange.close()
 
@@ -415,11 +421,12 @@ class HttpDriver(ProviderDriver):
                     try:
                         response = await client.send(request)
                     except httpx.TransportError as error:
-                        request = self._advance(exchange, failure=self._transport_failure(request, error))
+                        request = self._advance(exchange, self._transport_failure(request, error))
                     else:
                         request = self._advance(exchange, response)
         except StopIteration as stop:
-            return stop.value
+            result: T = stop.value  # what the exchange returned
+            return result
         except TimeoutError:
             if request is None:
                 raise

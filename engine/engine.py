@@ -11,12 +11,13 @@ import os
 import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Self
+from typing import Any, Self, TypeVar, Unpack
 
 from .clock import Clock, SystemClock
-from .core import Command, Core, NotStarted, ParallelOp, ProviderOp, StoreOp, Steps
+from .core import Command, Core, EngineOptions, NotStarted, ParallelOp, ProviderOp, StoreOp, Steps
 from .drivers import ProviderDriver
 from .errors import EngineError, ProtocolError
+from .machine import TxEvent
 from .models import Basket, DeliveryRecord, Event, LineItem, Transaction
 from . import telemetry
 from .secret import Secret
@@ -25,6 +26,8 @@ from .store.base import Intent
 
 #: The environment variable a deployment may set instead of passing ``secret_key``.
 SECRET_KEY_ENV = "TXENGINE_SECRET_KEY"
+
+T = TypeVar("T")  # what a command returns
 
 
 def driver_failure(op: ProviderOp, error: Exception) -> Exception:
@@ -43,7 +46,7 @@ class _Facade:
         store: Store,
         providers: Mapping[str, ProviderDriver],
         clock: Clock | None = None,
-        **options: Any,
+        **options: Unpack[EngineOptions],
     ) -> None:
         """``options`` configure the core: ``timers``, ``intent_lease``, ``delivery_lease``,
         ``delivery_concurrency``, ``delivery_round``, ``rng``, ``secret_key`` (see
@@ -59,7 +62,7 @@ class _Facade:
 
     @classmethod
     def open(cls, url: str, providers: Mapping[str, ProviderDriver], clock: Clock | None = None,
-             **options: Any) -> Self:
+             **options: Unpack[EngineOptions]) -> Self:
         """Open (and migrate) the store at ``url`` and build an engine on it."""
         store = open_store(url)
         try:
@@ -84,14 +87,15 @@ class _Facade:
         return not self._stop_sending.is_set() and (op.start_by is None or self.clock.now() < op.start_by)
 
     # Each public command is a generator from the core; the subclasses run it.
-    def _preview(self, provider, basket, customer_token, idempotency_key, payment_type) -> Command:
+    def _preview(self, provider: str, basket: Basket | Iterable[LineItem], customer_token: str | Secret | None,
+                 idempotency_key: str | None, payment_type: str | None) -> Command[Transaction]:
         return self.core.preview(provider, basket, customer_token, idempotency_key, payment_type)
 
 
 class Engine(_Facade):
     """The synchronous engine."""
 
-    def _run(self, command: Command) -> Any:
+    def _run(self, command: Command[T]) -> T:
         steps = Steps(command)
         with telemetry.command_span(command):
             for op in steps:
@@ -162,7 +166,7 @@ class Engine(_Facade):
     def history(self, tx_id: str) -> list[Event]:
         return self._run(self.core.history(tx_id))
 
-    def allowed_events(self, tx_id: str) -> list[str]:
+    def allowed_events(self, tx_id: str) -> list[TxEvent]:
         return self._run(self.core.allowed_events(tx_id))
 
     def expire_due(self) -> int:
@@ -204,5 +208,5 @@ class Engine(_Facade):
     def __enter__(self) -> Engine:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()

@@ -68,7 +68,7 @@ class IllegalTransition(EngineError):
 class PreviewExpired(IllegalTransition):
     """The preview deadline passed; the transaction has been moved to ``expired``."""
 
-    def __init__(self, message: str, *, expires_at: datetime | None = None, **context) -> None:
+    def __init__(self, message: str, *, expires_at: datetime | None = None, **context: str | None) -> None:
         self.expires_at = expires_at
         super().__init__(message, **context)
 
@@ -76,7 +76,7 @@ class PreviewExpired(IllegalTransition):
 class RefundWindowClosed(IllegalTransition):
     """The refund deadline passed; nothing was sent to the provider."""
 
-    def __init__(self, message: str, *, refund_deadline: datetime | None = None, **context) -> None:
+    def __init__(self, message: str, *, refund_deadline: datetime | None = None, **context: str | None) -> None:
         self.refund_deadline = refund_deadline
         super().__init__(message, **context)
 
@@ -104,7 +104,7 @@ class IdempotencyConflict(EngineError):
 class ProviderError(EngineError):
     """Base for outcomes reported by (or about) a provider."""
 
-    def __init__(self, message: str, *, provider: str | None = None, **context) -> None:
+    def __init__(self, message: str, *, provider: str | None = None, **context: str | None) -> None:
         self.provider = provider
         super().__init__(message, **context)
 
@@ -122,7 +122,7 @@ class ProviderRejected(ProviderError):
         *,
         code: str,
         retry_after: float | None = None,
-        **context,
+        **context: str | None,
     ) -> None:
         self.code = code
         self.retry_after = retry_after
@@ -138,7 +138,7 @@ class OutcomeUnknown(ProviderError):
     engine generated; None when the command needs none).
     """
 
-    def __init__(self, message: str, *, idempotency_key: str | None = None, **context) -> None:
+    def __init__(self, message: str, *, idempotency_key: str | None = None, **context: str | None) -> None:
         self.idempotency_key = idempotency_key
         super().__init__(message, **context)
 

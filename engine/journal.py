@@ -63,7 +63,7 @@ def monotonic_at(tx: Transaction | None, now: datetime) -> datetime:
 def apply(tx: Transaction | None, event: Event) -> Transaction:
     """The snapshot after ``event``."""
     data = event.data
-    common = {"version": event.seq, "updated_at": event.at}
+    common: dict[str, Any] = {"version": event.seq, "updated_at": event.at}
     if event.kind == TRANSITION:
         currency = tx.currency if tx is not None else data["set"]["currency"]
         fields = decode_fields(data["set"], currency)

@@ -29,6 +29,14 @@ command, the engine asks the table whether ``expire`` is enabled (its guard is "
 deadline has passed"), and if so persists that transition first and raises
 ``PreviewExpired``; ``engine.expire_due()`` does the same for every overdue row.
 
+States and events as values
+---------------------------
+``TxState`` and ``TxEvent`` name the class's states and events as ``StrEnum`` members,
+so a POS gets ``tx.state`` as a type its checker knows and still compares it with
+``"finalized"``.  They are spelled out (a type checker cannot read members made at run
+time) and checked against the class at import: a state or event added to
+``PaymentLifecycle`` but not to its enum, or the other way round, fails the import.
+
 Why a compiled table
 --------------------
 Running a python-statemachine instance costs about 140 microseconds per ``send`` and
@@ -46,18 +54,21 @@ the sync and async engines, with no I/O.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 from statemachine import State, StateChart
 
 from .errors import IllegalTransition, PreviewExpired, RefundWindowClosed, ValidationError
-from .models import Transaction
+
+if TYPE_CHECKING:  # models reads TxState at run time: importing it back would be a cycle
+    from .models import Transaction
 
 
-def _positive(instance, attribute, value: timedelta) -> None:
+def _positive(instance: Any, attribute: attrs.Attribute[timedelta], value: timedelta) -> None:
     if not isinstance(value, timedelta) or value <= timedelta(0):
         raise ValidationError(f"{attribute.name} must be a positive timedelta")
 
@@ -77,21 +88,31 @@ class TimerPolicy:
 # Each guard is a pure predicate; ``refusal`` builds the error its failure means.
 
 
-def guard(refusal: Callable[[Transaction, str, datetime], Exception]):
-    def mark(predicate):
-        predicate.refusal = refusal
-        return staticmethod(predicate)
+Refusal = Callable[["Transaction", str, datetime], Exception]
+Predicate = TypeVar("Predicate", bound=Callable[..., bool])
+
+
+def guard(refusal: Refusal) -> Callable[[Predicate], Predicate]:
+    """Mark a guard with the error its failure means (``_Call`` reads it back)."""
+
+    def mark(predicate: Predicate) -> Predicate:
+        setattr(predicate, "refusal", refusal)
+        return predicate
 
     return mark
 
 
-def _context(tx: Transaction, event: str) -> dict[str, Any]:
+def _context(tx: Transaction, event: str) -> dict[str, str]:
     return {"tx_id": tx.id, "state": tx.state, "event": event}
+
+
+def _iso(deadline: datetime | None) -> str:
+    return deadline.isoformat() if deadline is not None else "(none)"
 
 
 def _preview_over(tx: Transaction, event: str, now: datetime) -> Exception:
     return PreviewExpired(
-        f"the preview expired at {tx.expires_at.isoformat()} (now {now.isoformat()})",
+        f"the preview expired at {_iso(tx.expires_at)} (now {now.isoformat()})",
         expires_at=tx.expires_at,
         **_context(tx, event),
     )
@@ -106,7 +127,7 @@ def _nothing_outstanding(tx: Transaction, event: str, now: datetime) -> Exceptio
 
 def _refund_window_closed(tx: Transaction, event: str, now: datetime) -> Exception:
     return RefundWindowClosed(
-        f"refunds closed at {tx.refund_deadline.isoformat()} (now {now.isoformat()})",
+        f"refunds closed at {_iso(tx.refund_deadline)} (now {now.isoformat()})",
         refund_deadline=tx.refund_deadline,
         **_context(tx, event),
     )
@@ -114,7 +135,7 @@ def _refund_window_closed(tx: Transaction, event: str, now: datetime) -> Excepti
 
 def _not_yet_due(tx: Transaction, event: str, now: datetime) -> Exception:
     return IllegalTransition(
-        f"the preview runs until {tx.expires_at.isoformat()}; it is not due",
+        f"the preview runs until {_iso(tx.expires_at)}; it is not due",
         **_context(tx, event),
     )
 
@@ -122,7 +143,7 @@ def _not_yet_due(tx: Transaction, event: str, now: datetime) -> Exception:
 # --- The machine ----------------------------------------------------------------------
 
 
-class PaymentLifecycle(StateChart):
+class PaymentLifecycle(StateChart[Any]):
     """The canonical lifecycle every provider maps onto."""
 
     allow_event_without_transition = False  # an illegal event raises
@@ -172,21 +193,28 @@ class PaymentLifecycle(StateChart):
 
     # --- guards: pure predicates of (tx, now) ---
 
+    # A missing deadline counts as passed for the money-moving events and as never due for
+    # ``expire``; no stored transaction in these states lacks one.
+
+    @staticmethod
     @guard(refusal=_preview_over)
     def before_preview_deadline(tx: Transaction, now: datetime) -> bool:
-        return now < tx.expires_at
+        return tx.expires_at is not None and now < tx.expires_at
 
+    @staticmethod
     @guard(refusal=_nothing_outstanding)
     def has_outstanding(tx: Transaction) -> bool:
         return tx.outstanding.amount_minor > 0
 
+    @staticmethod
     @guard(refusal=_refund_window_closed)
     def before_refund_deadline(tx: Transaction, now: datetime) -> bool:
-        return now < tx.refund_deadline
+        return tx.refund_deadline is not None and now < tx.refund_deadline
 
+    @staticmethod
     @guard(refusal=_not_yet_due)
     def preview_deadline_passed(tx: Transaction, now: datetime) -> bool:
-        return now >= tx.expires_at
+        return tx.expires_at is not None and now >= tx.expires_at
 
     # --- timer effects: pure functions returning the deadlines they set ---
 
@@ -196,6 +224,8 @@ class PaymentLifecycle(StateChart):
 
     @staticmethod
     def extend_preview(tx: Transaction, policy: TimerPolicy) -> dict[str, Any]:
+        if tx.expires_at is None:  # unreachable from a stored previewed/updated snapshot
+            raise ValueError(f"transaction {tx.id} has no preview deadline to extend")
         return {"expires_at": tx.expires_at + policy.update_extension}
 
     @staticmethod
@@ -203,14 +233,61 @@ class PaymentLifecycle(StateChart):
         return {"finalized_at": now, "refund_deadline": now + policy.refund_window}
 
 
+# --- States and events as values -------------------------------------------------------
+
+
+class _Name(StrEnum):
+    """A lifecycle name: equal to, hashed, formatted and repr'd as its plain string, so
+    messages, logs and snapshot reprs read exactly as they did with strings."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class TxState(_Name):
+    """A transaction's state (``tx.state``); each member equals its name as a string."""
+
+    new = "new"
+    previewed = "previewed"
+    updated = "updated"
+    payment_pending = "payment_pending"
+    finalized = "finalized"
+    cancelled = "cancelled"
+    refunded = "refunded"
+    expired = "expired"
+
+
+class TxEvent(_Name):
+    """A lifecycle event (a POS command, or the engine's ``expire``); equal to its name."""
+
+    preview = "preview"
+    update = "update"
+    begin_payment = "begin_payment"
+    finalize = "finalize"
+    cancel = "cancel"
+    refund = "refund"
+    expire = "expire"
+
+
+def check_spelled_out(enum: type[StrEnum], declared: Iterable[str]) -> None:
+    """Refuse an enum that does not list exactly the declared names, in their order."""
+    expected, spelled = tuple(declared), tuple(member.value for member in enum)
+    if spelled != expected:
+        raise TypeError(
+            f"{enum.__name__} must spell out PaymentLifecycle's {', '.join(expected)};"
+            f" it has {', '.join(spelled)}"
+        )
+
+
+check_spelled_out(TxState, (state.id for state in PaymentLifecycle.states))
+check_spelled_out(TxEvent, (event.id for event in PaymentLifecycle._events))
+
 # --- The compiled table -----------------------------------------------------------------
 
-STATES: tuple[str, ...] = tuple(state.id for state in PaymentLifecycle.states)
-EVENTS: tuple[str, ...] = tuple(event.id for event in PaymentLifecycle._events)
-INITIAL: str = PaymentLifecycle.initial_state.id
-TERMINAL: frozenset[str] = frozenset(state.id for state in PaymentLifecycle.final_states)
-#: the states a stored transaction can be in while its preview clock runs
-ACTIVE: frozenset[str] = frozenset()  # filled below from the ``expire`` transitions
+STATES: tuple[TxState, ...] = tuple(TxState)
+EVENTS: tuple[TxEvent, ...] = tuple(TxEvent)
+INITIAL = TxState(PaymentLifecycle.initial_state.id)
+TERMINAL: frozenset[TxState] = frozenset(TxState(state.id) for state in PaymentLifecycle.final_states)
 
 
 class _Call:
@@ -220,12 +297,18 @@ class _Call:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.function = getattr(PaymentLifecycle, name)
+        self.function: Callable[..., Any] = getattr(PaymentLifecycle, name)
         self.params = tuple(inspect.signature(self.function).parameters)
-        self.refusal = getattr(self.function, "refusal", None)
+        self.refusal: Refusal | None = getattr(self.function, "refusal", None)
 
     def __call__(self, scope: Mapping[str, Any]) -> Any:
         return self.function(**{param: scope[param] for param in self.params})
+
+    def refuse(self, tx: Transaction | None, event: str, now: datetime) -> Exception:
+        """The error this guard's failure means (every guard is declared with one)."""
+        if self.refusal is None or tx is None:
+            return _refuse(tx, event, f"{self.name} does not hold")
+        return self.refusal(tx, event, now)
 
     def __repr__(self) -> str:
         return self.name
@@ -235,14 +318,14 @@ class _Call:
 class Rule:
     """One row of the table: ``event`` from ``source`` to ``target``."""
 
-    event: str
-    source: str
-    target: str
+    event: TxEvent
+    source: TxState
+    target: TxState
     guards: tuple[_Call, ...]
     effects: tuple[_Call, ...]
 
 
-def _declared_names(specs) -> list[str]:
+def _declared_names(specs: Iterable[object]) -> list[str]:
     # python-statemachine also lists naming-convention callbacks (``on_<event>``);
     # only names the class really defines are part of the declaration.
     return [str(spec) for spec in specs if hasattr(PaymentLifecycle, str(spec))]
@@ -252,31 +335,34 @@ def _compile() -> dict[tuple[str, str], Rule]:
     table: dict[tuple[str, str], Rule] = {}
     for state in PaymentLifecycle.states:
         for transition in state.transitions:
-            for event in (event.id for event in transition.events):
-                key = (transition.source.id, event)
-                if key in table:
-                    raise TypeError(f"two transitions for {key}: the table must be a function")
-                table[key] = Rule(
+            for event in (TxEvent(event.id) for event in transition.events):
+                source = TxState(transition.source.id)
+                if (source, event) in table:
+                    raise TypeError(f"two transitions for {(source, event)}: the table must be a function")
+                table[source, event] = Rule(
                     event=event,
-                    source=transition.source.id,
-                    target=transition.target.id,
+                    source=source,
+                    target=TxState(transition.target.id),
                     guards=tuple(_Call(name) for name in _declared_names(transition.cond)),
                     effects=tuple(_Call(name) for name in _declared_names(transition.on)),
                 )
     return table
 
 
+#: keyed by ``(state, event)`` members; plain strings find the same rows (a member
+#: hashes and compares as its value), so the key type says ``str``
 TABLE: dict[tuple[str, str], Rule] = _compile()
-ACTIVE = frozenset(source for (source, event) in TABLE if event == "expire")
+#: the states a stored transaction can be in while its preview clock runs
+ACTIVE: frozenset[TxState] = frozenset(rule.source for rule in TABLE.values() if rule.event is TxEvent.expire)
 
 
 @attrs.frozen
 class Step:
     """A decided transition: what the engine persists if the side effect succeeds."""
 
-    event: str
-    source: str
-    target: str
+    event: TxEvent
+    source: TxState
+    target: TxState
     changes: Mapping[str, Any]
 
 
@@ -308,11 +394,11 @@ def decide(
     scope = _scope(tx, now, policy)
     for check in rule.guards:
         if not check(scope):
-            raise check.refusal(tx, event, now)
+            raise check.refuse(tx, event, now)
     changes: dict[str, Any] = {}
     for effect in rule.effects:
         changes.update(effect(scope))
-    return Step(event=event, source=rule.source, target=rule.target, changes=changes)
+    return Step(event=rule.event, source=rule.source, target=rule.target, changes=changes)
 
 
 def is_enabled(tx: Transaction | None, event: str, now: datetime) -> bool:
@@ -324,7 +410,7 @@ def is_enabled(tx: Transaction | None, event: str, now: datetime) -> bool:
     return all(check(scope) for check in rule.guards)
 
 
-def allowed_events(tx: Transaction | None, now: datetime) -> list[str]:
+def allowed_events(tx: Transaction | None, now: datetime) -> list[TxEvent]:
     """Events whose transition exists from ``tx.state`` and whose guards pass now."""
     return [event for event in EVENTS if is_enabled(tx, event, now)]
 
@@ -335,4 +421,4 @@ preview_expired = _preview_over
 
 def is_overdue(tx: Transaction, now: datetime) -> bool:
     """True when the machine would take ``expire`` now: lazy expiry asks this first."""
-    return tx.pending is None and is_enabled(tx, "expire", now)
+    return tx.pending is None and is_enabled(tx, TxEvent.expire, now)

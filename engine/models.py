@@ -11,11 +11,12 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 
 from .errors import ValidationError
+from .machine import TxEvent, TxState
 from .money import Money
 
 MAX_LINES = 1000
@@ -23,7 +24,7 @@ MAX_QUANTITY = 1_000_000
 MAX_NAME_LENGTH = 200
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     raise ValidationError(message)
 
 
@@ -37,12 +38,12 @@ def is_text(value: str) -> bool:
     return True
 
 
-def _check_encodable(attribute, value: str) -> None:
+def _check_encodable(attribute: attrs.Attribute[Any], value: str) -> None:
     if not is_text(value):
         _fail(f"{attribute.name} is not valid Unicode text")
 
 
-def _check_name(instance, attribute, value) -> None:
+def _check_name(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, str) or not value.strip():
         _fail(f"{attribute.name} must be a non-empty string")
     _check_encodable(attribute, value)
@@ -52,21 +53,21 @@ def _check_name(instance, attribute, value) -> None:
         _fail(f"{attribute.name} contains control characters")
 
 
-def _check_product_id(instance, attribute, value) -> None:
+def _check_product_id(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and (not isinstance(value, str) or not value or len(value) > 255):
         _fail("product_id must be None or a non-empty string of at most 255 characters")
     if value is not None:
         _check_encodable(attribute, value)
 
 
-def _check_quantity(instance, attribute, value) -> None:
+def _check_quantity(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if type(value) is not int:
         _fail(f"quantity must be an int, got {type(value).__name__}")
     if not 0 < value <= MAX_QUANTITY:
         _fail(f"quantity must be between 1 and {MAX_QUANTITY}, got {value}")
 
 
-def _check_unit_price(instance, attribute, value) -> None:
+def _check_unit_price(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, Money):
         _fail("unit_price must be Money")
     if value.amount_minor < 0:
@@ -200,6 +201,24 @@ class PricedLine:
         return self.item.gross
 
 
+# Converters with concrete types (``converter=tuple`` would make a checker see the
+# parameter as ``Iterable[_T_co]`` and refuse every list a driver passes).
+def _priced_lines(value: Iterable[PricedLine]) -> tuple[PricedLine, ...]:
+    return tuple(value)
+
+
+def _decoration(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _receipt_lines(value: Iterable[ReceiptLine]) -> tuple[ReceiptLine, ...]:
+    return tuple(value)
+
+
+def _deliveries(value: Iterable[DeliveryRecord]) -> tuple[DeliveryRecord, ...]:
+    return tuple(value)
+
+
 RECEIPT_LINE_KINDS = ("separator", "textline", "name-value", "space")
 
 
@@ -211,7 +230,7 @@ class ReceiptLine:
     text: str = ""
     name: str = ""
     value: str = ""
-    decoration: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    decoration: tuple[str, ...] = attrs.field(default=(), converter=_decoration)
 
     def render(self, width: int = 40) -> str:
         if self.kind == "separator":
@@ -235,9 +254,9 @@ def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
 class Quote:
     """What a provider answered to a preview or an update: the priced basket."""
 
-    lines: tuple[PricedLine, ...] = attrs.field(converter=tuple)
+    lines: tuple[PricedLine, ...] = attrs.field(converter=_priced_lines)
     provider_ref: str | None = None
-    receipt: tuple[ReceiptLine, ...] = attrs.field(default=(), converter=tuple)
+    receipt: tuple[ReceiptLine, ...] = attrs.field(default=(), converter=_receipt_lines)
     # Provider facts worth keeping on the snapshot (secuconnect missing_sum, Forloy card
     # type...).  Never secrets: drivers decide what goes here.
     details: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
@@ -253,7 +272,7 @@ class Outcome:
     """What a provider answered to finalize, cancel or refund."""
 
     provider_ref: str | None = None
-    receipt: tuple[ReceiptLine, ...] = attrs.field(default=(), converter=tuple)
+    receipt: tuple[ReceiptLine, ...] = attrs.field(default=(), converter=_receipt_lines)
     details: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
 
 
@@ -282,6 +301,28 @@ class DeliveryRecord:
     delivered_at: datetime | None
 
 
+# Lookups by value, a dict read each: snapshots are rebuilt on every command and replay.
+_STATES: dict[str, TxState] = {state.value: state for state in TxState}
+_EVENTS: dict[str, TxEvent] = {event.value: event for event in TxEvent}
+
+
+def _state(value: str) -> TxState:
+    """The state a stored or given string names (a tampered row is refused)."""
+    try:
+        return _STATES[value]
+    except (KeyError, TypeError):
+        _fail(f"state {value!r} is not one of {', '.join(TxState)}")
+
+
+def _pending(value: str | None) -> TxEvent | None:
+    if value is None:
+        return None
+    try:
+        return _EVENTS[value]
+    except (KeyError, TypeError):
+        _fail(f"pending {value!r} is not one of {', '.join(TxEvent)}")
+
+
 @attrs.frozen(kw_only=True)
 class Transaction:
     """An immutable snapshot of one payment, rebuilt exactly by replaying its journal.
@@ -292,17 +333,17 @@ class Transaction:
 
     id: str
     provider: str
-    state: str
-    items: tuple[PricedLine, ...] = attrs.field(converter=tuple)
+    state: TxState = attrs.field(converter=_state)
+    items: tuple[PricedLine, ...] = attrs.field(converter=_priced_lines)
     currency: str
     payment_type: str | None = None
     expires_at: datetime | None = None
     refund_deadline: datetime | None = None
     finalized_at: datetime | None = None
     provider_ref: str | None = None
-    receipt: tuple[ReceiptLine, ...] = attrs.field(default=(), converter=tuple)
+    receipt: tuple[ReceiptLine, ...] = attrs.field(default=(), converter=_receipt_lines)
     details: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
-    pending: str | None = None
+    pending: TxEvent | None = attrs.field(default=None, converter=_pending)
     version: int = 0
     created_at: datetime
     updated_at: datetime
@@ -311,7 +352,7 @@ class Transaction:
     # snapshot nor the journal, and left out of equality so a replay equals the stored
     # snapshot whatever the deliveries have done since.
     deliveries: tuple[DeliveryRecord, ...] = attrs.field(
-        default=(), converter=tuple, eq=False, metadata={"stored": False})
+        default=(), converter=_deliveries, eq=False, metadata={"stored": False})
     # Why the pending call waits for an operator (the engine will not re-send it), as
     # read from its intent; never stored in the snapshot.
     attention: str | None = attrs.field(default=None, eq=False, metadata={"stored": False})

@@ -62,7 +62,7 @@ MAX_AMOUNT_MINOR = 10**15 - 1
 MAX_AMOUNT_TEXT = 40
 
 
-def _check_amount(instance, attribute, value) -> None:
+def _check_amount(instance: object, attribute: object, value: int) -> None:
     # bool is an int subclass; True euros is a bug, not an amount.
     if type(value) is not int:
         raise ValidationError(
@@ -75,7 +75,7 @@ def _check_amount(instance, attribute, value) -> None:
         )
 
 
-def _check_currency(instance, attribute, value) -> None:
+def _check_currency(instance: object, attribute: object, value: str) -> None:
     currency_exponent(value)
 
 
@@ -111,7 +111,8 @@ class Money:
         # and "1E+1000000" overflows the decimal context.
         if value and value.adjusted() + exponent > len(str(MAX_AMOUNT_MINOR)):
             raise ValidationError(f"the amount is out of range: at most {MAX_AMOUNT_MINOR} minor units")
-        if value.as_tuple().exponent < -(exponent + MAX_AMOUNT_TEXT):
+        # (an int here: a finite Decimal has no 'n'/'N'/'F' exponent)
+        if int(value.as_tuple().exponent) < -(exponent + MAX_AMOUNT_TEXT):
             raise ValidationError(f"the amount has more decimals than {currency} allows ({exponent})")
         minor = value.scaleb(exponent)
         if minor != minor.to_integral_value():

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import os
+from typing import NoReturn
 
 from .errors import ValidationError
 
@@ -19,7 +20,7 @@ from .errors import ValidationError
 class Secret:
     __slots__ = ("_value",)
 
-    def __init__(self, value: str) -> None:
+    def __init__(self, value: str | Secret) -> None:
         if isinstance(value, Secret):
             value = value.reveal()
         if not isinstance(value, str):
@@ -49,7 +50,7 @@ class Secret:
     def __hash__(self) -> int:
         return hash(("Secret", self._value))
 
-    def __reduce__(self):
+    def __reduce__(self) -> NoReturn:
         # Pickling would write the value to wherever the pickle goes.
         raise TypeError("a Secret cannot be pickled")
 
@@ -108,5 +109,5 @@ class Sealer:
     def __repr__(self) -> str:
         return "Sealer('***')"
 
-    def __reduce__(self):
+    def __reduce__(self) -> NoReturn:
         raise TypeError("a Sealer cannot be pickled")

@@ -9,7 +9,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import assert_type
 
-from txengine import AsyncEngine, Basket, Engine, Event, FakeClock, LineItem, Money, Transaction
+from txengine import (AsyncEngine, Basket, Engine, Event, FakeClock, LineItem, Money, ReceiptLine, Transaction,
+                      TxEvent, TxState)
 from txengine.errors import EngineError, OutcomeUnknown
 from txengine.providers.cheers import CheersDriver
 
@@ -27,13 +28,21 @@ def sell(engine: Engine, qr_key: str, till_key: str) -> Transaction:
         return engine.get(tx.id)
 
 
-def inspect(engine: Engine, tx: Transaction) -> list[str]:
-    assert_type(tx.state == "finalized", bool)
+def inspect(engine: Engine, tx: Transaction) -> list[TxEvent]:
+    assert_type(tx.state, TxState)
+    assert_type(tx.state == "finalized", bool)  # a StrEnum still compares with its string
+    assert_type(tx.pending, TxEvent | None)
     assert_type(tx.expires_at, datetime | None)
     assert_type(tx.total_credits, Money)
     assert_type(engine.history(tx.id), list[Event])
     assert_type(engine.expire_due(), int)
-    return assert_type(engine.allowed_events(tx.id), list[str])
+    return assert_type(engine.allowed_events(tx.id), list[TxEvent])
+
+
+def print_receipt(tx: Transaction) -> list[str]:
+    """The provider's lines, then the till's own: a list goes wherever a tuple is kept."""
+    own = ReceiptLine("name-value", name="To pay", value=str(tx.outstanding), decoration=["important"])
+    return [line.render() for line in (*tx.receipt, own)]
 
 
 async def sell_async(engine: AsyncEngine, qr_key: str) -> Transaction:

@@ -67,6 +67,7 @@ def schema_version(path: str) -> int:
         connection.execute("PRAGMA schema_version").fetchone()  # "file is not a database" here
         if connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'schema_version'").fetchone() is None:
             return 0
-        return connection.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+        version: int = connection.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+        return version
     finally:
         connection.close()

@@ -126,8 +126,8 @@ class PreviewHold:
     tx_id: str
     provider: str
     request: Mapping[str, Any]
-    sealed_token: str | None = attrs.field(default=None, repr=False)
-    expires_at: datetime | None = None  # the preview's deadline: after it, never completed
+    sealed_token: str | None = attrs.field(repr=False)
+    expires_at: datetime  # the preview's deadline: after it, never completed
 
 
 @attrs.frozen
