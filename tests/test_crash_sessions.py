@@ -171,7 +171,7 @@ class Provider:
             phone = f"55{run:08d}"
             sandbox.add_member(phone, points=1200, credit=300)
             return phone
-        return sandbox.add_punch_card().barcode_value
+        return sandbox.add_punch_card().qr_code_data  # offline sync identifies the card by its QR only
 
     def check_ledger(self, tx, customer: str) -> None:
         sandbox = self.sandbox
@@ -187,8 +187,16 @@ class Provider:
             assert sandbox.purchases[tx.id].status == "cancelled", "recorded once, cancelled"
             assert sandbox.balance(customer) == sandbox.opening_balances[customer]
         else:
-            [record] = [t for t in sandbox.transactions if t.pos_reference_id == tx.id]
-            assert record.via == "sync" and sandbox.card(record.card_instance_id).lifetime_punches == 1
+            records = [t for t in sandbox.transactions if t.pos_reference_id == tx.id]
+            if records:
+                [record] = records
+                assert record.via == "sync" and sandbox.card(record.card_instance_id).lifetime_punches == 1
+            else:
+                # Killed between the sale's commit and its sync: the customer's QR code (the
+                # record needs it, and it is never stored) died with the process.  The record
+                # is parked, visible to operators, never sent in an undocumented shape.
+                [sync] = tx.deliveries
+                assert sync.status == "dead" and sync.last_error.startswith("[QR_CODE_UNAVAILABLE]"), sync
 
 
 def serve_all():
@@ -233,10 +241,13 @@ def restart_and_judge(provider: Provider, db: Path, run: int, customer: str) -> 
         engine.deliver_pending()
         tx = engine.get(tx_id)
         assert (tx.state, tx.pending) == (FINAL_STATE[provider.name], None)
-        assert {d.status for d in tx.deliveries} == {"delivered"} and tx.deliveries
+        assert tx.deliveries
+        if provider.name != "forloy":  # see check_ledger: an offline Forloy record may be parked
+            assert {d.status for d in tx.deliveries} == {"delivered"}
         for stored in engine.store.transaction_ids():
             assert replay(engine.history(stored)) == engine.get(stored)
-        assert engine.store.backlog(clock.now()) == {"pending": 0, "dead": 0, "in_doubt": 0, "stuck": 0}
+        parked = sum(d.status == "dead" for d in tx.deliveries)  # only a Forloy record, as above
+        assert engine.store.backlog(clock.now()) == {"pending": 0, "dead": parked, "in_doubt": 0, "stuck": 0}
     with sqlite3.connect(db) as connection:
         assert connection.execute("SELECT count(*) FROM intents").fetchone()[0] == 0
         assert connection.execute("SELECT count(*) FROM transactions").fetchone()[0] == 1
