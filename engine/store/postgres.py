@@ -1,0 +1,595 @@
+"""The fleet store: one PostgreSQL database shared by many POS processes and workers.
+
+Same tables, same versioned migrations and same behaviour as the SQLite store, on a
+``psycopg_pool.ConnectionPool``:
+
+- every store method is ONE database transaction (the pool's ``connection()`` block
+  commits on success and rolls back on any error: nothing is ever half-applied);
+- commands on one transaction serialise on its row: the compare-and-swap ``UPDATE ...
+  WHERE version = %s`` locks the row, a concurrent writer waits for the first to commit,
+  re-reads the row, finds the version moved and raises ``ConcurrentModification``;
+- the timer sweep, ``recover()`` and the delivery queue select their rows ``FOR UPDATE
+  SKIP LOCKED``: workers sharing one database never queue behind each other's rows;
+- the journal is append-only in the database itself (a trigger raises on UPDATE/DELETE);
+- migrations run once per fleet under an advisory lock (PostgreSQL DDL is
+  transactional: a migration is applied whole or not at all), and an engine meeting a
+  schema newer than it knows refuses to start;
+- a server that cannot be reached, restarts, or times a statement out is
+  ``StoreUnavailable`` to the caller; the pool replaces broken connections by itself.
+
+The URL's password never appears in a repr, a log line or an exception message.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+import psycopg
+import psycopg.errors
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ..codec import decode_transaction, dumps, encode_transaction, loads
+from ..drivers import Delivery
+from ..errors import (
+    ConcurrentModification,
+    EngineError,
+    IdempotencyConflict,
+    StoreUnavailable,
+    TransactionInDoubt,
+)
+from ..machine import ACTIVE
+from ..models import DeliveryRecord, Event, Transaction
+from .base import (
+    DEAD,
+    DROP,
+    PENDING,
+    PUT,
+    RELEASE,
+    TAKE,
+    CommandOp,
+    CommandRecord,
+    Commit,
+    DeliverySettlement,
+    Intent,
+    IntentOp,
+    WorkerRecord,
+)
+
+UTC = timezone.utc
+_ACTIVE_SQL = ", ".join(f"'{state}'" for state in sorted(ACTIVE))
+
+#: the key of the advisory lock every migrating engine of a fleet queues on ("txengine")
+_MIGRATION_LOCK = 0x7478_656E_6769_6E65
+
+# Version N here is version N of the SQLite store: the same tables and columns, in
+# PostgreSQL's dialect (timestamptz for times, bigserial ids, a plpgsql trigger).
+# tests/test_postgres_store.py keeps the two lists the same length.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the lifecycle tables
+    f"""
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE transactions (
+        id TEXT PRIMARY KEY,
+        provider TEXT NOT NULL,
+        state TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        expires_at TIMESTAMPTZ,
+        refund_deadline TIMESTAMPTZ,
+        pending TEXT,
+        snapshot TEXT NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL
+    );
+    CREATE INDEX transactions_due ON transactions (expires_at)
+        WHERE state IN ({_ACTIVE_SQL}) AND pending IS NULL;
+    CREATE TABLE journal (
+        tx_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        at TIMESTAMPTZ NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (tx_id, seq)
+    );
+    CREATE FUNCTION journal_is_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'the journal is append-only'; END $$;
+    CREATE TRIGGER journal_is_append_only BEFORE UPDATE OR DELETE ON journal
+        FOR EACH ROW EXECUTE FUNCTION journal_is_append_only();
+    CREATE TRIGGER journal_is_never_truncated BEFORE TRUNCATE ON journal
+        FOR EACH STATEMENT EXECUTE FUNCTION journal_is_append_only();
+    CREATE TABLE intents (
+        tx_id TEXT PRIMARY KEY,
+        event TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        params TEXT NOT NULL,
+        changes TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        lease_until TIMESTAMPTZ,
+        last_error TEXT
+    );
+    CREATE INDEX intents_by_lease ON intents (lease_until);
+    CREATE TABLE commands (
+        key TEXT PRIMARY KEY,
+        command TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        tx_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        version INTEGER,
+        code TEXT,
+        message TEXT,
+        lease_until TIMESTAMPTZ
+    );
+    CREATE TABLE outbox (
+        id BIGSERIAL PRIMARY KEY,
+        tx_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL UNIQUE,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TIMESTAMPTZ,
+        lease_until TIMESTAMPTZ,
+        last_error TEXT,
+        created_at TIMESTAMPTZ NOT NULL,
+        delivered_at TIMESTAMPTZ
+    );
+    CREATE INDEX outbox_due ON outbox (next_attempt_at, id) WHERE status = 'pending';
+    CREATE INDEX outbox_by_tx ON outbox (tx_id);
+    """,
+    # 2: who holds a delivery's lease, when recover() may re-send an in-doubt intent,
+    # dead deliveries found without a scan, and worker heartbeats
+    """
+    ALTER TABLE outbox ADD COLUMN lease_owner TEXT;
+    ALTER TABLE intents ADD COLUMN retry_at TIMESTAMPTZ;
+    CREATE INDEX outbox_dead ON outbox (id) WHERE status = 'dead';
+    CREATE TABLE workers (
+        id TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        started_at TIMESTAMPTZ NOT NULL,
+        heartbeat_at TIMESTAMPTZ NOT NULL,
+        stopped_at TIMESTAMPTZ,
+        iterations INTEGER NOT NULL,
+        totals TEXT NOT NULL
+    );
+    """,
+)
+
+LATEST = len(MIGRATIONS)
+
+
+class SchemaTooNew(StoreUnavailable):
+    """The database was migrated by a newer txengine than this one."""
+
+
+def describe(url: str) -> str:
+    """The URL as it may be shown: user, host, port and database, never the password."""
+    try:
+        parts = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://(unparseable URL)"
+    host = parts.get("host") or "localhost"
+    port = f":{parts['port']}" if parts.get("port") else ""
+    user = f"{parts['user']}@" if parts.get("user") else ""
+    return f"postgresql://{user}{host}{port}/{parts.get('dbname', '')}"
+
+
+def migrate(url: str, *, connect_timeout: float = 10.0) -> int:
+    """Bring the database at ``url`` to this txengine's schema; returns the version.
+
+    Safe to run from every host at once: the engines queue on one advisory lock and the
+    first applies what is missing; the others find nothing left to do.
+    """
+    try:
+        with psycopg.connect(url, connect_timeout=int(connect_timeout), options="-c timezone=UTC") as db:
+            return _migrate(db, url)
+    except psycopg.Error as error:
+        raise StoreUnavailable(f"cannot migrate the PostgreSQL store {describe(url)}: {_cause(error)}") from None
+
+
+def _migrate(db: psycopg.Connection, url: str) -> int:
+    with db.transaction():
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        current = db.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+        if current > LATEST:
+            raise SchemaTooNew(
+                f"the PostgreSQL store {describe(url)} has schema version {current}, newer than the"
+                f" {LATEST} this txengine knows: upgrade txengine on this host before starting it"
+            )
+        for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            db.execute(script)
+            db.execute("INSERT INTO schema_version (version) VALUES (%s)", (number,))
+        db.execute("INSERT INTO meta (key, value) VALUES ('hash_key', %s) ON CONFLICT (key) DO NOTHING",
+                   (secrets.token_hex(32),))
+    return max(current, LATEST)
+
+
+class PostgresStore:
+    """A ``Store`` on a PostgreSQL database, through a pool of connections.
+
+    ``pool_size``: connections held at most (a POS process needs one per concurrent
+    command; a worker one per claim loop).  ``statement_timeout_ms``: how long one
+    statement may run (or wait for a lock) before it fails as ``StoreUnavailable``
+    instead of hanging the till.  ``wait_timeout``: how long a command waits for a free
+    connection, which is also how long it waits for an unreachable server.
+    """
+
+    def __init__(self, url: str, *, pool_size: int = 4, statement_timeout_ms: int = 15_000,
+                 wait_timeout: float = 5.0, migrate_schema: bool = True) -> None:
+        self._description = describe(url)
+        self._wait_timeout = wait_timeout
+        self._recent: dict[str, Transaction] = {}
+        self._recent_size = 4096
+        if migrate_schema:
+            migrate(url, connect_timeout=max(wait_timeout, 1))
+        self._pool = ConnectionPool(
+            url, min_size=1, max_size=pool_size, open=False, timeout=wait_timeout,
+            kwargs={"options": f"-c timezone=UTC -c statement_timeout={int(statement_timeout_ms)}",
+                    "connect_timeout": max(int(wait_timeout), 1)},
+            check=ConnectionPool.check_connection, reconnect_timeout=0,
+        )
+        try:
+            self._pool.open(wait=True, timeout=wait_timeout)
+        except PoolTimeout:
+            self._pool.close()
+            raise StoreUnavailable(f"cannot connect to the PostgreSQL store {self._description}") from None
+        with self._transaction() as db:
+            version = db.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+        if version != LATEST:
+            self._pool.close()
+            kind = SchemaTooNew if version > LATEST else StoreUnavailable
+            raise kind(f"the PostgreSQL store {self._description} has schema version {version}; this"
+                       f" txengine needs {LATEST}: run `txengine migrate --db URL`"
+                       + (" with a newer txengine" if version > LATEST else ""))
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self._description!r})"
+
+    # --- connections and transactions ---
+
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection]:
+        """One database transaction; any failure of the server or the network is
+        ``StoreUnavailable`` and leaves nothing behind (the transaction rolls back)."""
+        try:
+            with self._pool.connection(timeout=self._wait_timeout) as db:
+                yield db
+        except EngineError:
+            raise
+        except PoolTimeout:
+            raise StoreUnavailable(f"the PostgreSQL store {self._description} is unreachable"
+                                   f" (no connection within {self._wait_timeout:g}s)") from None
+        except psycopg.errors.UniqueViolation:
+            # two writers raced on one key (a journal seq, an outbox delivery): the CAS
+            # normally catches this first; either way the loser retries from a fresh read
+            raise ConcurrentModification("another caller wrote the same record first") from None
+        except psycopg.Error as error:
+            # the server went away, restarted, timed a statement out, refused us: nothing
+            # was committed, and no driver error reaches the POS
+            raise StoreUnavailable(f"the PostgreSQL store {self._description} failed: {_cause(error)}") from None
+
+    @property
+    def schema_version(self) -> int:
+        with self._transaction() as db:
+            return db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+
+    def keyed_hash_key(self) -> bytes:
+        with self._transaction() as db:
+            return bytes.fromhex(db.execute("SELECT value FROM meta WHERE key = 'hash_key'").fetchone()[0])
+
+    def database_now(self) -> datetime:
+        """The server's clock: one clock for every host of the fleet."""
+        with self._transaction() as db:
+            return db.execute("SELECT clock_timestamp()").fetchone()[0].astimezone(UTC)
+
+    # --- reads ---
+
+    def load(self, tx_id: str) -> Transaction | None:
+        with self._transaction() as db:
+            row = db.execute("SELECT snapshot FROM transactions WHERE id = %s", (tx_id,)).fetchone()
+        return None if row is None else self._decoded(row[0])
+
+    def _decoded(self, text: str) -> Transaction:
+        # Snapshots are immutable and their JSON names their version: the text we wrote
+        # (or last read) maps to one Transaction, so skip re-validating it.
+        tx = self._recent.get(text)
+        if tx is None:
+            tx = decode_transaction(loads(text))
+            self._remember(text, tx)
+        return tx
+
+    def _remember(self, text: str, tx: Transaction) -> None:
+        if len(self._recent) >= self._recent_size:
+            self._recent.pop(next(iter(self._recent)), None)
+        self._recent[text] = tx
+
+    def load_intent(self, tx_id: str) -> Intent | None:
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT tx_id, event, idempotency_key, params, changes, attempts, lease_until, last_error,"
+                " retry_at FROM intents WHERE tx_id = %s", (tx_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return Intent(row[0], row[1], row[2], loads(row[3]), loads(row[4]), row[5], _utc(row[6]), row[7],
+                      _utc(row[8]))
+
+    def load_command(self, key: str) -> CommandRecord | None:
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT key, command, fingerprint, tx_id, status, version, code, message, lease_until"
+                " FROM commands WHERE key = %s", (key,),
+            ).fetchone()
+        if row is None:
+            return None
+        return CommandRecord(*row[:8], lease_until=_utc(row[8]))
+
+    def journal(self, tx_id: str) -> list[Event]:
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT seq, kind, at, data FROM journal WHERE tx_id = %s ORDER BY seq", (tx_id,)
+            ).fetchall()
+        return [Event(tx_id, seq, kind, _utc(at), loads(data)) for seq, kind, at, data in rows]
+
+    def transaction_ids(self) -> list[str]:
+        with self._transaction() as db:
+            return [row[0] for row in db.execute("SELECT id FROM transactions ORDER BY id")]
+
+    # The sweeps skip rows another engine is committing right now (SKIP LOCKED): that
+    # engine is already acting on them, and the version CAS of the expiry or recovery
+    # itself makes the action happen once even if two sweeps pick the same row.
+
+    def due_for_expiry(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]:
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id FROM transactions"
+                f" WHERE state IN ({_ACTIVE_SQL}) AND pending IS NULL AND expires_at <= %s"
+                " AND provider = ANY(%s) ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                (now, _providers(providers), limit),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def intents_to_recover(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]:
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT intents.tx_id FROM intents JOIN transactions ON transactions.id = intents.tx_id"
+                " WHERE (intents.lease_until IS NULL OR intents.lease_until <= %s)"
+                " AND (intents.retry_at IS NULL OR intents.retry_at <= %s)"
+                " AND transactions.provider = ANY(%s)"
+                " ORDER BY intents.lease_until NULLS FIRST LIMIT %s FOR UPDATE OF intents SKIP LOCKED",
+                (now, now, _providers(providers), limit),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    # --- the one write path of the lifecycle ---
+
+    def write(self, commit: Commit) -> None:
+        with self._transaction() as db:
+            if commit.snapshot is not None:
+                self._swap_snapshot(db, commit)
+            if commit.command is not None:
+                self._write_command(db, commit.command)
+            if commit.events:
+                with db.cursor() as cursor:
+                    cursor.executemany(
+                        "INSERT INTO journal (tx_id, seq, kind, at, data) VALUES (%s, %s, %s, %s, %s)",
+                        [(e.tx_id, e.seq, e.kind, e.at, dumps(dict(e.data))) for e in commit.events],
+                    )
+            if commit.intent is not None:
+                self._write_intent(db, commit.tx_id, commit.intent)
+            if commit.enqueue:
+                with db.cursor() as cursor:
+                    cursor.executemany(
+                        "INSERT INTO outbox (tx_id, provider, kind, payload, idempotency_key, status,"
+                        " next_attempt_at, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                        [(d.tx_id, d.provider, d.kind, dumps(dict(d.payload)), d.idempotency_key,
+                          PENDING, d.due_at, d.due_at) for d in commit.enqueue],
+                    )
+
+    def _swap_snapshot(self, db: psycopg.Connection, commit: Commit) -> None:
+        tx = commit.snapshot
+        text = dumps(encode_transaction(tx))
+        values = (tx.state, tx.version, tx.expires_at, tx.refund_deadline, tx.pending, text, tx.updated_at)
+        if commit.expected_version == 0:
+            inserted = db.execute(
+                "INSERT INTO transactions (state, version, expires_at, refund_deadline, pending,"
+                " snapshot, updated_at, id, provider, created_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                values + (tx.id, tx.provider, tx.created_at),
+            ).rowcount
+            if inserted != 1:
+                raise ConcurrentModification("the transaction already exists", tx_id=tx.id)
+        else:
+            # The UPDATE locks the row: a concurrent command on this transaction waits here
+            # until we commit, then finds the version moved.
+            swapped = db.execute(
+                "UPDATE transactions SET state = %s, version = %s, expires_at = %s, refund_deadline = %s,"
+                " pending = %s, snapshot = %s, updated_at = %s WHERE id = %s AND version = %s",
+                values + (tx.id, commit.expected_version),
+            ).rowcount
+            if swapped != 1:
+                raise ConcurrentModification(
+                    f"expected version {commit.expected_version}; another caller changed it first",
+                    tx_id=tx.id, state=tx.state,
+                )
+        self._remember(text, tx)  # a rolled-back write leaves a harmless, unread entry
+
+    def _write_intent(self, db: psycopg.Connection, tx_id: str, op: IntentOp) -> None:
+        if op.op == PUT:
+            intent = op.intent
+            db.execute(
+                "INSERT INTO intents (tx_id, event, idempotency_key, params, changes, attempts,"
+                " lease_until) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (tx_id, intent.event, intent.idempotency_key, dumps(dict(intent.params)),
+                 dumps(dict(intent.changes)), intent.attempts, op.lease_until),
+            )
+        elif op.op == TAKE:
+            taken = db.execute(
+                "UPDATE intents SET lease_until = %s, attempts = attempts + 1"
+                " WHERE tx_id = %s AND (lease_until IS NULL OR lease_until <= %s)",
+                (op.lease_until, tx_id, op.now),
+            ).rowcount
+            if taken != 1:
+                raise TransactionInDoubt("its provider call is in flight in another process", tx_id=tx_id)
+        elif op.op == RELEASE:
+            db.execute("UPDATE intents SET lease_until = NULL, last_error = %s, retry_at = %s WHERE tx_id = %s",
+                       (op.error, op.retry_at, tx_id))
+        elif op.op == DROP:
+            db.execute("DELETE FROM intents WHERE tx_id = %s", (tx_id,))
+        else:
+            raise ValueError(f"unknown intent operation {op.op!r}")
+
+    def _write_command(self, db: psycopg.Connection, op: CommandOp) -> None:
+        record = op.record
+        if op.insert:
+            # ON CONFLICT: a concurrent insert of the same key waits for the first to
+            # commit, then finds it instead of failing the whole transaction.
+            inserted = db.execute(
+                "INSERT INTO commands (key, command, fingerprint, tx_id, status, version, code, message,"
+                " lease_until) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
+                (record.key, record.command, record.fingerprint, record.tx_id, record.status,
+                 record.version, record.code, record.message, record.lease_until),
+            ).rowcount
+            if inserted == 1:
+                return
+            existing = db.execute("SELECT fingerprint FROM commands WHERE key = %s", (record.key,)).fetchone()
+            if existing is not None and existing[0] != record.fingerprint:
+                raise IdempotencyConflict("the idempotency key was used for another command")
+            raise ConcurrentModification("the same command is running elsewhere", tx_id=record.tx_id)
+        condition, extra = sql.SQL(""), ()
+        if op.take_lease_at is not None:
+            condition, extra = sql.SQL(" AND (lease_until IS NULL OR lease_until <= %s)"), (op.take_lease_at,)
+        updated = db.execute(
+            sql.SQL("UPDATE commands SET status = %s, version = %s, code = %s, message = %s, lease_until = %s"
+                    " WHERE key = %s") + condition,
+            (record.status, record.version, record.code, record.message, record.lease_until,
+             record.key) + extra,
+        ).rowcount
+        if updated != 1:
+            raise TransactionInDoubt("the same command is in flight in another process", tx_id=record.tx_id)
+
+    # --- the outbox ---
+
+    def claim_deliveries(self, now: datetime, lease_until: datetime, limit: int,
+                         owner: str | None = None, providers: Sequence[str] | None = None) -> list[Delivery]:
+        only = sql.SQL("") if providers is None else sql.SQL(" AND provider = ANY(%(providers)s)")
+        with self._transaction() as db:
+            rows = db.execute(
+                sql.SQL(
+                    "UPDATE outbox SET lease_until = %(lease_until)s, lease_owner = %(owner)s WHERE id IN ("
+                    " SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= %(now)s"
+                    " AND (lease_until IS NULL OR lease_until <= %(now)s)"
+                ) + only + sql.SQL(
+                    " ORDER BY next_attempt_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                    " RETURNING id, tx_id, provider, kind, payload, idempotency_key, attempts, next_attempt_at"
+                ),
+                {"lease_until": lease_until, "owner": owner, "now": now, "limit": limit,
+                 "providers": list(providers or ())},
+            ).fetchall()
+        rows.sort(key=lambda row: (row[7], row[0]))  # RETURNING keeps no order
+        return [Delivery(id=r[0], tx_id=r[1], provider=r[2], kind=r[3], payload=loads(r[4]),
+                         idempotency_key=r[5], attempts=r[6]) for r in rows]
+
+    def settle_deliveries(self, settlements: Sequence[DeliverySettlement], now: datetime,
+                          owner: str | None = None) -> int:
+        # Only the lease holder settles: a worker whose lease ran out and was re-claimed
+        # by another must not overwrite that worker's outcome.
+        held = 0
+        with self._transaction() as db:
+            for s in settlements:
+                held += db.execute(
+                    "UPDATE outbox SET status = %(status)s, attempts = attempts + %(attempted)s,"
+                    " next_attempt_at = CASE WHEN %(retimed)s THEN %(next)s ELSE next_attempt_at END,"
+                    " last_error = coalesce(%(error)s, last_error), lease_until = NULL, lease_owner = NULL,"
+                    " delivered_at = CASE WHEN %(status)s = 'delivered' THEN %(now)s ELSE delivered_at END"
+                    " WHERE id = %(id)s AND (%(owner)s::text IS NULL OR lease_owner = %(owner)s)",
+                    {"status": s.status, "attempted": int(s.attempted), "retimed": s.attempted,
+                     "next": s.next_attempt_at, "error": s.error, "now": now, "id": s.id, "owner": owner},
+                ).rowcount
+        return held
+
+    def deliveries(self, tx_id: str | None = None, status: str | None = None,
+                   limit: int | None = None) -> list[DeliveryRecord]:
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id, tx_id, provider, kind, status, attempts, next_attempt_at, last_error,"
+                " created_at, delivered_at FROM outbox"
+                " WHERE (%(tx_id)s::text IS NULL OR tx_id = %(tx_id)s)"
+                " AND (%(status)s::text IS NULL OR status = %(status)s) ORDER BY id LIMIT %(limit)s",
+                {"tx_id": tx_id, "status": status, "limit": limit},
+            ).fetchall()
+        return [DeliveryRecord(r[0], r[1], r[2], r[3], r[4], r[5], _utc(r[6]), r[7], _utc(r[8]), _utc(r[9]))
+                for r in rows]
+
+    def backlog(self, now: datetime) -> dict[str, int]:
+        with self._transaction() as db:
+            in_doubt, stuck = db.execute(
+                "SELECT count(*), count(*) FILTER (WHERE lease_until IS NULL OR lease_until <= %s)"
+                " FROM intents", (now,),
+            ).fetchone()
+            pending = db.execute("SELECT count(*) FROM outbox WHERE status = 'pending'").fetchone()[0]
+            dead = db.execute("SELECT count(*) FROM outbox WHERE status = 'dead'").fetchone()[0]
+        return {PENDING: pending, DEAD: dead, "in_doubt": in_doubt, "stuck": stuck}
+
+    def retry_delivery(self, delivery_id: int, now: datetime) -> bool:
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE outbox SET status = 'pending', next_attempt_at = %s, lease_until = NULL,"
+                " lease_owner = NULL WHERE id = %s AND status = 'dead'", (now, delivery_id),
+            ).rowcount == 1
+
+    def retry_dead_deliveries(self, now: datetime) -> int:
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE outbox SET status = 'pending', next_attempt_at = %s, lease_until = NULL,"
+                " lease_owner = NULL WHERE status = 'dead'", (now,),
+            ).rowcount
+
+    # --- workers ---
+
+    def beat(self, worker: WorkerRecord) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO workers (id, host, pid, status, started_at, heartbeat_at, stopped_at,"
+                " iterations, totals) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE"
+                " SET status = excluded.status, heartbeat_at = excluded.heartbeat_at,"
+                " stopped_at = excluded.stopped_at, iterations = excluded.iterations,"
+                " totals = excluded.totals",
+                (worker.id, worker.host, worker.pid, worker.status, worker.started_at, worker.heartbeat_at,
+                 worker.stopped_at, worker.iterations, dumps(dict(worker.totals))),
+            )
+
+    def workers(self) -> list[WorkerRecord]:
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id, host, pid, status, started_at, heartbeat_at, stopped_at, iterations, totals"
+                " FROM workers ORDER BY heartbeat_at DESC"
+            ).fetchall()
+        return [WorkerRecord(r[0], r[1], r[2], r[3], _utc(r[4]), _utc(r[5]), _utc(r[6]), r[7], loads(r[8]))
+                for r in rows]
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC)
+
+
+def _providers(providers: Sequence[str]) -> list[str]:
+    if not providers:
+        raise ValueError("a sweep needs at least one provider")
+    return list(providers)
+
+
+def _cause(error: BaseException) -> str:
+    """The server's or the driver's reason, first line only (never the connection string)."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
