@@ -196,8 +196,8 @@ def migrate(url: str, *, connect_timeout: float = 10.0) -> int:
 def _migrate(db: psycopg.Connection, url: str) -> int:
     with db.transaction():
         db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        current = _schema_version(db)
         db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        current = db.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
         if current > LATEST:
             raise SchemaTooNew(
                 f"the PostgreSQL store {describe(url)} has schema version {current}, newer than the"
@@ -233,7 +233,10 @@ class PostgresStore:
             url, min_size=1, max_size=pool_size, open=False, timeout=wait_timeout,
             kwargs={"options": f"-c timezone=UTC -c statement_timeout={int(statement_timeout_ms)}",
                     "connect_timeout": max(int(wait_timeout), 1)},
-            check=ConnectionPool.check_connection, reconnect_timeout=0,
+            check=ConnectionPool.check_connection,  # a connection a restart broke is replaced, not used
+            # give up a reconnection attempt soon, so the next command starts a fresh one at
+            # once instead of waiting out an exponential backoff after the server is back
+            reconnect_timeout=max(wait_timeout, 1.0),
         )
         try:
             self._pool.open(wait=True, timeout=wait_timeout)
@@ -241,7 +244,7 @@ class PostgresStore:
             self._pool.close()
             raise StoreUnavailable(f"cannot connect to the PostgreSQL store {self._description}") from None
         with self._transaction() as db:
-            version = db.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+            version = _schema_version(db)
         if version != LATEST:
             self._pool.close()
             kind = SchemaTooNew if version > LATEST else StoreUnavailable
@@ -577,6 +580,13 @@ class PostgresStore:
 
     def close(self) -> None:
         self._pool.close()
+
+
+def _schema_version(db: psycopg.Connection) -> int:
+    """0 for a blank database."""
+    if db.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+        return 0
+    return db.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
 
 
 def _utc(value: datetime | None) -> datetime | None:
