@@ -83,8 +83,14 @@ def pg_database(pg_server):
 
 
 @pytest.fixture
-def db_url(request, store_kind, tmp_path) -> str:
+def db_url(request, store_kind, tmp_path, clock, monkeypatch) -> str:
     if store_kind == "postgres":
+        from txengine.store.postgres import PostgresStore
+
+        # These suites move time with the test's FakeClock; it stands in for the server's
+        # clock too, so a lease runs out when the test advances it.  The server's own
+        # clock is proven in tests/test_postgres_*.py (engines whose clocks differ).
+        monkeypatch.setattr(PostgresStore, "default_lease_clock", clock)
         pg_server = request.getfixturevalue("pg_server")
         return pg_server.url(request.getfixturevalue("pg_database"))
     return f"sqlite:///{tmp_path / 'txengine.db'}"

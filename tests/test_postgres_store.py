@@ -13,7 +13,7 @@ import pytest
 
 psycopg = pytest.importorskip("psycopg")
 
-from txengine import Engine  # noqa: E402
+from txengine import Engine, FakeClock  # noqa: E402
 from txengine.errors import EngineError, StoreUnavailable  # noqa: E402
 from txengine.journal import replay  # noqa: E402
 from txengine.providers.reference import ReferenceDriver, ReferenceSandbox  # noqa: E402
@@ -155,13 +155,32 @@ class TestClaims:
         [last] = store.claim_deliveries(now, now + timedelta(seconds=60), 10, "worker-b")
         assert last.id == locked[0]
 
-    def test_a_crashed_workers_claims_return_after_their_lease(self, pg_engine, basket, clock):
+    def test_a_crashed_workers_claims_return_after_their_lease(self, pg_engine, basket, clock, url):
         pg_engine.finalize(pg_engine.preview("reference", basket, customer_token=CUSTOMER).id)
-        store, now = pg_engine.store, clock.now()
-        [claimed] = store.claim_deliveries(now, now + timedelta(seconds=60), 10, "crashed")
-        assert store.claim_deliveries(now + timedelta(seconds=59), now + timedelta(seconds=120), 10, "b") == []
-        [again] = store.claim_deliveries(now + timedelta(seconds=60), now + timedelta(seconds=120), 10, "b")
-        assert again.id == claimed.id
+        server_clock = FakeClock()  # stands in for the server's clock: no sleeping
+        store = postgres.PostgresStore(url, lease_clock=server_clock)
+        try:
+            now, lease = clock.now(), timedelta(seconds=60)
+            [claimed] = store.claim_deliveries(now, now + lease, 10, "crashed")
+            server_clock.advance(seconds=59)
+            assert store.claim_deliveries(now, now + lease, 10, "b") == []
+            server_clock.advance(seconds=1)
+            [again] = store.claim_deliveries(now, now + lease, 10, "b")
+            assert again.id == claimed.id
+        finally:
+            store.close()
+
+    def test_a_worker_whose_clock_runs_ahead_cannot_take_a_live_claim(self, pg_engine, basket, url, driver):
+        """Leases run on the server's clock: engine clocks minutes apart do not matter."""
+        pg_engine.finalize(pg_engine.preview("reference", basket, customer_token=CUSTOMER).id)
+        behind, ahead = FakeClock(), FakeClock()
+        ahead.advance(minutes=7)
+        lease = timedelta(seconds=60)
+        [claimed] = pg_engine.store.claim_deliveries(behind.now(), behind.now() + lease, 10, "behind")
+        with Engine.open(url, providers={"reference": driver}, clock=ahead) as fast:
+            assert fast.store.claim_deliveries(ahead.now(), ahead.now() + lease, 10, "ahead") == []
+            assert fast.deliver_pending() == 0, "the claim is live on the one clock that counts"
+        assert claimed.attempts == 0
 
 
 class TestSecrets:

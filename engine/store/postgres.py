@@ -33,6 +33,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from ..clock import Clock
 from ..codec import decode_transaction, dumps, encode_transaction, loads
 from ..drivers import Delivery
 from ..errors import (
@@ -221,8 +222,15 @@ class PostgresStore:
     connection, which is also how long it waits for an unreachable server.
     """
 
+    #: the clock leases are measured on when none is given: None is the server's own
+    #: ``clock_timestamp()``, one clock for every host.  A test suite driving time with a
+    #: FakeClock sets it to that clock (it stands in for the server's).
+    default_lease_clock: Clock | None = None
+
     def __init__(self, url: str, *, pool_size: int = 4, statement_timeout_ms: int = 15_000,
-                 wait_timeout: float = 5.0, migrate_schema: bool = True) -> None:
+                 wait_timeout: float = 5.0, migrate_schema: bool = True,
+                 lease_clock: Clock | None = None) -> None:
+        self.lease_clock = lease_clock if lease_clock is not None else self.default_lease_clock
         self._description = describe(url)
         self._wait_timeout = wait_timeout
         self._recent: dict[str, Transaction] = {}
@@ -286,6 +294,10 @@ class PostgresStore:
     def keyed_hash_key(self) -> bytes:
         with self._transaction() as db:
             return bytes.fromhex(db.execute("SELECT value FROM meta WHERE key = 'hash_key'").fetchone()[0])
+
+    def _lease_clock_now(self) -> datetime | None:
+        """The lease clock's time, or None: the SQL then reads the server's clock."""
+        return None if self.lease_clock is None else self.lease_clock.now()
 
     def database_now(self) -> datetime:
         """The server's clock: one clock for every host of the fleet."""
@@ -482,19 +494,24 @@ class PostgresStore:
 
     def claim_deliveries(self, now: datetime, lease_until: datetime, limit: int,
                          owner: str | None = None, providers: Sequence[str] | None = None) -> list[Delivery]:
+        """Due is decided on the engine's ``now``; the lease (``lease_until - now`` long)
+        on the lease clock, so a worker whose clock runs minutes ahead never takes over a
+        delivery another worker is still sending."""
         only = sql.SQL("") if providers is None else sql.SQL(" AND provider = ANY(%(providers)s)")
         with self._transaction() as db:
             rows = db.execute(
                 sql.SQL(
-                    "UPDATE outbox SET lease_until = %(lease_until)s, lease_owner = %(owner)s WHERE id IN ("
+                    "WITH clock AS (SELECT coalesce(%(lease_clock)s::timestamptz, clock_timestamp()) AS now)"
+                    " UPDATE outbox SET lease_until = (SELECT now FROM clock) + %(lease)s::interval,"
+                    " lease_owner = %(owner)s WHERE id IN ("
                     " SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= %(now)s"
-                    " AND (lease_until IS NULL OR lease_until <= %(now)s)"
+                    " AND (lease_until IS NULL OR lease_until <= (SELECT now FROM clock))"
                 ) + only + sql.SQL(
                     " ORDER BY next_attempt_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
                     " RETURNING id, tx_id, provider, kind, payload, idempotency_key, attempts, next_attempt_at"
                 ),
-                {"lease_until": lease_until, "owner": owner, "now": now, "limit": limit,
-                 "providers": list(providers or ())},
+                {"lease_clock": self._lease_clock_now(), "lease": lease_until - now, "owner": owner,
+                 "now": now, "limit": limit, "providers": list(providers or ())},
             ).fetchall()
         rows.sort(key=lambda row: (row[7], row[0]))  # RETURNING keeps no order
         return [Delivery(id=r[0], tx_id=r[1], provider=r[2], kind=r[3], payload=loads(r[4]),
