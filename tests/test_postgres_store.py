@@ -270,3 +270,22 @@ class TestOutages:
             assert engine.recover() == 1
             assert engine.get(tx.id).state == "finalized"
             assert sandbox.commits.count((tx.provider_ref, "finalize")) == 1, "committed once at the provider"
+
+
+class TestTheAsyncPath:
+    async def test_the_async_engine_runs_store_operations_on_the_loop_without_threads(
+            self, url, driver, clock, basket, monkeypatch):
+        from txengine import AsyncEngine
+        import txengine.aio
+
+        def no_thread_hops(*args, **kwargs):
+            raise AssertionError("a PostgreSQL store operation hopped to a thread")
+
+        engine = AsyncEngine.open(url, providers={"reference": driver}, clock=clock)
+        monkeypatch.setattr(txengine.aio.asyncio, "to_thread", no_thread_hops)
+        async with engine:
+            tx = await engine.preview("reference", basket, customer_token=CUSTOMER)
+            done = await engine.finalize(tx.id)
+            assert done.state == "finalized" and [d.kind for d in done.deliveries] == ["receipt"]
+            assert await engine.deliver_pending() == 1
+            assert [e.seq for e in await engine.history(tx.id)] == [1, 2, 3]  # preview, attempt, finalize

@@ -23,15 +23,18 @@ The URL's password never appears in a repr, a log line or an exception message.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from typing import Any
+
+import attrs
 
 import psycopg
 import psycopg.errors
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from ..clock import Clock
 from ..codec import decode_transaction, dumps, encode_transaction, loads
@@ -197,7 +200,7 @@ def migrate(url: str, *, connect_timeout: float = 10.0) -> int:
 def _migrate(db: psycopg.Connection, url: str) -> int:
     with db.transaction():
         db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        current = _schema_version(db)
+        current = _blocking_answer(db, _schema_version())
         db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         if current > LATEST:
             raise SchemaTooNew(
@@ -210,6 +213,357 @@ def _migrate(db: psycopg.Connection, url: str) -> int:
         db.execute("INSERT INTO meta (key, value) VALUES ('hash_key', %s) ON CONFLICT (key) DO NOTHING",
                    (secrets.token_hex(32),))
     return max(current, LATEST)
+
+
+@attrs.frozen
+class One:
+    """A statement whose first row (or None) is the answer."""
+
+    query: str | sql.Composable
+    params: Any = None
+
+
+@attrs.frozen
+class All:
+    """A statement whose rows are the answer."""
+
+    query: str | sql.Composable
+    params: Any = None
+
+
+@attrs.frozen
+class Count:
+    """A statement whose answer is how many rows it changed."""
+
+    query: str | sql.Composable
+    params: Any = None
+
+
+@attrs.frozen
+class Many:
+    """One statement run once per parameter row."""
+
+    query: str | sql.Composable
+    params: Sequence[Any] = ()
+
+
+#: a store operation: yields statements, receives their answers, returns its result.
+#: Written once, it runs on a blocking connection (``PostgresStore``) or an asyncio one
+#: (``PostgresStore.aperform``): the SQL and the decisions never differ between the two.
+Statements = Generator["One | All | Count | Many", Any, Any]
+
+
+class _Operations:
+    """Every store operation as a generator of statements, in one database transaction."""
+
+    def __init__(self, lease_clock: Clock | None) -> None:
+        self.lease_clock = lease_clock
+        self._recent: dict[str, Transaction] = {}
+        self._recent_size = 4096
+
+    def _lease_clock_now(self) -> datetime | None:
+        """The lease clock's time, or None: the SQL then reads the server's clock."""
+        return None if self.lease_clock is None else self.lease_clock.now()
+
+    # --- reads ---
+
+    def load(self, tx_id: str) -> Statements:
+        row = yield One("SELECT snapshot FROM transactions WHERE id = %s", (tx_id,))
+        return None if row is None else self._decoded(row[0])
+
+    def keyed_hash_key(self) -> Statements:
+        return bytes.fromhex((yield One("SELECT value FROM meta WHERE key = 'hash_key'"))[0])
+
+    def database_now(self) -> Statements:
+        """The server's clock: one clock for every host of the fleet."""
+        return (yield One("SELECT clock_timestamp()"))[0].astimezone(UTC)
+
+    def _decoded(self, text: str) -> Transaction:
+        # Snapshots are immutable and their JSON names their version: the text we wrote
+        # (or last read) maps to one Transaction, so skip re-validating it.
+        tx = self._recent.get(text)
+        if tx is None:
+            tx = decode_transaction(loads(text))
+            self._remember(text, tx)
+        return tx
+
+    def _remember(self, text: str, tx: Transaction) -> None:
+        if len(self._recent) >= self._recent_size:
+            self._recent.pop(next(iter(self._recent)), None)
+        self._recent[text] = tx
+
+    def load_intent(self, tx_id: str) -> Statements:
+        row = yield One(
+            "SELECT tx_id, event, idempotency_key, params, changes, attempts, lease_until, last_error,"
+            " retry_at FROM intents WHERE tx_id = %s", (tx_id,),
+        )
+        if row is None:
+            return None
+        return Intent(row[0], row[1], row[2], loads(row[3]), loads(row[4]), row[5], _utc(row[6]), row[7],
+                      _utc(row[8]))
+
+    def load_command(self, key: str) -> Statements:
+        row = yield One(
+            "SELECT key, command, fingerprint, tx_id, status, version, code, message, lease_until"
+            " FROM commands WHERE key = %s", (key,),
+        )
+        if row is None:
+            return None
+        return CommandRecord(*row[:8], lease_until=_utc(row[8]))
+
+    def journal(self, tx_id: str) -> Statements:
+        rows = yield All("SELECT seq, kind, at, data FROM journal WHERE tx_id = %s ORDER BY seq", (tx_id,))
+        return [Event(tx_id, seq, kind, _utc(at), loads(data)) for seq, kind, at, data in rows]
+
+    def transaction_ids(self) -> Statements:
+        return [row[0] for row in (yield All("SELECT id FROM transactions ORDER BY id"))]
+
+    # The sweeps skip rows another engine is committing right now (SKIP LOCKED): that
+    # engine is already acting on them, and the version CAS of the expiry or recovery
+    # itself makes the action happen once even if two sweeps pick the same row.
+
+    def due_for_expiry(self, now: datetime, limit: int, providers: Sequence[str]) -> Statements:
+        rows = yield All(
+            "SELECT id FROM transactions"
+            f" WHERE state IN ({_ACTIVE_SQL}) AND pending IS NULL AND expires_at <= %s"
+            " AND provider = ANY(%s) ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED",
+            (now, _providers(providers), limit),
+        )
+        return [row[0] for row in rows]
+
+    def intents_to_recover(self, now: datetime, limit: int, providers: Sequence[str]) -> Statements:
+        rows = yield All(
+            "SELECT intents.tx_id FROM intents JOIN transactions ON transactions.id = intents.tx_id"
+            " WHERE (intents.lease_until IS NULL OR intents.lease_until <= %s)"
+            " AND (intents.retry_at IS NULL OR intents.retry_at <= %s)"
+            " AND transactions.provider = ANY(%s)"
+            " ORDER BY intents.lease_until NULLS FIRST LIMIT %s FOR UPDATE OF intents SKIP LOCKED",
+            (now, now, _providers(providers), limit),
+        )
+        return [row[0] for row in rows]
+
+    # --- the one write path of the lifecycle ---
+
+    def write(self, commit: Commit) -> Statements:
+        if commit.snapshot is not None:
+            yield from self._swap_snapshot(commit)
+        if commit.command is not None:
+            yield from self._write_command(commit.command)
+        if commit.events:
+            yield Many(
+                "INSERT INTO journal (tx_id, seq, kind, at, data) VALUES (%s, %s, %s, %s, %s)",
+                [(e.tx_id, e.seq, e.kind, e.at, dumps(dict(e.data))) for e in commit.events],
+            )
+        if commit.intent is not None:
+            yield from self._write_intent(commit.tx_id, commit.intent)
+        if commit.enqueue:
+            yield Many(
+                "INSERT INTO outbox (tx_id, provider, kind, payload, idempotency_key, status,"
+                " next_attempt_at, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                [(d.tx_id, d.provider, d.kind, dumps(dict(d.payload)), d.idempotency_key,
+                  PENDING, d.due_at, d.due_at) for d in commit.enqueue],
+            )
+
+    def _swap_snapshot(self, commit: Commit) -> Statements:
+        tx = commit.snapshot
+        text = dumps(encode_transaction(tx))
+        values = (tx.state, tx.version, tx.expires_at, tx.refund_deadline, tx.pending, text, tx.updated_at)
+        if commit.expected_version == 0:
+            inserted = yield Count(
+                "INSERT INTO transactions (state, version, expires_at, refund_deadline, pending,"
+                " snapshot, updated_at, id, provider, created_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                values + (tx.id, tx.provider, tx.created_at),
+            )
+            if inserted != 1:
+                raise ConcurrentModification("the transaction already exists", tx_id=tx.id)
+        else:
+            # The UPDATE locks the row: a concurrent command on this transaction waits here
+            # until we commit, then finds the version moved.
+            swapped = yield Count(
+                "UPDATE transactions SET state = %s, version = %s, expires_at = %s, refund_deadline = %s,"
+                " pending = %s, snapshot = %s, updated_at = %s WHERE id = %s AND version = %s",
+                values + (tx.id, commit.expected_version),
+            )
+            if swapped != 1:
+                raise ConcurrentModification(
+                    f"expected version {commit.expected_version}; another caller changed it first",
+                    tx_id=tx.id, state=tx.state,
+                )
+        self._remember(text, tx)  # a rolled-back write leaves a harmless, unread entry
+
+    def _write_intent(self, tx_id: str, op: IntentOp) -> Statements:
+        if op.op == PUT:
+            intent = op.intent
+            yield Count(
+                "INSERT INTO intents (tx_id, event, idempotency_key, params, changes, attempts,"
+                " lease_until) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (tx_id, intent.event, intent.idempotency_key, dumps(dict(intent.params)),
+                 dumps(dict(intent.changes)), intent.attempts, op.lease_until),
+            )
+        elif op.op == TAKE:
+            taken = yield Count(
+                "UPDATE intents SET lease_until = %s, attempts = attempts + 1"
+                " WHERE tx_id = %s AND (lease_until IS NULL OR lease_until <= %s)",
+                (op.lease_until, tx_id, op.now),
+            )
+            if taken != 1:
+                raise TransactionInDoubt("its provider call is in flight in another process", tx_id=tx_id)
+        elif op.op == RELEASE:
+            yield Count("UPDATE intents SET lease_until = NULL, last_error = %s, retry_at = %s WHERE tx_id = %s",
+                        (op.error, op.retry_at, tx_id))
+        elif op.op == DROP:
+            yield Count("DELETE FROM intents WHERE tx_id = %s", (tx_id,))
+        else:
+            raise ValueError(f"unknown intent operation {op.op!r}")
+
+    def _write_command(self, op: CommandOp) -> Statements:
+        record = op.record
+        if op.insert:
+            # ON CONFLICT: a concurrent insert of the same key waits for the first to
+            # commit, then finds it instead of failing the whole transaction.
+            inserted = yield Count(
+                "INSERT INTO commands (key, command, fingerprint, tx_id, status, version, code, message,"
+                " lease_until) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
+                (record.key, record.command, record.fingerprint, record.tx_id, record.status,
+                 record.version, record.code, record.message, record.lease_until),
+            )
+            if inserted == 1:
+                return
+            existing = yield One("SELECT fingerprint FROM commands WHERE key = %s", (record.key,))
+            if existing is not None and existing[0] != record.fingerprint:
+                raise IdempotencyConflict("the idempotency key was used for another command")
+            raise ConcurrentModification("the same command is running elsewhere", tx_id=record.tx_id)
+        condition, extra = sql.SQL(""), ()
+        if op.take_lease_at is not None:
+            condition, extra = sql.SQL(" AND (lease_until IS NULL OR lease_until <= %s)"), (op.take_lease_at,)
+        updated = yield Count(
+            sql.SQL("UPDATE commands SET status = %s, version = %s, code = %s, message = %s, lease_until = %s"
+                    " WHERE key = %s") + condition,
+            (record.status, record.version, record.code, record.message, record.lease_until,
+             record.key) + extra,
+        )
+        if updated != 1:
+            raise TransactionInDoubt("the same command is in flight in another process", tx_id=record.tx_id)
+
+    # --- the outbox ---
+
+    def claim_deliveries(self, now: datetime, lease_until: datetime, limit: int,
+                         owner: str | None = None, providers: Sequence[str] | None = None) -> Statements:
+        """Due is decided on the engine's ``now``; the lease (``lease_until - now`` long)
+        on the lease clock, so a worker whose clock runs minutes ahead never takes over a
+        delivery another worker is still sending."""
+        only = sql.SQL("") if providers is None else sql.SQL(" AND provider = ANY(%(providers)s)")
+        rows = yield All(
+                sql.SQL(
+                    "WITH clock AS (SELECT coalesce(%(lease_clock)s::timestamptz, clock_timestamp()) AS now)"
+                    " UPDATE outbox SET lease_until = (SELECT now FROM clock) + %(lease)s::interval,"
+                    " lease_owner = %(owner)s WHERE id IN ("
+                    " SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= %(now)s"
+                    " AND (lease_until IS NULL OR lease_until <= (SELECT now FROM clock))"
+                ) + only + sql.SQL(
+                    " ORDER BY next_attempt_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                    " RETURNING id, tx_id, provider, kind, payload, idempotency_key, attempts, next_attempt_at"
+                ),
+                {"lease_clock": self._lease_clock_now(), "lease": lease_until - now, "owner": owner,
+                 "now": now, "limit": limit, "providers": list(providers or ())},
+        )
+        rows.sort(key=lambda row: (row[7], row[0]))  # RETURNING keeps no order
+        return [Delivery(id=r[0], tx_id=r[1], provider=r[2], kind=r[3], payload=loads(r[4]),
+                         idempotency_key=r[5], attempts=r[6]) for r in rows]
+
+    def settle_deliveries(self, settlements: Sequence[DeliverySettlement], now: datetime,
+                          owner: str | None = None) -> Statements:
+        # Only the lease holder settles: a worker whose lease ran out and was re-claimed
+        # by another must not overwrite that worker's outcome.
+        held = 0
+        for s in settlements:
+            held += yield Count(
+                    "UPDATE outbox SET status = %(status)s, attempts = attempts + %(attempted)s,"
+                    " next_attempt_at = CASE WHEN %(retimed)s THEN %(next)s ELSE next_attempt_at END,"
+                    " last_error = coalesce(%(error)s, last_error), lease_until = NULL, lease_owner = NULL,"
+                    " delivered_at = CASE WHEN %(status)s = 'delivered' THEN %(now)s ELSE delivered_at END"
+                    " WHERE id = %(id)s AND (%(owner)s::text IS NULL OR lease_owner = %(owner)s)",
+                    {"status": s.status, "attempted": int(s.attempted), "retimed": s.attempted,
+                     "next": s.next_attempt_at, "error": s.error, "now": now, "id": s.id, "owner": owner},
+            )
+        return held
+
+    def deliveries(self, tx_id: str | None = None, status: str | None = None,
+                   limit: int | None = None) -> Statements:
+        rows = yield All(
+                "SELECT id, tx_id, provider, kind, status, attempts, next_attempt_at, last_error,"
+                " created_at, delivered_at FROM outbox"
+                " WHERE (%(tx_id)s::text IS NULL OR tx_id = %(tx_id)s)"
+                " AND (%(status)s::text IS NULL OR status = %(status)s) ORDER BY id LIMIT %(limit)s",
+                {"tx_id": tx_id, "status": status, "limit": limit},
+        )
+        return [DeliveryRecord(r[0], r[1], r[2], r[3], r[4], r[5], _utc(r[6]), r[7], _utc(r[8]), _utc(r[9]))
+                for r in rows]
+
+    def backlog(self, now: datetime) -> Statements:
+        in_doubt, stuck = yield One(
+            "SELECT count(*), count(*) FILTER (WHERE lease_until IS NULL OR lease_until <= %s)"
+            " FROM intents", (now,),
+        )
+        [pending] = yield One("SELECT count(*) FROM outbox WHERE status = 'pending'")
+        [dead] = yield One("SELECT count(*) FROM outbox WHERE status = 'dead'")
+        return {PENDING: pending, DEAD: dead, "in_doubt": in_doubt, "stuck": stuck}
+
+    def retry_delivery(self, delivery_id: int, now: datetime) -> Statements:
+        return (yield Count(
+            "UPDATE outbox SET status = 'pending', next_attempt_at = %s, lease_until = NULL,"
+            " lease_owner = NULL WHERE id = %s AND status = 'dead'", (now, delivery_id),
+        )) == 1
+
+    def retry_dead_deliveries(self, now: datetime) -> Statements:
+        return (yield Count(
+            "UPDATE outbox SET status = 'pending', next_attempt_at = %s, lease_until = NULL,"
+            " lease_owner = NULL WHERE status = 'dead'", (now,),
+        ))
+
+    # --- workers ---
+
+    def beat(self, worker: WorkerRecord) -> Statements:
+        yield Count(
+                "INSERT INTO workers (id, host, pid, status, started_at, heartbeat_at, stopped_at,"
+                " iterations, totals) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE"
+                " SET status = excluded.status, heartbeat_at = excluded.heartbeat_at,"
+                " stopped_at = excluded.stopped_at, iterations = excluded.iterations,"
+                " totals = excluded.totals",
+                (worker.id, worker.host, worker.pid, worker.status, worker.started_at, worker.heartbeat_at,
+                 worker.stopped_at, worker.iterations, dumps(dict(worker.totals))),
+            )
+
+    def workers(self) -> Statements:
+        rows = yield All(
+            "SELECT id, host, pid, status, started_at, heartbeat_at, stopped_at, iterations, totals"
+            " FROM workers ORDER BY heartbeat_at DESC"
+        )
+        return [WorkerRecord(r[0], r[1], r[2], r[3], _utc(r[4]), _utc(r[5]), _utc(r[6]), r[7], loads(r[8]))
+                for r in rows]
+
+
+def _blocking(name: str):
+    """The blocking ``Store`` method running operation ``name`` in one transaction."""
+
+    def method(self: PostgresStore, *args: Any, **kwargs: Any) -> Any:
+        return self._run(getattr(self._ops, name)(*args, **kwargs))
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = getattr(_Operations, name).__doc__
+    return method
+
+
+def _blocking_answer(db: psycopg.Connection, operation: Statements) -> Any:
+    """Drive a read-only operation on a connection already in a transaction (migrations)."""
+    answer = None
+    while True:
+        try:
+            step = operation.send(answer)
+        except StopIteration as done:
+            return done.value
+        answer = db.execute(step.query, step.params).fetchone()
 
 
 class PostgresStore:
@@ -230,29 +584,28 @@ class PostgresStore:
     def __init__(self, url: str, *, pool_size: int = 4, statement_timeout_ms: int = 15_000,
                  wait_timeout: float = 5.0, migrate_schema: bool = True,
                  lease_clock: Clock | None = None) -> None:
-        self.lease_clock = lease_clock if lease_clock is not None else self.default_lease_clock
         self._description = describe(url)
         self._wait_timeout = wait_timeout
-        self._recent: dict[str, Transaction] = {}
-        self._recent_size = 4096
+        self._ops = _Operations(lease_clock if lease_clock is not None else self.default_lease_clock)
         if migrate_schema:
             migrate(url, connect_timeout=max(wait_timeout, 1))
-        self._pool = ConnectionPool(
-            url, min_size=1, max_size=pool_size, open=False, timeout=wait_timeout,
-            kwargs={"options": f"-c timezone=UTC -c statement_timeout={int(statement_timeout_ms)}",
-                    "connect_timeout": max(int(wait_timeout), 1)},
-            check=ConnectionPool.check_connection,  # a connection a restart broke is replaced, not used
+        self._pool_options = {
+            "conninfo": url, "min_size": 1, "max_size": pool_size, "open": False, "timeout": wait_timeout,
+            "kwargs": {"options": f"-c timezone=UTC -c statement_timeout={int(statement_timeout_ms)}",
+                       "connect_timeout": max(int(wait_timeout), 1)},
             # give up a reconnection attempt soon, so the next command starts a fresh one at
             # once instead of waiting out an exponential backoff after the server is back
-            reconnect_timeout=max(wait_timeout, 1.0),
-        )
+            "reconnect_timeout": max(wait_timeout, 1.0),
+        }
+        # a connection a server restart broke is replaced on checkout, never used
+        self._pool = ConnectionPool(check=ConnectionPool.check_connection, **self._pool_options)
+        self._async_pool: AsyncConnectionPool | None = None  # opened by the first aperform()
         try:
             self._pool.open(wait=True, timeout=wait_timeout)
         except PoolTimeout:
             self._pool.close()
             raise StoreUnavailable(f"cannot connect to the PostgreSQL store {self._description}") from None
-        with self._transaction() as db:
-            version = _schema_version(db)
+        version = self._run(_schema_version())
         if version != LATEST:
             self._pool.close()
             kind = SchemaTooNew if version > LATEST else StoreUnavailable
@@ -263,15 +616,18 @@ class PostgresStore:
     def __repr__(self) -> str:
         return f"PostgresStore({self._description!r})"
 
-    # --- connections and transactions ---
+    @property
+    def lease_clock(self) -> Clock | None:
+        return self._ops.lease_clock
+
+    # --- running operations: blocking, or on the event loop ---
 
     @contextmanager
-    def _transaction(self) -> Iterator[psycopg.Connection]:
-        """One database transaction; any failure of the server or the network is
-        ``StoreUnavailable`` and leaves nothing behind (the transaction rolls back)."""
+    def _translated(self) -> Iterator[None]:
+        """Any failure of the server or the network is ``StoreUnavailable`` (the
+        transaction rolled back: nothing is left half-applied)."""
         try:
-            with self._pool.connection(timeout=self._wait_timeout) as db:
-                yield db
+            yield
         except EngineError:
             raise
         except PoolTimeout:
@@ -286,324 +642,97 @@ class PostgresStore:
             # was committed, and no driver error reaches the POS
             raise StoreUnavailable(f"the PostgreSQL store {self._description} failed: {_cause(error)}") from None
 
+    def _run(self, operation: Statements) -> Any:
+        """One operation, one database transaction (committed when it returns)."""
+        with self._translated(), self._pool.connection(timeout=self._wait_timeout) as db:
+            answer = None
+            while True:
+                try:
+                    step = operation.send(answer)
+                except StopIteration as done:
+                    return done.value
+                if isinstance(step, Many):
+                    with db.cursor() as cursor:
+                        cursor.executemany(step.query, step.params)
+                    answer = None
+                    continue
+                cursor = db.execute(step.query, step.params)
+                answer = (cursor.fetchone() if isinstance(step, One) else
+                          cursor.fetchall() if isinstance(step, All) else cursor.rowcount)
+
+    async def aperform(self, method: str, *args: Any) -> Any:
+        """Run store operation ``method`` on psycopg's asyncio connections: the async
+        engine's path, with no thread hop."""
+        operation = getattr(self._ops, method)(*args)
+        with self._translated():
+            pool = await self._opened_async_pool()
+            async with pool.connection(timeout=self._wait_timeout) as db:
+                answer = None
+                while True:
+                    try:
+                        step = operation.send(answer)
+                    except StopIteration as done:
+                        return done.value
+                    if isinstance(step, Many):
+                        async with db.cursor() as cursor:
+                            await cursor.executemany(step.query, step.params)
+                        answer = None
+                        continue
+                    cursor = await db.execute(step.query, step.params)
+                    answer = (await cursor.fetchone() if isinstance(step, One) else
+                              await cursor.fetchall() if isinstance(step, All) else cursor.rowcount)
+
+    async def _opened_async_pool(self) -> AsyncConnectionPool:
+        if self._async_pool is None:
+            pool = AsyncConnectionPool(check=AsyncConnectionPool.check_connection, **self._pool_options)
+            try:
+                await pool.open(wait=True, timeout=self._wait_timeout)
+            except PoolTimeout:
+                await pool.close()
+                raise
+            self._async_pool = pool
+        return self._async_pool
+
+    # --- the Store protocol ---
+
+    load = _blocking("load")
+    load_intent = _blocking("load_intent")
+    load_command = _blocking("load_command")
+    journal = _blocking("journal")
+    transaction_ids = _blocking("transaction_ids")
+    due_for_expiry = _blocking("due_for_expiry")
+    intents_to_recover = _blocking("intents_to_recover")
+    write = _blocking("write")
+    claim_deliveries = _blocking("claim_deliveries")
+    settle_deliveries = _blocking("settle_deliveries")
+    deliveries = _blocking("deliveries")
+    backlog = _blocking("backlog")
+    retry_delivery = _blocking("retry_delivery")
+    retry_dead_deliveries = _blocking("retry_dead_deliveries")
+    beat = _blocking("beat")
+    workers = _blocking("workers")
+    keyed_hash_key = _blocking("keyed_hash_key")
+    database_now = _blocking("database_now")
+
     @property
     def schema_version(self) -> int:
-        with self._transaction() as db:
-            return db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
-
-    def keyed_hash_key(self) -> bytes:
-        with self._transaction() as db:
-            return bytes.fromhex(db.execute("SELECT value FROM meta WHERE key = 'hash_key'").fetchone()[0])
-
-    def _lease_clock_now(self) -> datetime | None:
-        """The lease clock's time, or None: the SQL then reads the server's clock."""
-        return None if self.lease_clock is None else self.lease_clock.now()
-
-    def database_now(self) -> datetime:
-        """The server's clock: one clock for every host of the fleet."""
-        with self._transaction() as db:
-            return db.execute("SELECT clock_timestamp()").fetchone()[0].astimezone(UTC)
-
-    # --- reads ---
-
-    def load(self, tx_id: str) -> Transaction | None:
-        with self._transaction() as db:
-            row = db.execute("SELECT snapshot FROM transactions WHERE id = %s", (tx_id,)).fetchone()
-        return None if row is None else self._decoded(row[0])
-
-    def _decoded(self, text: str) -> Transaction:
-        # Snapshots are immutable and their JSON names their version: the text we wrote
-        # (or last read) maps to one Transaction, so skip re-validating it.
-        tx = self._recent.get(text)
-        if tx is None:
-            tx = decode_transaction(loads(text))
-            self._remember(text, tx)
-        return tx
-
-    def _remember(self, text: str, tx: Transaction) -> None:
-        if len(self._recent) >= self._recent_size:
-            self._recent.pop(next(iter(self._recent)), None)
-        self._recent[text] = tx
-
-    def load_intent(self, tx_id: str) -> Intent | None:
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT tx_id, event, idempotency_key, params, changes, attempts, lease_until, last_error,"
-                " retry_at FROM intents WHERE tx_id = %s", (tx_id,),
-            ).fetchone()
-        if row is None:
-            return None
-        return Intent(row[0], row[1], row[2], loads(row[3]), loads(row[4]), row[5], _utc(row[6]), row[7],
-                      _utc(row[8]))
-
-    def load_command(self, key: str) -> CommandRecord | None:
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT key, command, fingerprint, tx_id, status, version, code, message, lease_until"
-                " FROM commands WHERE key = %s", (key,),
-            ).fetchone()
-        if row is None:
-            return None
-        return CommandRecord(*row[:8], lease_until=_utc(row[8]))
-
-    def journal(self, tx_id: str) -> list[Event]:
-        with self._transaction() as db:
-            rows = db.execute(
-                "SELECT seq, kind, at, data FROM journal WHERE tx_id = %s ORDER BY seq", (tx_id,)
-            ).fetchall()
-        return [Event(tx_id, seq, kind, _utc(at), loads(data)) for seq, kind, at, data in rows]
-
-    def transaction_ids(self) -> list[str]:
-        with self._transaction() as db:
-            return [row[0] for row in db.execute("SELECT id FROM transactions ORDER BY id")]
-
-    # The sweeps skip rows another engine is committing right now (SKIP LOCKED): that
-    # engine is already acting on them, and the version CAS of the expiry or recovery
-    # itself makes the action happen once even if two sweeps pick the same row.
-
-    def due_for_expiry(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]:
-        with self._transaction() as db:
-            rows = db.execute(
-                "SELECT id FROM transactions"
-                f" WHERE state IN ({_ACTIVE_SQL}) AND pending IS NULL AND expires_at <= %s"
-                " AND provider = ANY(%s) ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED",
-                (now, _providers(providers), limit),
-            ).fetchall()
-        return [row[0] for row in rows]
-
-    def intents_to_recover(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]:
-        with self._transaction() as db:
-            rows = db.execute(
-                "SELECT intents.tx_id FROM intents JOIN transactions ON transactions.id = intents.tx_id"
-                " WHERE (intents.lease_until IS NULL OR intents.lease_until <= %s)"
-                " AND (intents.retry_at IS NULL OR intents.retry_at <= %s)"
-                " AND transactions.provider = ANY(%s)"
-                " ORDER BY intents.lease_until NULLS FIRST LIMIT %s FOR UPDATE OF intents SKIP LOCKED",
-                (now, now, _providers(providers), limit),
-            ).fetchall()
-        return [row[0] for row in rows]
-
-    # --- the one write path of the lifecycle ---
-
-    def write(self, commit: Commit) -> None:
-        with self._transaction() as db:
-            if commit.snapshot is not None:
-                self._swap_snapshot(db, commit)
-            if commit.command is not None:
-                self._write_command(db, commit.command)
-            if commit.events:
-                with db.cursor() as cursor:
-                    cursor.executemany(
-                        "INSERT INTO journal (tx_id, seq, kind, at, data) VALUES (%s, %s, %s, %s, %s)",
-                        [(e.tx_id, e.seq, e.kind, e.at, dumps(dict(e.data))) for e in commit.events],
-                    )
-            if commit.intent is not None:
-                self._write_intent(db, commit.tx_id, commit.intent)
-            if commit.enqueue:
-                with db.cursor() as cursor:
-                    cursor.executemany(
-                        "INSERT INTO outbox (tx_id, provider, kind, payload, idempotency_key, status,"
-                        " next_attempt_at, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                        [(d.tx_id, d.provider, d.kind, dumps(dict(d.payload)), d.idempotency_key,
-                          PENDING, d.due_at, d.due_at) for d in commit.enqueue],
-                    )
-
-    def _swap_snapshot(self, db: psycopg.Connection, commit: Commit) -> None:
-        tx = commit.snapshot
-        text = dumps(encode_transaction(tx))
-        values = (tx.state, tx.version, tx.expires_at, tx.refund_deadline, tx.pending, text, tx.updated_at)
-        if commit.expected_version == 0:
-            inserted = db.execute(
-                "INSERT INTO transactions (state, version, expires_at, refund_deadline, pending,"
-                " snapshot, updated_at, id, provider, created_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-                values + (tx.id, tx.provider, tx.created_at),
-            ).rowcount
-            if inserted != 1:
-                raise ConcurrentModification("the transaction already exists", tx_id=tx.id)
-        else:
-            # The UPDATE locks the row: a concurrent command on this transaction waits here
-            # until we commit, then finds the version moved.
-            swapped = db.execute(
-                "UPDATE transactions SET state = %s, version = %s, expires_at = %s, refund_deadline = %s,"
-                " pending = %s, snapshot = %s, updated_at = %s WHERE id = %s AND version = %s",
-                values + (tx.id, commit.expected_version),
-            ).rowcount
-            if swapped != 1:
-                raise ConcurrentModification(
-                    f"expected version {commit.expected_version}; another caller changed it first",
-                    tx_id=tx.id, state=tx.state,
-                )
-        self._remember(text, tx)  # a rolled-back write leaves a harmless, unread entry
-
-    def _write_intent(self, db: psycopg.Connection, tx_id: str, op: IntentOp) -> None:
-        if op.op == PUT:
-            intent = op.intent
-            db.execute(
-                "INSERT INTO intents (tx_id, event, idempotency_key, params, changes, attempts,"
-                " lease_until) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (tx_id, intent.event, intent.idempotency_key, dumps(dict(intent.params)),
-                 dumps(dict(intent.changes)), intent.attempts, op.lease_until),
-            )
-        elif op.op == TAKE:
-            taken = db.execute(
-                "UPDATE intents SET lease_until = %s, attempts = attempts + 1"
-                " WHERE tx_id = %s AND (lease_until IS NULL OR lease_until <= %s)",
-                (op.lease_until, tx_id, op.now),
-            ).rowcount
-            if taken != 1:
-                raise TransactionInDoubt("its provider call is in flight in another process", tx_id=tx_id)
-        elif op.op == RELEASE:
-            db.execute("UPDATE intents SET lease_until = NULL, last_error = %s, retry_at = %s WHERE tx_id = %s",
-                       (op.error, op.retry_at, tx_id))
-        elif op.op == DROP:
-            db.execute("DELETE FROM intents WHERE tx_id = %s", (tx_id,))
-        else:
-            raise ValueError(f"unknown intent operation {op.op!r}")
-
-    def _write_command(self, db: psycopg.Connection, op: CommandOp) -> None:
-        record = op.record
-        if op.insert:
-            # ON CONFLICT: a concurrent insert of the same key waits for the first to
-            # commit, then finds it instead of failing the whole transaction.
-            inserted = db.execute(
-                "INSERT INTO commands (key, command, fingerprint, tx_id, status, version, code, message,"
-                " lease_until) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
-                (record.key, record.command, record.fingerprint, record.tx_id, record.status,
-                 record.version, record.code, record.message, record.lease_until),
-            ).rowcount
-            if inserted == 1:
-                return
-            existing = db.execute("SELECT fingerprint FROM commands WHERE key = %s", (record.key,)).fetchone()
-            if existing is not None and existing[0] != record.fingerprint:
-                raise IdempotencyConflict("the idempotency key was used for another command")
-            raise ConcurrentModification("the same command is running elsewhere", tx_id=record.tx_id)
-        condition, extra = sql.SQL(""), ()
-        if op.take_lease_at is not None:
-            condition, extra = sql.SQL(" AND (lease_until IS NULL OR lease_until <= %s)"), (op.take_lease_at,)
-        updated = db.execute(
-            sql.SQL("UPDATE commands SET status = %s, version = %s, code = %s, message = %s, lease_until = %s"
-                    " WHERE key = %s") + condition,
-            (record.status, record.version, record.code, record.message, record.lease_until,
-             record.key) + extra,
-        ).rowcount
-        if updated != 1:
-            raise TransactionInDoubt("the same command is in flight in another process", tx_id=record.tx_id)
-
-    # --- the outbox ---
-
-    def claim_deliveries(self, now: datetime, lease_until: datetime, limit: int,
-                         owner: str | None = None, providers: Sequence[str] | None = None) -> list[Delivery]:
-        """Due is decided on the engine's ``now``; the lease (``lease_until - now`` long)
-        on the lease clock, so a worker whose clock runs minutes ahead never takes over a
-        delivery another worker is still sending."""
-        only = sql.SQL("") if providers is None else sql.SQL(" AND provider = ANY(%(providers)s)")
-        with self._transaction() as db:
-            rows = db.execute(
-                sql.SQL(
-                    "WITH clock AS (SELECT coalesce(%(lease_clock)s::timestamptz, clock_timestamp()) AS now)"
-                    " UPDATE outbox SET lease_until = (SELECT now FROM clock) + %(lease)s::interval,"
-                    " lease_owner = %(owner)s WHERE id IN ("
-                    " SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= %(now)s"
-                    " AND (lease_until IS NULL OR lease_until <= (SELECT now FROM clock))"
-                ) + only + sql.SQL(
-                    " ORDER BY next_attempt_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
-                    " RETURNING id, tx_id, provider, kind, payload, idempotency_key, attempts, next_attempt_at"
-                ),
-                {"lease_clock": self._lease_clock_now(), "lease": lease_until - now, "owner": owner,
-                 "now": now, "limit": limit, "providers": list(providers or ())},
-            ).fetchall()
-        rows.sort(key=lambda row: (row[7], row[0]))  # RETURNING keeps no order
-        return [Delivery(id=r[0], tx_id=r[1], provider=r[2], kind=r[3], payload=loads(r[4]),
-                         idempotency_key=r[5], attempts=r[6]) for r in rows]
-
-    def settle_deliveries(self, settlements: Sequence[DeliverySettlement], now: datetime,
-                          owner: str | None = None) -> int:
-        # Only the lease holder settles: a worker whose lease ran out and was re-claimed
-        # by another must not overwrite that worker's outcome.
-        held = 0
-        with self._transaction() as db:
-            for s in settlements:
-                held += db.execute(
-                    "UPDATE outbox SET status = %(status)s, attempts = attempts + %(attempted)s,"
-                    " next_attempt_at = CASE WHEN %(retimed)s THEN %(next)s ELSE next_attempt_at END,"
-                    " last_error = coalesce(%(error)s, last_error), lease_until = NULL, lease_owner = NULL,"
-                    " delivered_at = CASE WHEN %(status)s = 'delivered' THEN %(now)s ELSE delivered_at END"
-                    " WHERE id = %(id)s AND (%(owner)s::text IS NULL OR lease_owner = %(owner)s)",
-                    {"status": s.status, "attempted": int(s.attempted), "retimed": s.attempted,
-                     "next": s.next_attempt_at, "error": s.error, "now": now, "id": s.id, "owner": owner},
-                ).rowcount
-        return held
-
-    def deliveries(self, tx_id: str | None = None, status: str | None = None,
-                   limit: int | None = None) -> list[DeliveryRecord]:
-        with self._transaction() as db:
-            rows = db.execute(
-                "SELECT id, tx_id, provider, kind, status, attempts, next_attempt_at, last_error,"
-                " created_at, delivered_at FROM outbox"
-                " WHERE (%(tx_id)s::text IS NULL OR tx_id = %(tx_id)s)"
-                " AND (%(status)s::text IS NULL OR status = %(status)s) ORDER BY id LIMIT %(limit)s",
-                {"tx_id": tx_id, "status": status, "limit": limit},
-            ).fetchall()
-        return [DeliveryRecord(r[0], r[1], r[2], r[3], r[4], r[5], _utc(r[6]), r[7], _utc(r[8]), _utc(r[9]))
-                for r in rows]
-
-    def backlog(self, now: datetime) -> dict[str, int]:
-        with self._transaction() as db:
-            in_doubt, stuck = db.execute(
-                "SELECT count(*), count(*) FILTER (WHERE lease_until IS NULL OR lease_until <= %s)"
-                " FROM intents", (now,),
-            ).fetchone()
-            pending = db.execute("SELECT count(*) FROM outbox WHERE status = 'pending'").fetchone()[0]
-            dead = db.execute("SELECT count(*) FROM outbox WHERE status = 'dead'").fetchone()[0]
-        return {PENDING: pending, DEAD: dead, "in_doubt": in_doubt, "stuck": stuck}
-
-    def retry_delivery(self, delivery_id: int, now: datetime) -> bool:
-        with self._transaction() as db:
-            return db.execute(
-                "UPDATE outbox SET status = 'pending', next_attempt_at = %s, lease_until = NULL,"
-                " lease_owner = NULL WHERE id = %s AND status = 'dead'", (now, delivery_id),
-            ).rowcount == 1
-
-    def retry_dead_deliveries(self, now: datetime) -> int:
-        with self._transaction() as db:
-            return db.execute(
-                "UPDATE outbox SET status = 'pending', next_attempt_at = %s, lease_until = NULL,"
-                " lease_owner = NULL WHERE status = 'dead'", (now,),
-            ).rowcount
-
-    # --- workers ---
-
-    def beat(self, worker: WorkerRecord) -> None:
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO workers (id, host, pid, status, started_at, heartbeat_at, stopped_at,"
-                " iterations, totals) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE"
-                " SET status = excluded.status, heartbeat_at = excluded.heartbeat_at,"
-                " stopped_at = excluded.stopped_at, iterations = excluded.iterations,"
-                " totals = excluded.totals",
-                (worker.id, worker.host, worker.pid, worker.status, worker.started_at, worker.heartbeat_at,
-                 worker.stopped_at, worker.iterations, dumps(dict(worker.totals))),
-            )
-
-    def workers(self) -> list[WorkerRecord]:
-        with self._transaction() as db:
-            rows = db.execute(
-                "SELECT id, host, pid, status, started_at, heartbeat_at, stopped_at, iterations, totals"
-                " FROM workers ORDER BY heartbeat_at DESC"
-            ).fetchall()
-        return [WorkerRecord(r[0], r[1], r[2], r[3], _utc(r[4]), _utc(r[5]), _utc(r[6]), r[7], loads(r[8]))
-                for r in rows]
+        return self._run(_schema_version())
 
     def close(self) -> None:
         self._pool.close()
 
+    async def aclose(self) -> None:
+        if self._async_pool is not None:
+            await self._async_pool.close()
+            self._async_pool = None
+        self._pool.close()
 
-def _schema_version(db: psycopg.Connection) -> int:
+
+def _schema_version() -> Statements:
     """0 for a blank database."""
-    if db.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+    if (yield One("SELECT to_regclass('schema_version')"))[0] is None:
         return 0
-    return db.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+    return (yield One("SELECT coalesce(max(version), 0) FROM schema_version"))[0]
 
 
 def _utc(value: datetime | None) -> datetime | None:
