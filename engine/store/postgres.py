@@ -43,6 +43,7 @@ from ..errors import (
     ConcurrentModification,
     EngineError,
     IdempotencyConflict,
+    LeaseLost,
     StoreUnavailable,
     TransactionInDoubt,
 )
@@ -51,9 +52,12 @@ from ..models import DeliveryRecord, Event, Transaction
 from .base import (
     DEAD,
     DROP,
+    PARK,
     PENDING,
     PUT,
     RELEASE,
+    REPLACE,
+    RESOLVE,
     TAKE,
     CommandOp,
     CommandRecord,
@@ -66,6 +70,10 @@ from .base import (
 
 UTC = timezone.utc
 _ACTIVE_SQL = ", ".join(f"'{state}'" for state in sorted(ACTIVE))
+
+#: the time leases are measured on, in SQL: the lease clock when one is set (tests), else
+#: the server's ``clock_timestamp()``: one clock for every host of the fleet
+_LEASE_NOW = "coalesce(%(lease_clock)s::timestamptz, clock_timestamp())"
 
 #: the key of the advisory lock every migrating engine of a fleet queues on ("txengine")
 _MIGRATION_LOCK = 0x7478_656E_6769_6E65
@@ -162,6 +170,15 @@ MIGRATIONS: tuple[str, ...] = (
         iterations INTEGER NOT NULL,
         totals TEXT NOT NULL
     );
+    """,
+    # 3: fencing (the owner token of an intent's lease), operator attention, and when a
+    # command was first tried (a retried preview keeps that time for its deadlines)
+    """
+    ALTER TABLE intents ADD COLUMN owner TEXT;
+    ALTER TABLE intents ADD COLUMN attention TEXT;
+    ALTER TABLE commands ADD COLUMN started_at TIMESTAMPTZ;
+    CREATE INDEX commands_previews_in_doubt ON commands (tx_id)
+        WHERE command = 'preview' AND status = 'in_flight';
     """,
 )
 
@@ -295,21 +312,47 @@ class _Operations:
     def load_intent(self, tx_id: str) -> Statements:
         row = yield One(
             "SELECT tx_id, event, idempotency_key, params, changes, attempts, lease_until, last_error,"
-            " retry_at FROM intents WHERE tx_id = %s", (tx_id,),
+            " retry_at, attention FROM intents WHERE tx_id = %s", (tx_id,),
         )
         if row is None:
             return None
         return Intent(row[0], row[1], row[2], loads(row[3]), loads(row[4]), row[5], _utc(row[6]), row[7],
-                      _utc(row[8]))
+                      _utc(row[8]), row[9])
+
+    def preview_in_doubt(self, tx_id: str) -> Statements:
+        """The claim of a preview for ``tx_id`` whose outcome is not known (no snapshot yet)."""
+        row = yield One("SELECT key FROM commands WHERE tx_id = %s AND command = 'preview'"
+                        " AND status = 'in_flight'", (tx_id,))
+        return None if row is None else (yield from self.load_command(row[0]))
+
+    def needing_attention(self, limit: int, providers: Sequence[str] | None = None) -> Statements:
+        """Intents parked for an operator (``Intent.attention`` set), oldest first."""
+        rows = yield All(
+            "SELECT intents.tx_id FROM intents JOIN transactions ON transactions.id = intents.tx_id"
+            " WHERE intents.attention IS NOT NULL"
+            " AND (%(providers)s::text[] IS NULL OR transactions.provider = ANY(%(providers)s))"
+            " ORDER BY transactions.updated_at LIMIT %(limit)s",
+            {"providers": None if providers is None else list(providers), "limit": limit},
+        )
+        intents = []
+        for (tx_id,) in rows:
+            intent = yield from self.load_intent(tx_id)
+            if intent is not None:
+                intents.append(intent)
+        return intents
+
+    def lease_now(self, now: datetime) -> Statements:
+        """The time leases are measured on: the server's clock (or the lease clock)."""
+        return (yield One(f"SELECT {_LEASE_NOW}", {"lease_clock": self._lease_clock_now()}))[0].astimezone(UTC)
 
     def load_command(self, key: str) -> Statements:
         row = yield One(
-            "SELECT key, command, fingerprint, tx_id, status, version, code, message, lease_until"
+            "SELECT key, command, fingerprint, tx_id, status, version, code, message, lease_until, started_at"
             " FROM commands WHERE key = %s", (key,),
         )
         if row is None:
             return None
-        return CommandRecord(*row[:8], lease_until=_utc(row[8]))
+        return CommandRecord(*row[:8], lease_until=_utc(row[8]), started_at=_utc(row[9]))
 
     def journal(self, tx_id: str) -> Statements:
         rows = yield All("SELECT seq, kind, at, data FROM journal WHERE tx_id = %s ORDER BY seq", (tx_id,))
@@ -334,11 +377,12 @@ class _Operations:
     def intents_to_recover(self, now: datetime, limit: int, providers: Sequence[str]) -> Statements:
         rows = yield All(
             "SELECT intents.tx_id FROM intents JOIN transactions ON transactions.id = intents.tx_id"
-            " WHERE (intents.lease_until IS NULL OR intents.lease_until <= %s)"
-            " AND (intents.retry_at IS NULL OR intents.retry_at <= %s)"
-            " AND transactions.provider = ANY(%s)"
-            " ORDER BY intents.lease_until NULLS FIRST LIMIT %s FOR UPDATE OF intents SKIP LOCKED",
-            (now, now, _providers(providers), limit),
+            f" WHERE (intents.lease_until IS NULL OR intents.lease_until <= {_LEASE_NOW})"
+            " AND (intents.retry_at IS NULL OR intents.retry_at <= %(now)s)"
+            " AND transactions.provider = ANY(%(providers)s) AND intents.attention IS NULL"
+            " ORDER BY intents.lease_until NULLS FIRST LIMIT %(limit)s FOR UPDATE OF intents SKIP LOCKED",
+            {"lease_clock": self._lease_clock_now(), "now": now, "providers": _providers(providers),
+             "limit": limit},
         )
         return [row[0] for row in rows]
 
@@ -393,27 +437,47 @@ class _Operations:
         self._remember(text, tx)  # a rolled-back write leaves a harmless, unread entry
 
     def _write_intent(self, tx_id: str, op: IntentOp) -> Statements:
+        """Leases start and end on the lease clock (the server's), so engines whose clocks
+        disagree never see a live lease as free; RELEASE, DROP and PARK with an ``owner``
+        are fenced: they change the intent only while that owner still holds it."""
+        lease = {"lease_clock": self._lease_clock_now(), "lease": op.lease, "owner": op.owner, "tx_id": tx_id}
         if op.op == PUT:
             intent = op.intent
             yield Count(
-                "INSERT INTO intents (tx_id, event, idempotency_key, params, changes, attempts,"
-                " lease_until) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (tx_id, intent.event, intent.idempotency_key, dumps(dict(intent.params)),
-                 dumps(dict(intent.changes)), intent.attempts, op.lease_until),
+                "INSERT INTO intents (tx_id, event, idempotency_key, params, changes, attempts, lease_until,"
+                f" owner) VALUES (%(tx_id)s, %(event)s, %(key)s, %(params)s, %(changes)s, %(attempts)s,"
+                f" {_LEASE_NOW} + %(lease)s::interval, %(owner)s)",
+                {**lease, "event": intent.event, "key": intent.idempotency_key,
+                 "params": dumps(dict(intent.params)), "changes": dumps(dict(intent.changes)),
+                 "attempts": intent.attempts},
             )
         elif op.op == TAKE:
             taken = yield Count(
-                "UPDATE intents SET lease_until = %s, attempts = attempts + 1"
-                " WHERE tx_id = %s AND (lease_until IS NULL OR lease_until <= %s)",
-                (op.lease_until, tx_id, op.now),
+                f"UPDATE intents SET lease_until = {_LEASE_NOW} + %(lease)s::interval, owner = %(owner)s,"
+                " attempts = attempts + 1 WHERE tx_id = %(tx_id)s AND attention IS NULL"
+                f" AND (lease_until IS NULL OR lease_until <= {_LEASE_NOW})",
+                lease,
             )
             if taken != 1:
                 raise TransactionInDoubt("its provider call is in flight in another process", tx_id=tx_id)
+        elif op.op == PARK:
+            yield from _fenced("UPDATE intents SET lease_until = NULL, owner = NULL, attention = %(error)s"
+                               " WHERE tx_id = %(tx_id)s", {**lease, "error": op.error})
+        elif op.op in (REPLACE, RESOLVE):
+            freed = yield Count(
+                f"DELETE FROM intents WHERE tx_id = %(tx_id)s AND (lease_until IS NULL OR lease_until <= {_LEASE_NOW})",
+                lease,
+            )
+            if freed != 1:
+                raise TransactionInDoubt("its provider call is in flight in another process", tx_id=tx_id)
+            if op.op == REPLACE:
+                yield from self._write_intent(tx_id, attrs.evolve(op, op=PUT))
         elif op.op == RELEASE:
-            yield Count("UPDATE intents SET lease_until = NULL, last_error = %s, retry_at = %s WHERE tx_id = %s",
-                        (op.error, op.retry_at, tx_id))
+            yield from _fenced("UPDATE intents SET lease_until = NULL, owner = NULL, last_error = %(error)s,"
+                               " retry_at = %(retry_at)s WHERE tx_id = %(tx_id)s",
+                               {**lease, "error": op.error, "retry_at": op.retry_at})
         elif op.op == DROP:
-            yield Count("DELETE FROM intents WHERE tx_id = %s", (tx_id,))
+            yield from _fenced("DELETE FROM intents WHERE tx_id = %(tx_id)s", lease)
         else:
             raise ValueError(f"unknown intent operation {op.op!r}")
 
@@ -424,9 +488,10 @@ class _Operations:
             # commit, then finds it instead of failing the whole transaction.
             inserted = yield Count(
                 "INSERT INTO commands (key, command, fingerprint, tx_id, status, version, code, message,"
-                " lease_until) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
+                " lease_until, started_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (key) DO NOTHING",
                 (record.key, record.command, record.fingerprint, record.tx_id, record.status,
-                 record.version, record.code, record.message, record.lease_until),
+                 record.version, record.code, record.message, record.lease_until, record.started_at),
             )
             if inserted == 1:
                 return
@@ -456,7 +521,7 @@ class _Operations:
         only = sql.SQL("") if providers is None else sql.SQL(" AND provider = ANY(%(providers)s)")
         rows = yield All(
                 sql.SQL(
-                    "WITH clock AS (SELECT coalesce(%(lease_clock)s::timestamptz, clock_timestamp()) AS now)"
+                    f"WITH clock AS (SELECT {_LEASE_NOW} AS now)"
                     " UPDATE outbox SET lease_until = (SELECT now FROM clock) + %(lease)s::interval,"
                     " lease_owner = %(owner)s WHERE id IN ("
                     " SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= %(now)s"
@@ -503,8 +568,8 @@ class _Operations:
 
     def backlog(self, now: datetime) -> Statements:
         in_doubt, stuck = yield One(
-            "SELECT count(*), count(*) FILTER (WHERE lease_until IS NULL OR lease_until <= %s)"
-            " FROM intents", (now,),
+            f"SELECT count(*), count(*) FILTER (WHERE lease_until IS NULL OR lease_until <= {_LEASE_NOW})"
+            " FROM intents", {"lease_clock": self._lease_clock_now()},
         )
         [pending] = yield One("SELECT count(*) FROM outbox WHERE status = 'pending'")
         [dead] = yield One("SELECT count(*) FROM outbox WHERE status = 'dead'")
@@ -711,6 +776,9 @@ class PostgresStore:
     retry_dead_deliveries = _blocking("retry_dead_deliveries")
     beat = _blocking("beat")
     workers = _blocking("workers")
+    preview_in_doubt = _blocking("preview_in_doubt")
+    needing_attention = _blocking("needing_attention")
+    lease_now = _blocking("lease_now")
     keyed_hash_key = _blocking("keyed_hash_key")
     database_now = _blocking("database_now")
 
@@ -726,6 +794,16 @@ class PostgresStore:
             await self._async_pool.close()
             self._async_pool = None
         self._pool.close()
+
+
+def _fenced(statement: str, params: dict[str, Any]) -> Statements:
+    """Run an intent change, only as its lease holder when ``params['owner']`` is given."""
+    if params["owner"] is None:
+        yield Count(statement, params)
+        return
+    if (yield Count(statement + " AND owner = %(owner)s", params)) != 1:
+        raise LeaseLost("this attempt's lease was taken over; its answer is left for recover()",
+                        tx_id=params["tx_id"])
 
 
 def _schema_version() -> Statements:
