@@ -291,3 +291,10 @@ class TestTheAsyncPath:
             assert done.state == "finalized" and [d.kind for d in done.deliveries] == ["receipt"]
             assert await engine.deliver_pending() == 1
             assert [e.seq for e in await engine.history(tx.id)] == [1, 2, 3]  # preview, attempt, finalize
+
+
+def test_a_lookup_by_a_key_with_nul_finds_nothing_as_on_sqlite(pg_engine):
+    """PostgreSQL text cannot hold NUL; nothing stored has one, so nothing is found."""
+    store = pg_engine.store
+    assert store.load("tx_\x00") is None and store.load_command("\x00") is None
+    assert store.load_intent("\x00") is None and store.journal("\x00") == []

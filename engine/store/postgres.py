@@ -46,6 +46,7 @@ from ..errors import (
     LeaseLost,
     StoreUnavailable,
     TransactionInDoubt,
+    ValidationError,
 )
 from ..machine import ACTIVE
 from ..models import DeliveryRecord, Event, Transaction
@@ -285,6 +286,8 @@ class _Operations:
     # --- reads ---
 
     def load(self, tx_id: str) -> Statements:
+        if _unstorable(tx_id):
+            return None
         row = yield One("SELECT snapshot FROM transactions WHERE id = %s", (tx_id,))
         return None if row is None else self._decoded(row[0])
 
@@ -310,6 +313,8 @@ class _Operations:
         self._recent[text] = tx
 
     def load_intent(self, tx_id: str) -> Statements:
+        if _unstorable(tx_id):
+            return None
         row = yield One(
             "SELECT tx_id, event, idempotency_key, params, changes, attempts, lease_until, last_error,"
             " retry_at, attention FROM intents WHERE tx_id = %s", (tx_id,),
@@ -321,6 +326,8 @@ class _Operations:
 
     def preview_in_doubt(self, tx_id: str) -> Statements:
         """The claim of a preview for ``tx_id`` whose outcome is not known (no snapshot yet)."""
+        if _unstorable(tx_id):
+            return None
         row = yield One("SELECT key FROM commands WHERE tx_id = %s AND command = 'preview'"
                         " AND status = 'in_flight'", (tx_id,))
         return None if row is None else (yield from self.load_command(row[0]))
@@ -346,6 +353,8 @@ class _Operations:
         return (yield One(f"SELECT {_LEASE_NOW}", {"lease_clock": self._lease_clock_now()}))[0].astimezone(UTC)
 
     def load_command(self, key: str) -> Statements:
+        if _unstorable(key):
+            return None
         row = yield One(
             "SELECT key, command, fingerprint, tx_id, status, version, code, message, lease_until, started_at"
             " FROM commands WHERE key = %s", (key,),
@@ -355,6 +364,8 @@ class _Operations:
         return CommandRecord(*row[:8], lease_until=_utc(row[8]), started_at=_utc(row[9]))
 
     def journal(self, tx_id: str) -> Statements:
+        if _unstorable(tx_id):
+            return []
         rows = yield All("SELECT seq, kind, at, data FROM journal WHERE tx_id = %s ORDER BY seq", (tx_id,))
         return [Event(tx_id, seq, kind, _utc(at), loads(data)) for seq, kind, at, data in rows]
 
@@ -702,6 +713,10 @@ class PostgresStore:
             # two writers raced on one key (a journal seq, an outbox delivery): the CAS
             # normally catches this first; either way the loser retries from a fresh read
             raise ConcurrentModification("another caller wrote the same record first") from None
+        except psycopg.DataError as error:
+            if "NUL" in str(error):
+                raise ValidationError("text stored in PostgreSQL cannot contain NUL characters") from None
+            raise StoreUnavailable(f"the PostgreSQL store {self._description} failed: {_cause(error)}") from None
         except psycopg.Error as error:
             # the server went away, restarted, timed a statement out, refused us: nothing
             # was committed, and no driver error reaches the POS
@@ -794,6 +809,12 @@ class PostgresStore:
             await self._async_pool.close()
             self._async_pool = None
         self._pool.close()
+
+
+def _unstorable(text: str) -> bool:
+    """PostgreSQL text cannot hold NUL: no stored key or id contains one, so a lookup by
+    such a value finds nothing (SQLite answers the same, having stored none either)."""
+    return isinstance(text, str) and "\x00" in text
 
 
 def _fenced(statement: str, params: dict[str, Any]) -> Statements:
