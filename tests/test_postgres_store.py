@@ -298,3 +298,15 @@ def test_a_lookup_by_a_key_with_nul_finds_nothing_as_on_sqlite(pg_engine):
     store = pg_engine.store
     assert store.load("tx_\x00") is None and store.load_command("\x00") is None
     assert store.load_intent("\x00") is None and store.journal("\x00") == []
+
+
+def test_txengine_migrate_brings_a_blank_postgres_database_up_without_showing_the_password(blank_url):
+    from click.testing import CliRunner
+
+    from txengine.app.cli import cli
+
+    with_password = blank_url.replace("postgres@", "postgres:hunter2-secret@")
+    result = CliRunner().invoke(cli, ["migrate", "--db", with_password])
+    assert result.exit_code == 0, result.output
+    assert f"schema version {postgres.LATEST}" in result.output and "hunter2-secret" not in result.output
+    assert migrate(blank_url) == postgres.LATEST, "a second run has nothing left to do"
