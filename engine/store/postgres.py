@@ -1,15 +1,19 @@
 """The fleet store: one PostgreSQL database shared by many POS processes and workers.
 
-Same tables, same versioned migrations and same behaviour as the SQLite store, on a
-``psycopg_pool.ConnectionPool``:
+Same tables, same versioned migrations and same behaviour as the SQLite store.  Each
+store operation is written once, as a generator of SQL statements (``_Operations``), and
+run either blocking on a ``psycopg_pool.ConnectionPool`` (``Engine``) or on the event loop
+on an ``AsyncConnectionPool`` (``AsyncEngine``, through ``aperform``):
 
-- every store method is ONE database transaction (the pool's ``connection()`` block
+- every operation is ONE database transaction (the pool's ``connection()`` block
   commits on success and rolls back on any error: nothing is ever half-applied);
 - commands on one transaction serialise on its row: the compare-and-swap ``UPDATE ...
   WHERE version = %s`` locks the row, a concurrent writer waits for the first to commit,
   re-reads the row, finds the version moved and raises ``ConcurrentModification``;
 - the timer sweep, ``recover()`` and the delivery queue select their rows ``FOR UPDATE
   SKIP LOCKED``: workers sharing one database never queue behind each other's rows;
+- leases (intents, deliveries) start and end on the server's ``clock_timestamp()``,
+  never on a host's clock, and intent leases are fenced by their owner token;
 - the journal is append-only in the database itself (a trigger raises on UPDATE/DELETE);
 - migrations run once per fleet under an advisory lock (PostgreSQL DDL is
   transactional: a migration is applied whole or not at all), and an engine meeting a
@@ -632,7 +636,8 @@ def _blocking(name: str):
 
 
 def _blocking_answer(db: psycopg.Connection, operation: Statements) -> Any:
-    """Drive a read-only operation on a connection already in a transaction (migrations)."""
+    """Drive an operation of ``One`` statements on a connection already in a transaction
+    (the migration reads the schema version inside its own)."""
     answer = None
     while True:
         try:
