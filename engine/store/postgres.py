@@ -70,6 +70,7 @@ from .base import (
     DeliverySettlement,
     Intent,
     IntentOp,
+    PreviewHold,
     WorkerRecord,
 )
 
@@ -185,6 +186,18 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX commands_previews_in_doubt ON commands (tx_id)
         WHERE command = 'preview' AND status = 'in_flight';
     """,
+    # 4: what a preview needs to be sent again (basket, payment type, the customer key
+    # sealed), from its claim until it settles: recover() completes a lost preview
+    """
+    CREATE TABLE preview_holds (
+        key TEXT PRIMARY KEY,
+        tx_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        request TEXT NOT NULL,
+        sealed_token TEXT,
+        expires_at TIMESTAMPTZ NOT NULL
+    );
+    """,
 )
 
 LATEST = len(MIGRATIONS)
@@ -232,8 +245,9 @@ def _migrate(db: psycopg.Connection, url: str) -> int:
         for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
             db.execute(script)
             db.execute("INSERT INTO schema_version (version) VALUES (%s)", (number,))
-        db.execute("INSERT INTO meta (key, value) VALUES ('hash_key', %s) ON CONFLICT (key) DO NOTHING",
-                   (secrets.token_hex(32),))
+        for key in ("hash_key", "sealing_key"):
+            db.execute("INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING",
+                       (key, secrets.token_hex(32)))
     return max(current, LATEST)
 
 
@@ -297,6 +311,21 @@ class _Operations:
 
     def keyed_hash_key(self) -> Statements:
         return bytes.fromhex((yield One("SELECT value FROM meta WHERE key = 'hash_key'"))[0])
+
+    def sealing_key(self) -> Statements:
+        """The per-database key preview holds are sealed under when the POS gives none."""
+        return bytes.fromhex((yield One("SELECT value FROM meta WHERE key = 'sealing_key'"))[0])
+
+    def previews_to_settle(self, now: datetime, limit: int, providers: Sequence[str]) -> Statements:
+        """Held previews whose claim's lease is free at ``now`` (engine time, as on SQLite)."""
+        rows = yield All(
+            "SELECT h.key, h.tx_id, h.provider, h.request, h.sealed_token, h.expires_at"
+            " FROM preview_holds h JOIN commands c ON c.key = h.key"
+            " WHERE (c.lease_until IS NULL OR c.lease_until <= %s) AND h.provider = ANY(%s)"
+            " ORDER BY h.expires_at LIMIT %s FOR UPDATE OF h SKIP LOCKED",
+            (now, _providers(providers), limit),
+        )
+        return [PreviewHold(r[0], r[1], r[2], loads(r[3]), r[4], _utc(r[5])) for r in rows]
 
     def database_now(self) -> Statements:
         """The server's clock: one clock for every host of the fleet."""
@@ -415,6 +444,16 @@ class _Operations:
             )
         if commit.intent is not None:
             yield from self._write_intent(commit.tx_id, commit.intent)
+        if commit.hold is not None:
+            hold = commit.hold
+            yield Count(
+                "INSERT INTO preview_holds (key, tx_id, provider, request, sealed_token, expires_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (hold.key, hold.tx_id, hold.provider, dumps(dict(hold.request)), hold.sealed_token,
+                 hold.expires_at),
+            )
+        if commit.release_hold is not None:
+            yield Count("DELETE FROM preview_holds WHERE key = %s", (commit.release_hold,))
         if commit.enqueue:
             yield Many(
                 "INSERT INTO outbox (tx_id, provider, kind, payload, idempotency_key, status,"
@@ -800,6 +839,8 @@ class PostgresStore:
     needing_attention = _blocking("needing_attention")
     lease_now = _blocking("lease_now")
     keyed_hash_key = _blocking("keyed_hash_key")
+    sealing_key = _blocking("sealing_key")
+    previews_to_settle = _blocking("previews_to_settle")
     database_now = _blocking("database_now")
 
     @property
