@@ -2,7 +2,8 @@
 
 It runs the very same command generators as ``Engine``; only the I/O differs: provider
 exchanges go through each driver's ``httpx.AsyncClient``, and store calls (SQLite is
-blocking) run in a worker thread so the event loop never waits on a disk flush.
+blocking) run in a worker thread so the event loop never waits on a disk flush; a store
+with its own asyncio path (PostgreSQL: ``aperform``) runs on the loop directly.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ class AsyncEngine(_Facade):
 
     async def _perform(self, op: StoreOp | ProviderOp | ParallelOp) -> Any:
         if isinstance(op, StoreOp):
-            result = await asyncio.to_thread(getattr(self.store, op.method), *op.args)
+            perform = getattr(self.store, "aperform", None)  # a store with its own asyncio path
+            if perform is not None:
+                result = await perform(op.method, *op.args)
+            else:
+                result = await asyncio.to_thread(getattr(self.store, op.method), *op.args)
             if op.method == "write":
                 telemetry.committed(op.args[0])
             return result
@@ -129,7 +134,8 @@ class AsyncEngine(_Facade):
             aclose = getattr(driver, "aclose", None)
             if aclose is not None:
                 await aclose()
-        await asyncio.to_thread(self.store.close)
+        aclose = getattr(self.store, "aclose", None)
+        await (aclose() if aclose is not None else asyncio.to_thread(self.store.close))
 
     async def __aenter__(self) -> AsyncEngine:
         return self

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import threading
 from datetime import timedelta
 
@@ -21,6 +20,7 @@ from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
 from txengine.testing.sandbox import Fault
 
 from .conftest import CUSTOMER, BlockingView
+from .pg_server import query_one
 
 
 def finalized(engine, basket, n=1):
@@ -60,9 +60,7 @@ class TestTheTransactionShowsItsDeliveries:
         engine.deliver_pending()
         served = engine.get(tx.id)
         assert served.deliveries and served == replay(engine.history(tx.id)) == tx
-        with sqlite3.connect(engine.store.path) as db:
-            snapshot = json.loads(db.execute("SELECT snapshot FROM transactions WHERE id = ?",
-                                              (tx.id,)).fetchone()[0])
+        snapshot = json.loads(query_one(db_url, "SELECT snapshot FROM transactions WHERE id = ?", (tx.id,))[0])
         assert "deliveries" not in snapshot
 
     def test_a_transaction_without_deliveries_shows_none(self, pos, basket):
@@ -186,7 +184,7 @@ class TestRoundsThatStopStarting:
             rows = [engine.get(tx.id).deliveries[0] for tx in txs]
             assert [(r.status, r.attempts) for r in rows] == [("delivered", 1), ("pending", 0), ("pending", 0)]
             assert rows[1].next_attempt_at < clock.now(), "released, due at once: no attempt counted"
-            assert _leased(engine) == 0
+            assert _leased(db_url) == 0
         with Engine.open(db_url, providers={"reference": setup}, clock=clock) as engine:
             assert engine.deliver_pending() == 2
         assert set(receipt_sends(sandbox).values()) == {1}
@@ -209,15 +207,14 @@ class TestRoundsThatStopStarting:
             assert engine.deliver_pending() == 1, "the drain ends with the round that stopped"
             assert sorted(engine.get(tx.id).deliveries[0].status for tx in txs) == [
                 "delivered", "pending", "pending", "pending"]
-            assert _leased(engine) == 0
+            assert _leased(db_url) == 0
             assert engine.deliver_pending() == 0, "a stopped engine sends nothing, and returns"
         assert sum(receipt_sends(sandbox).values()) == 1
 
 
-def _leased(engine) -> int:
-    with sqlite3.connect(engine.store.path) as db:
-        return db.execute("SELECT count(*) FROM outbox WHERE lease_until IS NOT NULL"
-                          " OR lease_owner IS NOT NULL").fetchone()[0]
+def _leased(db_url: str) -> int:
+    return query_one(db_url, "SELECT count(*) FROM outbox WHERE lease_until IS NOT NULL"
+                     " OR lease_owner IS NOT NULL")[0]
 
 
 class TestLeases:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from ..errors import ValidationError
 from .base import Store
 from .sqlite import MIGRATIONS, SQLiteStore
 
-__all__ = ["Store", "SQLiteStore", "open_existing", "open_store", "schema_version", "sqlite_path"]
+__all__ = ["Store", "SQLiteStore", "migrate", "open_existing", "open_store", "schema_version", "sqlite_path"]
+
+#: query parameters of a postgresql:// URL that configure txengine, not libpq
+_POSTGRES_OPTIONS = {"pool_size": int, "statement_timeout_ms": int, "wait_timeout": float}
 
 
 def open_store(url: str) -> Store:
-    """``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``."""
+    """``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` or
+    ``postgresql://user:password@host:5432/dbname?pool_size=8&sslmode=verify-full``."""
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
         path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
@@ -22,8 +26,42 @@ def open_store(url: str) -> Store:
             raise ValidationError("a sqlite URL names a file: sqlite:///txengine.db")
         return SQLiteStore(path)
     if parts.scheme in ("postgres", "postgresql"):
-        raise ValidationError("the PostgreSQL store is not available in this version")
+        from .postgres import PostgresStore  # psycopg is the optional `postgres` extra
+
+        libpq_url, options = _postgres_url(url)
+        return PostgresStore(libpq_url, **options)
     raise ValidationError(f"unsupported store URL scheme {parts.scheme!r}")
+
+
+def migrate(url: str) -> int:
+    """Bring the store at ``url`` to this txengine's schema (``txengine migrate --db URL``);
+    returns the schema version.  PostgreSQL: safe to run from many hosts at once."""
+    parts = urlsplit(url)
+    if parts.scheme in ("postgres", "postgresql"):
+        from .postgres import migrate as migrate_postgres
+
+        return migrate_postgres(_postgres_url(url)[0])
+    store = open_store(url)  # SQLite migrates on open
+    try:
+        return store.schema_version
+    finally:
+        store.close()
+
+
+def _postgres_url(url: str) -> tuple[str, dict[str, object]]:
+    """Split txengine's own options off a PostgreSQL URL; the rest (TLS: ``sslmode``,
+    ``sslrootcert``...) goes to libpq unchanged."""
+    parts = urlsplit(url)
+    options, libpq = {}, []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in _POSTGRES_OPTIONS:
+            try:
+                options[name] = _POSTGRES_OPTIONS[name](value)
+            except ValueError:
+                raise ValidationError(f"the store URL option {name} must be a number, not {value!r}") from None
+        else:
+            libpq.append((name, value))
+    return urlunsplit(parts._replace(query=urlencode(libpq))), options
 
 
 def sqlite_path(db: str) -> str | None:
