@@ -200,7 +200,7 @@ def queue_deliveries(url: str, sandbox: ReferenceSandbox, count: int) -> None:
 
 def bench_delivery(server, count: int) -> list[dict]:
     """Workers in their own processes, one provider sandbox served on loopback."""
-    from txengine.providers.sandbox import serve
+    from txengine.testing.sandbox import serve
 
     context = multiprocessing.get_context("spawn")
     seconds = {}

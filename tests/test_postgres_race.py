@@ -27,7 +27,7 @@ from txengine.errors import EngineError  # noqa: E402
 from txengine.journal import TRANSITION, replay  # noqa: E402
 from txengine.machine import ACTIVE, TABLE  # noqa: E402
 from txengine.providers.reference import ReferenceDriver, ReferenceSandbox  # noqa: E402
-from txengine.providers.sandbox import serve  # noqa: E402
+from txengine.testing.sandbox import serve  # noqa: E402
 
 from .conftest import tip  # noqa: E402
 
