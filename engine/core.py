@@ -191,6 +191,11 @@ LEASE_MARGIN = timedelta(seconds=15)
 #: The deadline assumed for a driver that declares none (not an ``HttpDriver``).
 DEFAULT_CALL_DEADLINE = 30.0
 
+#: How long a caller's idempotency key is remembered after its command began: replays
+#: within it return the original result; ``expire_due`` forgets older settled records,
+#: so the database grows with the journal only (Stripe keeps keys 24 hours, too).
+IDEMPOTENCY_RETENTION = timedelta(hours=24)
+
 MAX_KEY_LENGTH = 255
 MAX_COMMENT_LENGTH = 500
 DEFAULT_PAYMENT_TYPE = "SPLIT_PAYMENT"
@@ -261,6 +266,7 @@ class EngineOptions(TypedDict, total=False):
     delivery_round: int
     rng: random.Random | None
     secret_key: str | bytes | None
+    idempotency_retention: timedelta
 
 
 class Core:
@@ -278,6 +284,7 @@ class Core:
         delivery_round: int = 100,
         rng: random.Random | None = None,
         secret_key: str | bytes | None = None,
+        idempotency_retention: timedelta = IDEMPOTENCY_RETENTION,
     ) -> None:
         """``secret_key``: what a lost preview's customer key is sealed under while
         ``recover()`` may need it (None: a random key kept in the store)."""
@@ -302,6 +309,9 @@ class Core:
         self.delivery_concurrency = delivery_concurrency
         self.delivery_round = delivery_round
         self.rng = rng or random.Random()
+        if not isinstance(idempotency_retention, timedelta) or idempotency_retention <= timedelta(0):
+            raise ValidationError("idempotency_retention must be a positive timedelta")
+        self.idempotency_retention = idempotency_retention
         self._hash_key: bytes | None = None
         if secret_key is not None and not isinstance(secret_key, (str, bytes)):
             raise ValidationError("secret_key must be a str or bytes")
@@ -582,8 +592,8 @@ class Core:
 
         if event in capabilities.local:
             fields = {**step.changes, **_local_effect(tx, event, params)}
-            keyed = (CommandOp(CommandRecord(key, event, fingerprint, tx.id, DONE, version=tx.version + 1),
-                               insert=True) if key and fingerprint is not None else None)
+            keyed = (CommandOp(CommandRecord(key, event, fingerprint, tx.id, DONE, version=tx.version + 1,
+                                             started_at=now), insert=True) if key and fingerprint is not None else None)
             return (yield from self._commit_transition(tx, step.event, step.target, fields, now,
                                                       capabilities, command=keyed))
 
@@ -598,7 +608,7 @@ class Core:
         yield _write(Commit(
             tx.id, tx.version, events=(attempt,), snapshot=claimed,
             intent=IntentOp(PUT, intent, now=now, lease=self.intent_leases[tx.provider], owner=owner),
-            command=_keyed_claim(key, event, fingerprint, tx.id),
+            command=_keyed_claim(key, event, fingerprint, tx.id, now),
         ))
         settling = self._settle(claimed, intent, call, attempt=1, owner=owner, recorded=key is not None)
         return (yield from _unknown_if_unstored(settling, tx, event))
@@ -685,7 +695,7 @@ class Core:
         yield _write(Commit(
             tx.id, tx.version, events=(attempt,), snapshot=claimed,
             intent=IntentOp(REPLACE, intent, now=now, lease=self.intent_leases[tx.provider], owner=owner),
-            command=_keyed_claim(key, "cancel", fingerprint, tx.id),
+            command=_keyed_claim(key, "cancel", fingerprint, tx.id, now),
         ))
         settling = self._settle(claimed, intent, call, attempt=1, owner=owner, recorded=key is not None)
         return (yield from _unknown_if_unstored(settling, tx, "cancel"))
@@ -857,7 +867,9 @@ class Core:
         Each batch is one read of the due snapshots and one database transaction (one
         flush) holding every expiry of the batch, each its own compare-and-swap and
         journal event: an expiry that lost a race to a command or another sweeper is
-        rolled back alone."""
+        rolled back alone.  Settled idempotency records older than the retention are
+        forgotten on the way (a read when there are none)."""
+        yield StoreOp("forget_commands", (self.clock.now() - self.idempotency_retention,))
         expired = 0
         while True:
             now = self.clock.now()
@@ -998,12 +1010,13 @@ def _new_tx_id() -> str:
     return f"tx_{millis:012x}{secrets.token_hex(10)}"
 
 
-def _keyed_claim(key: str | None, event: str, fingerprint: str | None, tx_id: str) -> CommandOp | None:
+def _keyed_claim(key: str | None, event: str, fingerprint: str | None, tx_id: str,
+                 now: datetime) -> CommandOp | None:
     """The idempotency record a command claims, inserted with its intent; None without a
     caller's key: nothing could replay it, and the intent carries the provider's key."""
     if key is None:
         return None
-    return CommandOp(CommandRecord(key, event, fingerprint, tx_id, IN_FLIGHT), insert=True)
+    return CommandOp(CommandRecord(key, event, fingerprint, tx_id, IN_FLIGHT, started_at=now), insert=True)
 
 
 def _owner_token() -> str:

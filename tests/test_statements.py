@@ -25,6 +25,7 @@ from datetime import timedelta
 import pytest
 
 from txengine import Engine
+from txengine.errors import ValidationError
 
 from .conftest import CUSTOMER, tip
 
@@ -128,3 +129,53 @@ def split_commits(statements: list[str]) -> list[list[str]]:
             transactions.append(current)
             current = []
     return transactions
+
+
+def test_expire_due_writes_each_batch_in_one_commit_and_journals_every_expiry(engine, basket, clock):
+    due = [engine.preview("reference", basket).id for _ in range(30)]
+    clock.advance(timedelta(hours=1))
+    with traced(engine) as trace:
+        assert engine.expire_due() == 30
+    assert trace.commits == 1
+    for tx_id in due:
+        assert engine.get(tx_id).state == "expired"
+        assert engine.history(tx_id)[-1].data["event"] == "expire"
+
+
+def test_an_expiry_that_lost_its_race_is_rolled_back_alone(engine, basket, clock):
+    stale = [engine.preview("reference", basket) for _ in range(3)]
+    clock.advance(timedelta(hours=1))
+    engine.store.write_each([engine.core._expiry(stale[1], clock.now(), engine.core.capabilities["reference"])])
+    outcomes = engine.store.write_each(
+        [engine.core._expiry(tx, clock.now(), engine.core.capabilities["reference"]) for tx in stale])
+    assert [type(outcome).__name__ for outcome in outcomes] == ["NoneType", "ConcurrentModification", "NoneType"]
+    assert [engine.get(tx.id).version for tx in stale] == [tx.version + 1 for tx in stale]
+
+
+def test_keyed_records_are_kept_for_the_retention_then_forgotten_by_the_sweep(engine, basket, clock, db_url):
+    tx = engine.preview("reference", basket, idempotency_key="till-7-preview")
+    engine.begin_payment(tx.id, idempotency_key="till-7-pay")
+    clock.advance(timedelta(hours=23))
+    engine.expire_due()
+    assert engine.preview("reference", basket, idempotency_key="till-7-preview").id == tx.id  # replayed
+    clock.advance(timedelta(hours=2))
+    with traced(engine) as trace:
+        engine.expire_due()
+    assert trace.commits == 1
+    database = sqlite3.connect(db_url.removeprefix("sqlite:///"))
+    assert database.execute("SELECT count(*) FROM commands").fetchone() == (0,)
+    # the journal keeps everything: both commands, and the expiry of the abandoned payment
+    assert [event.data["event"] for event in engine.history(tx.id)] == ["preview", "begin_payment", "expire"]
+
+
+def test_a_sweep_with_nothing_to_forget_or_expire_commits_nothing(engine, basket, clock):
+    engine.preview("reference", basket, idempotency_key="fresh")
+    with traced(engine) as trace:
+        assert engine.expire_due() == 0
+    assert trace.commits == 0
+
+
+@pytest.mark.parametrize("retention", [timedelta(0), timedelta(hours=-1), 3600])
+def test_the_retention_must_be_a_positive_duration(db_url, driver, clock, retention):
+    with pytest.raises(ValidationError, match="idempotency_retention"):
+        Engine.open(db_url, providers={"reference": driver}, clock=clock, idempotency_retention=retention)

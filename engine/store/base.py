@@ -198,6 +198,10 @@ class Store(Protocol):
 
     def write(self, commit: Commit) -> None: ...
 
+    def forget_commands(self, started_before: datetime) -> int:
+        """Delete settled idempotency records of commands begun before ``started_before``
+        (the retention has passed); in-flight records stay.  Returns how many."""
+
     def load_many(self, tx_ids: Sequence[str]) -> list[Transaction]:
         """The snapshots of those of ``tx_ids`` that exist (an expiry batch), in any order."""
 

@@ -191,6 +191,15 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at INTEGER NOT NULL
     );
     """,
+    # 5: idempotency records are kept for a retention, then forgotten by the expiry
+    # sweep; keyless commands no longer write any, so the ones earlier versions left
+    # (settled, under generated keys) go now, and records of unknown age count from now
+    """
+    CREATE INDEX commands_by_age ON commands (started_at) WHERE status != 'in_flight';
+    DELETE FROM commands WHERE key LIKE 'auto:%' AND status != 'in_flight';
+    UPDATE commands SET started_at = CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)
+        WHERE started_at IS NULL;
+    """,
 )
 
 
@@ -460,6 +469,18 @@ class SQLiteStore:
             self._apply(db, commit)
         if commit.snapshot is not None:
             self._recent.put(commit.snapshot)  # committed: this version is the one every reader sees
+
+    @_unavailable_on_sqlite_error
+    def forget_commands(self, started_before: datetime) -> int:
+        """Forget settled idempotency records of commands begun before ``started_before``;
+        how many.  In-flight ones stay: they are claims a retry or recover() needs."""
+        cutoff = to_us(started_before)
+        due = ("FROM commands INDEXED BY commands_by_age WHERE status != 'in_flight'"
+               " AND started_at < ?")
+        if self._connection().execute(f"SELECT 1 {due} LIMIT 1", (cutoff,)).fetchone() is None:
+            return 0  # the usual case: a read, no write transaction
+        with self._write_transaction() as db:
+            return db.execute(f"DELETE {due}", (cutoff,)).rowcount
 
     @_unavailable_on_sqlite_error
     def write_each(self, commits: Sequence[Commit]) -> list[EngineError | None]:
