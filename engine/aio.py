@@ -41,7 +41,7 @@ class AsyncEngine(_Facade):
                 op = await asyncio.to_thread(self._advance, steps)
         return steps.value
 
-    def _advance(self, steps: Steps) -> ProviderOp | ParallelOp | None:
+    def _advance(self, steps: Steps[Any]) -> ProviderOp | ParallelOp | None:
         """Perform the command's store operations (blocking: run in a worker thread) until it
         needs the network; that operation, or None when the command has finished."""
         for op in steps:

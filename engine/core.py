@@ -793,10 +793,7 @@ class Core:
         capabilities: Capabilities, *, command: CommandOp | None = None, intent: IntentOp | None = None,
     ) -> Command[Transaction]:
         commit = self._transition(tx, event, target, fields, now, capabilities, command=command, intent=intent)
-        yield _write(commit)
-        if commit.enqueue:  # show the caller what it just queued (one indexed read, only then)
-            return attrs.evolve(commit.snapshot, deliveries=(yield StoreOp("deliveries", (tx.id,))))
-        return commit.snapshot
+        return (yield from _committed(commit))
 
     def _transition(
         self, tx: Transaction, event: str, target: str, fields: Mapping[str, Any], now: datetime,
@@ -818,11 +815,7 @@ class Core:
         return self._transition(tx, step.event, step.target, step.changes, now, capabilities)
 
     def _expire(self, tx: Transaction, now: datetime, capabilities: Capabilities) -> Command[Transaction]:
-        commit = self._expiry(tx, now, capabilities)
-        yield _write(commit)
-        if commit.enqueue:
-            return attrs.evolve(commit.snapshot, deliveries=(yield StoreOp("deliveries", (tx.id,))))
-        return commit.snapshot
+        return (yield from _committed(self._expiry(tx, now, capabilities)))
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -1010,11 +1003,21 @@ def _new_tx_id() -> str:
     return f"tx_{millis:012x}{secrets.token_hex(10)}"
 
 
+def _committed(commit: Commit) -> Command[Transaction]:
+    """Write a transition's commit; its new snapshot, with what it queued (read back only then)."""
+    new = commit.snapshot
+    assert new is not None  # a transition always carries the snapshot it produces
+    yield _write(commit)
+    if commit.enqueue:  # show the caller what it just queued (one indexed read, only then)
+        return attrs.evolve(new, deliveries=(yield StoreOp("deliveries", (new.id,))))
+    return new
+
+
 def _keyed_claim(key: str | None, event: str, fingerprint: str | None, tx_id: str,
                  now: datetime) -> CommandOp | None:
     """The idempotency record a command claims, inserted with its intent; None without a
     caller's key: nothing could replay it, and the intent carries the provider's key."""
-    if key is None:
+    if key is None or fingerprint is None:  # a keyed command is always fingerprinted
         return None
     return CommandOp(CommandRecord(key, event, fingerprint, tx_id, IN_FLIGHT, started_at=now), insert=True)
 
