@@ -1,11 +1,11 @@
 """``make bench``: every benchmark, one table of ratios, written to bench/RESULTS.md.
 
-    python bench/run.py [--quick] [--only NAME ...]
+    python bench/run.py [--quick [--write]] [--only NAME ...]
 
 Each benchmark runs in its own process (so memory and imports are its own) and ends
 with a ``BENCH_ROWS`` line; every row is a ratio against a baseline measured in the same
 run, interleaved with it.  ``--quick`` shrinks every size for a smoke run (its table is
-not written to RESULTS.md).
+not written to RESULTS.md unless ``--write`` is given: it is then marked as a quick run).
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not written to RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="write RESULTS.md even for a --quick run (marked so)")
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these")
     args = parser.parse_args()
     chosen = args.only or list(BENCHMARKS)
@@ -80,11 +81,13 @@ def main() -> int:
     result = table(rows)
     print()
     print(result)
-    if not args.quick:
+    if not args.quick or args.write:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        how = ("`make bench-quick` (small sizes: a smoke run, not the full benchmark)" if args.quick
+               else "`make bench`")
         (HERE / "RESULTS.md").write_text(
             "# Benchmark results\n\n"
-            f"`make bench` on {stamp}, {time.perf_counter() - began:.0f} s in all.\n\n"
+            f"{how} on {stamp}, {time.perf_counter() - began:.0f} s in all.\n\n"
             f"Machine: {machine()}.\n\n"
             "Every ratio is the engine against a baseline measured in the same run, interleaved\n"
             "with it (see each script's docstring for what the baseline does).\n\n"

@@ -142,45 +142,66 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="wall time per throughput measurement")
     parser.add_argument("--lifecycles", default="10000,100000", help="memory checkpoints")
+    parser.add_argument("--parts", default="processes,async,memory",
+                        help="which measurements to run (comma-separated), e.g. only processes while tuning")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     rows = []
     with tempfile.TemporaryDirectory() as directory:
-        print("POS processes on one SQLite file (lifecycles per second, all processes together):")
-        rates = {}
-        for count in (1, 2, 4):
-            rates[count] = processes(directory, count, args.seconds)
-            print(f"  {count} process(es): {rates[count]:.0f}/s", flush=True)
-        for count in (2, 4):
-            target = ">= 1.3" if count == 2 else "-"
-            rows.append(row("scaling", f"lifecycles/s, {count} processes / 1 process on one SQLite file",
-                            rates[count] / rates[1], target,
-                            rates[count] / rates[1] >= 1.3 if count == 2 else None,
-                            f"{rates[count]:.0f} vs {rates[1]:.0f} per s"))
-
-        print("AsyncEngine, one process, a 20 ms provider (lifecycles per second):")
-        async_rates = {}
-        for concurrency in (1, 8, 64):
-            path = os.path.join(directory, f"async-{concurrency}.db")
-            async_rates[concurrency] = asyncio.run(_async_rate(path, concurrency, args.seconds, 0.020))
-            print(f"  {concurrency} concurrent: {async_rates[concurrency]:.0f}/s", flush=True)
-        for concurrency in (8, 64):
-            gain = async_rates[concurrency] / async_rates[1]
-            rows.append(row("scaling", f"AsyncEngine, 20 ms provider: {concurrency} concurrent / 1", gain, "> 1",
-                            gain > 1, f"{async_rates[concurrency]:.0f} vs {async_rates[1]:.0f} per s"))
-        one_async = asyncio.run(_async_rate(os.path.join(directory, "async-instant.db"), 1, args.seconds, 0.0))
-        one_sync = sync_rate(os.path.join(directory, "sync-instant.db"), args.seconds)
-        rows.append(row("scaling", "one lifecycle: AsyncEngine / Engine (instant provider)", one_async / one_sync,
-                        ">= 0.9", one_async / one_sync >= 0.9, f"{one_async:.0f} vs {one_sync:.0f} per s"))
-
-        checkpoints = [int(count) for count in args.lifecycles.split(",")]
-        print(f"one engine's memory over {checkpoints[-1]:,} lifecycles:")
-        seen = memory(os.path.join(directory, "memory.db"), checkpoints)
-        growth = seen[checkpoints[-1]] / seen[checkpoints[0]]
-        rows.append(row("memory", f"engine RSS after {checkpoints[-1]:,} / after {checkpoints[0]:,} lifecycles",
-                        growth, "<= 1.2", growth <= 1.2,
-                        f"{seen[checkpoints[0]]:.0f} vs {seen[checkpoints[-1]]:.0f} MiB"))
+        if "processes" in parts:
+            rows += measure_processes(directory, args.seconds)
+        if "async" in parts:
+            rows += measure_async(directory, args.seconds)
+        if "memory" in parts:
+            rows += measure_memory(directory, [int(count) for count in args.lifecycles.split(",")])
     emit(rows)
     return 0
+
+
+def measure_processes(directory: str, seconds: float) -> list[dict]:
+    rows = []
+    print("POS processes on one SQLite file (lifecycles per second, all processes together):")
+    rates = {}
+    for count in (1, 2, 4):
+        rates[count] = processes(directory, count, seconds)
+        print(f"  {count} process(es): {rates[count]:.0f}/s", flush=True)
+    for count in (2, 4):
+        target = ">= 1.3" if count == 2 else "-"
+        rows.append(row("scaling", f"lifecycles/s, {count} processes / 1 process on one SQLite file",
+                        rates[count] / rates[1], target,
+                        rates[count] / rates[1] >= 1.3 if count == 2 else None,
+                        f"{rates[count]:.0f} vs {rates[1]:.0f} per s"))
+    return rows
+
+
+def measure_async(directory: str, seconds: float) -> list[dict]:
+    rows = []
+    print("AsyncEngine, one process, a 20 ms provider (lifecycles per second):")
+    async_rates = {}
+    for concurrency in (1, 8, 64):
+        path = os.path.join(directory, f"async-{concurrency}.db")
+        async_rates[concurrency] = asyncio.run(_async_rate(path, concurrency, seconds, 0.020))
+        print(f"  {concurrency} concurrent: {async_rates[concurrency]:.0f}/s", flush=True)
+    for concurrency in (8, 64):
+        gain = async_rates[concurrency] / async_rates[1]
+        rows.append(row("scaling", f"AsyncEngine, 20 ms provider: {concurrency} concurrent / 1", gain, "> 1",
+                        gain > 1, f"{async_rates[concurrency]:.0f} vs {async_rates[1]:.0f} per s"))
+    one_async = asyncio.run(_async_rate(os.path.join(directory, "async-instant.db"), 1, seconds, 0.0))
+    one_sync = sync_rate(os.path.join(directory, "sync-instant.db"), seconds)
+    rows.append(row("scaling", "one lifecycle: AsyncEngine / Engine (instant provider)", one_async / one_sync,
+                    ">= 0.9", one_async / one_sync >= 0.9, f"{one_async:.0f} vs {one_sync:.0f} per s"))
+    return rows
+
+
+def measure_memory(directory: str, checkpoints: list[int]) -> list[dict]:
+    rows = []
+    print(f"one engine's memory over {checkpoints[-1]:,} lifecycles:")
+    seen = memory(os.path.join(directory, "memory.db"), checkpoints)
+    growth = seen[checkpoints[-1]] / seen[checkpoints[0]]
+    rows.append(row("memory", f"engine RSS after {checkpoints[-1]:,} / after {checkpoints[0]:,} lifecycles",
+                    growth, "<= 1.2", growth <= 1.2,
+                    f"{seen[checkpoints[0]]:.0f} vs {seen[checkpoints[-1]]:.0f} MiB"))
+    return rows
 
 
 if __name__ == "__main__":

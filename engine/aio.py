@@ -2,8 +2,9 @@
 
 It runs the very same command generators as ``Engine``; only the I/O differs: provider
 exchanges go through each driver's ``httpx.AsyncClient``, and store calls (SQLite is
-blocking) run in a worker thread so the event loop never waits on a disk flush; a store
-with its own asyncio path (PostgreSQL: ``aperform``) runs on the loop directly.
+blocking) run in a worker thread so the event loop never waits on a disk flush: one hop
+to the thread for each stretch of store work between provider calls.  A store with its
+own asyncio path (PostgreSQL: ``aperform``) runs every operation on the loop directly.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from .core import Command, NotStarted, ParallelOp, ProviderOp, Steps, StoreOp
-from .engine import _Facade, driver_failure
+from .engine import _Facade, driver_failure, report_commits, store_call
 from .machine import TxEvent
 from .models import Basket, DeliveryRecord, Event, LineItem, Transaction
 from . import telemetry
@@ -27,25 +28,46 @@ class AsyncEngine(_Facade):
     """The asyncio engine: every command is a coroutine."""
 
     async def _run(self, command: Command[T]) -> T:
+        # One hop to a worker thread per stretch of store work, not one per store call:
+        # the thread drives the command through its reads and writes up to its next
+        # provider call, which the event loop then awaits.
         steps = Steps(command)
+        if getattr(self.store, "aperform", None) is not None:
+            with telemetry.command_span(command):
+                for op in steps:
+                    try:
+                        steps.answer(await self._perform(op))
+                    except Exception as failure:
+                        steps.fail(failure)
+            return steps.value
         with telemetry.command_span(command):
-            for op in steps:
+            op = await asyncio.to_thread(self._advance, steps)
+            while op is not None:
                 try:
                     steps.answer(await self._perform(op))
                 except Exception as failure:
                     steps.fail(failure)
+                op = await asyncio.to_thread(self._advance, steps)
         return steps.value
+
+    def _advance(self, steps: Steps[Any]) -> ProviderOp | ParallelOp | None:
+        """Perform the command's store operations (blocking: run in a worker thread) until it
+        needs the network; that operation, or None when the command has finished."""
+        for op in steps:
+            if isinstance(op, ParallelOp) or (isinstance(op, ProviderOp) and op.needs_io):
+                return op
+            try:
+                steps.answer(op.result if isinstance(op, ProviderOp) else store_call(self.store, op))
+            except Exception as failure:
+                steps.fail(failure)
+        return None
 
     async def _perform(self, op: StoreOp | ProviderOp | ParallelOp) -> Any:
         if isinstance(op, StoreOp):
             perform = getattr(self.store, "aperform", None)  # a store with its own asyncio path
-            if perform is not None:
-                result = await perform(op.method, *op.args)
-            else:
-                result = await asyncio.to_thread(getattr(self.store, op.method), *op.args)
-            if op.method == "write":
-                telemetry.committed(op.args[0])
-            return result
+            if perform is None:
+                return await asyncio.to_thread(store_call, self.store, op)
+            return report_commits(op, await perform(op.method, *op.args))
         if isinstance(op, ParallelOp):
             return await self._perform_parallel(op)
         if not op.needs_io:

@@ -191,6 +191,11 @@ LEASE_MARGIN = timedelta(seconds=15)
 #: The deadline assumed for a driver that declares none (not an ``HttpDriver``).
 DEFAULT_CALL_DEADLINE = 30.0
 
+#: How long a caller's idempotency key is remembered after its command began: replays
+#: within it return the original result; ``expire_due`` forgets older settled records,
+#: so the database grows with the journal only (Stripe keeps keys 24 hours, too).
+IDEMPOTENCY_RETENTION = timedelta(hours=24)
+
 MAX_KEY_LENGTH = 255
 MAX_COMMENT_LENGTH = 500
 DEFAULT_PAYMENT_TYPE = "SPLIT_PAYMENT"
@@ -261,6 +266,7 @@ class EngineOptions(TypedDict, total=False):
     delivery_round: int
     rng: random.Random | None
     secret_key: str | bytes | None
+    idempotency_retention: timedelta
 
 
 class Core:
@@ -278,6 +284,7 @@ class Core:
         delivery_round: int = 100,
         rng: random.Random | None = None,
         secret_key: str | bytes | None = None,
+        idempotency_retention: timedelta = IDEMPOTENCY_RETENTION,
     ) -> None:
         """``secret_key``: what a lost preview's customer key is sealed under while
         ``recover()`` may need it (None: a random key kept in the store)."""
@@ -302,6 +309,9 @@ class Core:
         self.delivery_concurrency = delivery_concurrency
         self.delivery_round = delivery_round
         self.rng = rng or random.Random()
+        if not isinstance(idempotency_retention, timedelta) or idempotency_retention <= timedelta(0):
+            raise ValidationError("idempotency_retention must be a positive timedelta")
+        self.idempotency_retention = idempotency_retention
         self._hash_key: bytes | None = None
         if secret_key is not None and not isinstance(secret_key, (str, bytes)):
             raise ValidationError("secret_key must be a str or bytes")
@@ -395,6 +405,9 @@ class Core:
             raise ValidationError("customer_token must be a string")
         token = as_secret(customer_token)
         key = _check_key(idempotency_key) or f"auto:{uuid.uuid4().hex}"
+        # A generated key's record is the claim a lost preview is resumed by; once the
+        # preview settles nobody can ask for it again, so it goes in that same commit.
+        generated = idempotency_key is None
         hash_key = yield from self._keyed_hash_key()
         fingerprint = yield from self._fingerprint(
             "preview", provider, payment_type, [encode_line(PricedLine.unpriced(i)) for i in basket.items],
@@ -402,7 +415,7 @@ class Core:
         )
         now = self.clock.now()
         lease_until = now + self.intent_leases[provider]
-        record = yield StoreOp("load_command", (key,))
+        record = None if generated else (yield StoreOp("load_command", (key,)))
         hold = None
         if record is None:
             record = CommandRecord(key, "preview", fingerprint, _new_tx_id(), IN_FLIGHT, lease_until=lease_until,
@@ -416,14 +429,19 @@ class Core:
                 return replayed
             record = attrs.evolve(record, lease_until=lease_until)
             claim = CommandOp(record, take_lease_at=now)
-        return (yield from self._send_preview(record, claim, hold, provider, basket, token, payment_type))
+        return (yield from self._send_preview(record, claim, hold, provider, basket, token, payment_type,
+                                              forget_key=generated))
 
     def _send_preview(self, record: CommandRecord, claim: CommandOp, hold: PreviewHold | None, provider: str,
-                      basket: Basket, token: Secret | None, payment_type: str) -> Command[Transaction]:
+                      basket: Basket, token: Secret | None, payment_type: str, *,
+                      forget_key: bool = False) -> Command[Transaction]:
         """Claim the preview's key, call the provider and store what it answers.
 
         The POS's first call, its retry with the same key and ``recover()`` completing a
-        lost preview all run this; each settlement deletes the preview's hold."""
+        lost preview all run this; each settlement deletes the preview's hold.
+        ``forget_key``: the key was generated for this very call, so once the preview
+        settles nobody can ask for it again and its record goes in that same commit (a
+        key handed out in an OutcomeUnknown is kept: the POS may retry with it)."""
         capabilities = self._capabilities(provider)
         key = record.key
         # The provider's clock started at the first attempt: a retry keeps that time for
@@ -439,7 +457,7 @@ class Core:
         except ProviderRejected as refusal:
             settled = attrs.evolve(record, status=REJECTED, code=refusal.code,
                                    message=refusal.provider_message, lease_until=None)
-            yield _write(Commit(record.tx_id, 0, command=CommandOp(settled), release_hold=key))
+            yield _write(Commit(record.tx_id, 0, command=CommandOp(settled, forget=forget_key), release_hold=key))
             raise _in_context(refusal, None, "preview", record.tx_id) from None
         except OutcomeUnknown as unknown:
             yield _write(Commit(record.tx_id, 0, command=CommandOp(attrs.evolve(record, lease_until=None))))
@@ -456,7 +474,8 @@ class Core:
                                          target=step.target, fields=fields)
         tx = journal.apply(None, event)
         done = attrs.evolve(record, status=DONE, version=tx.version, lease_until=None)
-        stored = _write(Commit(tx.id, 0, events=(event,), snapshot=tx, command=CommandOp(done), release_hold=key))
+        stored = _write(Commit(tx.id, 0, events=(event,), snapshot=tx, command=CommandOp(done, forget=forget_key),
+                               release_hold=key))
         yield from _unknown_if_unstored(_steps(stored), None, "preview", tx.id, idempotency_key=key)
         return tx
 
@@ -541,8 +560,9 @@ class Core:
                                       tx_id=tx.id, state=tx.state, event=event)
         capabilities = self._capabilities(tx.provider)
         remote = event in capabilities.remote
-        # Only a key (the caller's, or the intent's own) is bound to the parameters.
-        fingerprint = (yield from self._fingerprint(event, tx.id, params)) if key or remote else None
+        # Only a key (the caller's, or an in-doubt intent's own) is bound to the parameters.
+        bound = key is not None or (remote and tx.pending is not None)
+        fingerprint = (yield from self._fingerprint(event, tx.id, params)) if bound else None
         if key is not None:
             record = yield StoreOp("load_command", (key,))
             if record is not None:
@@ -572,8 +592,8 @@ class Core:
 
         if event in capabilities.local:
             fields = {**step.changes, **_local_effect(tx, event, params)}
-            keyed = (CommandOp(CommandRecord(key, event, fingerprint, tx.id, DONE, version=tx.version + 1),
-                               insert=True) if key and fingerprint is not None else None)
+            keyed = (CommandOp(CommandRecord(key, event, fingerprint, tx.id, DONE, version=tx.version + 1,
+                                             started_at=now), insert=True) if key and fingerprint is not None else None)
             return (yield from self._commit_transition(tx, step.event, step.target, fields, now,
                                                       capabilities, command=keyed))
 
@@ -584,15 +604,14 @@ class Core:
         call = self._prepare(tx.provider, event, *_driver_args(tx, intent))
         attempt = journal.note_event(tx, now, journal.ATTEMPT, event=event, attempt=1)
         claimed = journal.apply(tx, attempt)
-        assert fingerprint is not None  # a remote command is always fingerprinted (above)
-        record = CommandRecord(intent.idempotency_key, event, fingerprint, tx.id, IN_FLIGHT)
         owner = _owner_token()
         yield _write(Commit(
             tx.id, tx.version, events=(attempt,), snapshot=claimed,
             intent=IntentOp(PUT, intent, now=now, lease=self.intent_leases[tx.provider], owner=owner),
-            command=CommandOp(record, insert=True),
+            command=_keyed_claim(key, event, fingerprint, tx.id, now),
         ))
-        return (yield from _unknown_if_unstored(self._settle(claimed, intent, call, attempt=1, owner=owner), tx, event))
+        settling = self._settle(claimed, intent, call, attempt=1, owner=owner, recorded=key is not None)
+        return (yield from _unknown_if_unstored(settling, tx, event))
 
     def _resume(self, tx: Transaction, event: str, key: str | None, fingerprint: str | None,
                 now: datetime) -> Command[Transaction]:
@@ -601,9 +620,8 @@ class Core:
         another comment is another command, and must wait)."""
         intent = yield StoreOp("load_intent", (tx.id,))
         same = intent is not None and intent.event == event and key in (None, intent.idempotency_key)
-        if same:
-            claimed = yield StoreOp("load_command", (intent.idempotency_key,))
-            same = claimed is not None and claimed.fingerprint == fingerprint
+        if same:  # the intent keeps the parameters it was claimed with (a keyless one has no record)
+            same = fingerprint == (yield from self._fingerprint(intent.event, tx.id, intent.params))
         if not same:
             raise TransactionInDoubt(
                 f"the outcome of its {tx.pending} is unknown; retry {tx.pending} or run recover()",
@@ -674,13 +692,13 @@ class Core:
                                      abandons=abandoned.event if abandoned else None)
         claimed = journal.apply(tx, attempt)
         owner = _owner_token()
-        record = CommandRecord(intent.idempotency_key, "cancel", fingerprint, tx.id, IN_FLIGHT)
         yield _write(Commit(
             tx.id, tx.version, events=(attempt,), snapshot=claimed,
             intent=IntentOp(REPLACE, intent, now=now, lease=self.intent_leases[tx.provider], owner=owner),
-            command=CommandOp(record, insert=True),
+            command=_keyed_claim(key, "cancel", fingerprint, tx.id, now),
         ))
-        return (yield from _unknown_if_unstored(self._settle(claimed, intent, call, attempt=1, owner=owner), tx, "cancel"))
+        settling = self._settle(claimed, intent, call, attempt=1, owner=owner, recorded=key is not None)
+        return (yield from _unknown_if_unstored(settling, tx, "cancel"))
 
     # --- an operator settles what the engine will not -------------------------------------------
 
@@ -720,12 +738,15 @@ class Core:
                             command=CommandOp(done)))
         return after
 
-    def _settle(self, tx: Transaction, intent: Intent, call: ProviderOp, *, attempt: int, owner: str) -> Command[Transaction]:
+    def _settle(self, tx: Transaction, intent: Intent, call: ProviderOp, *, attempt: int, owner: str,
+                recorded: bool = True) -> Command[Transaction]:
         """Run the provider call of a claimed intent and commit whatever it answers.
 
         Every write here is fenced by ``owner``: if the lease was taken over meanwhile,
         the answer is not committed (the intent stays in doubt for whoever holds it now,
-        or ``recover()``), and the caller is told the outcome is unknown.
+        or ``recover()``), and the caller is told the outcome is unknown.  ``recorded``:
+        whether the command keeps an idempotency record to settle (False: a keyless first
+        attempt, which wrote none; a take-over settles one if it exists).
         """
         event = intent.event
         # Settling updates the record the claim inserted; its fingerprint is not rewritten.
@@ -740,7 +761,8 @@ class Core:
                 rejected = attrs.evolve(record, status=REJECTED, code=refusal.code,
                                         message=refusal.provider_message)
                 yield _write(Commit(tx.id, tx.version, events=(note,), snapshot=journal.apply(tx, note),
-                                    intent=IntentOp(DROP, owner=owner), command=CommandOp(rejected)))
+                                    intent=IntentOp(DROP, owner=owner),
+                                    command=CommandOp(rejected) if recorded else None))
                 raise _in_context(refusal, tx, event) from None
             except OutcomeUnknown as unknown:
                 now = self.clock.now()
@@ -754,7 +776,7 @@ class Core:
                                      tx_id=tx.id, state=tx.state, event=event) from None
             fields = {**decode_fields(intent.changes, tx.currency), **fields}
             target = machine.TABLE[(tx.state, event)].target
-            done = CommandOp(attrs.evolve(record, status=DONE, version=tx.version + 1))
+            done = CommandOp(attrs.evolve(record, status=DONE, version=tx.version + 1)) if recorded else None
             return (yield from self._commit_transition(tx, event, target, fields, self.clock.now(),
                                                       self._capabilities(tx.provider), command=done,
                                                       intent=IntentOp(DROP, owner=owner)))
@@ -770,6 +792,14 @@ class Core:
         self, tx: Transaction, event: str, target: str, fields: Mapping[str, Any], now: datetime,
         capabilities: Capabilities, *, command: CommandOp | None = None, intent: IntentOp | None = None,
     ) -> Command[Transaction]:
+        commit = self._transition(tx, event, target, fields, now, capabilities, command=command, intent=intent)
+        return (yield from _committed(commit))
+
+    def _transition(
+        self, tx: Transaction, event: str, target: str, fields: Mapping[str, Any], now: datetime,
+        capabilities: Capabilities, *, command: CommandOp | None = None, intent: IntentOp | None = None,
+    ) -> Commit:
+        """The commit of one transition: its event, the new snapshot, the deliveries it queues."""
         entry = journal.transition_event(tx, now, event=event, source=tx.state, target=target, fields=fields)
         new = journal.apply(tx, entry)
         enqueue = tuple(
@@ -777,16 +807,15 @@ class Core:
                         f"{new.id}:{kind}", now)
             for kind in capabilities.deferred.get(event, ())
         )
-        yield _write(Commit(tx.id, tx.version, events=(entry,), snapshot=new, intent=intent,
-                            command=command, enqueue=enqueue))
-        if enqueue:  # show the caller what it just queued (one indexed read, only then)
-            return attrs.evolve(new, deliveries=(yield StoreOp("deliveries", (new.id,))))
-        return new
+        return Commit(tx.id, tx.version, events=(entry,), snapshot=new, intent=intent, command=command,
+                      enqueue=enqueue)
+
+    def _expiry(self, tx: Transaction, now: datetime, capabilities: Capabilities) -> Commit:
+        step = decide(tx, "expire", now, capabilities.timers)
+        return self._transition(tx, step.event, step.target, step.changes, now, capabilities)
 
     def _expire(self, tx: Transaction, now: datetime, capabilities: Capabilities) -> Command[Transaction]:
-        step = decide(tx, "expire", now, capabilities.timers)
-        return (yield from self._commit_transition(tx, step.event, step.target, step.changes, now,
-                                                  capabilities))
+        return (yield from _committed(self._expiry(tx, now, capabilities)))
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -826,21 +855,25 @@ class Core:
     # --- sweeps ----------------------------------------------------------------------------------
 
     def expire_due(self, batch: int = 500) -> Command[int]:
-        """Expire every overdue transaction; safe to run in several processes at once."""
+        """Expire every overdue transaction; safe to run in several processes at once.
+
+        Each batch is one read of the due snapshots and one database transaction (one
+        flush) holding every expiry of the batch, each its own compare-and-swap and
+        journal event: an expiry that lost a race to a command or another sweeper is
+        rolled back alone.  Settled idempotency records older than the retention are
+        forgotten on the way (a read when there are none)."""
+        yield StoreOp("forget_commands", (self.clock.now() - self.idempotency_retention,))
         expired = 0
         while True:
             now = self.clock.now()
             due = yield StoreOp("due_for_expiry", (now, batch, self._providers))
+            snapshots = (yield StoreOp("load_many", (due,))) if due else []
+            commits = [self._expiry(tx, now, self._capabilities(tx.provider))
+                       for tx in snapshots if machine.is_overdue(tx, now)]
             progress = expired
-            for tx_id in due:
-                tx = yield _load(tx_id)
-                if tx is None or not machine.is_overdue(tx, now):
-                    continue
-                try:
-                    yield from self._expire(tx, now, self._capabilities(tx.provider))
-                    expired += 1
-                except EngineError:
-                    pass  # another sweeper or a command got there first
+            if commits:
+                outcomes = yield StoreOp("write_each", (commits,))
+                expired += sum(outcome is None for outcome in outcomes)  # the others: someone got there first
             if len(due) < batch or expired == progress:
                 return expired  # drained, or a full pass moved nothing: never spin on it
 
@@ -968,6 +1001,25 @@ def _new_tx_id() -> str:
     """
     millis = time.time_ns() // 1_000_000
     return f"tx_{millis:012x}{secrets.token_hex(10)}"
+
+
+def _committed(commit: Commit) -> Command[Transaction]:
+    """Write a transition's commit; its new snapshot, with what it queued (read back only then)."""
+    new = commit.snapshot
+    assert new is not None  # a transition always carries the snapshot it produces
+    yield _write(commit)
+    if commit.enqueue:  # show the caller what it just queued (one indexed read, only then)
+        return attrs.evolve(new, deliveries=(yield StoreOp("deliveries", (new.id,))))
+    return new
+
+
+def _keyed_claim(key: str | None, event: str, fingerprint: str | None, tx_id: str,
+                 now: datetime) -> CommandOp | None:
+    """The idempotency record a command claims, inserted with its intent; None without a
+    caller's key: nothing could replay it, and the intent carries the provider's key."""
+    if key is None or fingerprint is None:  # a keyed command is always fingerprinted
+        return None
+    return CommandOp(CommandRecord(key, event, fingerprint, tx_id, IN_FLIGHT, started_at=now), insert=True)
 
 
 def _owner_token() -> str:

@@ -38,6 +38,22 @@ def driver_failure(op: ProviderOp, error: Exception) -> Exception:
                          provider=op.provider)
 
 
+def store_call(store: Store, op: StoreOp) -> Any:
+    """Perform a store operation (blocking); what it commits is reported to telemetry."""
+    return report_commits(op, getattr(store, op.method)(*op.args))
+
+
+def report_commits(op: StoreOp, result: Any) -> Any:
+    """Tell telemetry what a performed store operation committed; its result."""
+    if op.method == "write":
+        telemetry.committed(op.args[0])
+    elif op.method == "write_each":  # a batch: only the commits that were written
+        for commit, refused in zip(op.args[0], result):
+            if refused is None:
+                telemetry.committed(commit)
+    return result
+
+
 class _Facade:
     """What both engines share: configuration and the command builders."""
 
@@ -107,10 +123,7 @@ class Engine(_Facade):
 
     def _perform(self, op: StoreOp | ProviderOp | ParallelOp) -> Any:
         if isinstance(op, StoreOp):
-            result = getattr(self.store, op.method)(*op.args)
-            if op.method == "write":
-                telemetry.committed(op.args[0])
-            return result
+            return store_call(self.store, op)
         if isinstance(op, ParallelOp):
             return self._perform_parallel(op)
         if not op.needs_io:

@@ -100,6 +100,7 @@ class CommandOp:
     record: CommandRecord
     insert: bool = False  # a new key: conflicts raise instead of overwriting
     take_lease_at: datetime | None = None  # a retry claims an in-flight record's free lease
+    forget: bool = False  # remove the record: a keyless command's claim, once settled
 
 
 @attrs.frozen
@@ -196,6 +197,18 @@ class Store(Protocol):
         """The per-database key preview holds are sealed under when the POS gives none."""
 
     def write(self, commit: Commit) -> None: ...
+
+    def forget_commands(self, started_before: datetime) -> int:
+        """Delete settled idempotency records of commands begun before ``started_before``
+        (the retention has passed); in-flight records stay.  Returns how many."""
+
+    def load_many(self, tx_ids: Sequence[str]) -> list[Transaction]:
+        """The snapshots of those of ``tx_ids`` that exist (an expiry batch), in any order."""
+
+    def write_each(self, commits: Sequence[Commit]) -> list[Any]:
+        """Write ``commits`` in one database transaction, each on its own: one that is
+        refused (``EngineError``: a lost compare-and-swap) is rolled back alone and its
+        error returned in its place; None for each that was written."""
 
     def due_for_expiry(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]: ...
 

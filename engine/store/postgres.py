@@ -198,6 +198,14 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at TIMESTAMPTZ NOT NULL
     );
     """,
+    # 5: idempotency records are kept for a retention, then forgotten by the expiry
+    # sweep; keyless commands no longer write any, so the ones earlier versions left
+    # (settled, under generated keys) go now, and records of unknown age count from now
+    """
+    CREATE INDEX commands_by_age ON commands (started_at) WHERE status != 'in_flight';
+    DELETE FROM commands WHERE key LIKE 'auto:%' AND status != 'in_flight';
+    UPDATE commands SET started_at = clock_timestamp() WHERE started_at IS NULL;
+    """,
 )
 
 LATEST = len(MIGRATIONS)
@@ -308,6 +316,14 @@ class _Operations:
             return None
         row = yield One("SELECT snapshot FROM transactions WHERE id = %s", (tx_id,))
         return None if row is None else self._decoded(row[0])
+
+    def load_many(self, tx_ids: Sequence[str]) -> Statements:
+        """The snapshots of ``tx_ids`` that exist, in one read (an expiry batch)."""
+        wanted = [tx_id for tx_id in tx_ids if not _unstorable(tx_id)]
+        if not wanted:
+            return []
+        rows = yield All("SELECT snapshot FROM transactions WHERE id = ANY(%s)", (wanted,))
+        return [self._decoded(row[0]) for row in rows]
 
     def keyed_hash_key(self) -> Statements:
         return bytes.fromhex((yield One("SELECT value FROM meta WHERE key = 'hash_key'"))[0])
@@ -461,6 +477,29 @@ class _Operations:
                 [(d.tx_id, d.provider, d.kind, dumps(dict(d.payload)), d.idempotency_key,
                   PENDING, d.due_at, d.due_at) for d in commit.enqueue],
             )
+
+    def write_each(self, commits: Sequence[Commit]) -> Statements:
+        """Several commits in ONE database transaction, each on its own: one that fails
+        (a lost compare-and-swap) is rolled back alone to its savepoint and its error
+        returned in its place; the others commit together."""
+        outcomes: list[EngineError | None] = []
+        for commit in commits:
+            yield Count("SAVEPOINT one_commit")
+            try:
+                yield from self.write(commit)
+            except EngineError as refused:
+                yield Count("ROLLBACK TO SAVEPOINT one_commit")
+                outcomes.append(refused)
+            else:
+                outcomes.append(None)
+            yield Count("RELEASE SAVEPOINT one_commit")
+        return outcomes
+
+    def forget_commands(self, started_before: datetime) -> Statements:
+        """Forget settled idempotency records of commands begun before ``started_before``;
+        how many.  In-flight ones stay: they are claims a retry or recover() needs."""
+        return (yield Count("DELETE FROM commands WHERE status != 'in_flight' AND started_at < %s",
+                            (started_before,)))
 
     def _swap_snapshot(self, commit: Commit) -> Statements:
         tx = commit.snapshot

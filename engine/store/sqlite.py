@@ -14,6 +14,8 @@ with the number due, not the number stored.
 
 from __future__ import annotations
 
+import collections
+import fcntl
 import functools
 import os
 import secrets
@@ -30,6 +32,7 @@ from ..codec import decode_transaction, dumps, encode_transaction, loads
 from ..drivers import Delivery
 from ..errors import (
     ConcurrentModification,
+    EngineError,
     IdempotencyConflict,
     LeaseLost,
     StoreUnavailable,
@@ -37,7 +40,7 @@ from ..errors import (
     ValidationError,
 )
 from ..machine import ACTIVE
-from ..models import Event
+from ..models import Event, Transaction
 from .base import (
     DEAD,
     DROP,
@@ -188,6 +191,15 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at INTEGER NOT NULL
     );
     """,
+    # 5: idempotency records are kept for a retention, then forgotten by the expiry
+    # sweep; keyless commands no longer write any, so the ones earlier versions left
+    # (settled, under generated keys) go now, and records of unknown age count from now
+    """
+    CREATE INDEX commands_by_age ON commands (started_at) WHERE status != 'in_flight';
+    DELETE FROM commands WHERE key LIKE 'auto:%' AND status != 'in_flight';
+    UPDATE commands SET started_at = CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)
+        WHERE started_at IS NULL;
+    """,
 )
 
 
@@ -233,9 +245,8 @@ class SQLiteStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        self._recent: dict[str, object] = {}
-        self._recent_lock = threading.Lock()
-        self._recent_size = 4096
+        self._recent = _SnapshotCache(8192)
+        self._gate = _WriterGate(self.path + "-writer", busy_timeout_ms / 1000)
         self._identity: tuple[int, int] | None = None
         # read_only: an operator's view; it neither migrates nor takes the write lock
         self.read_only = read_only
@@ -299,7 +310,7 @@ class SQLiteStore:
 
     def _write_transaction(self):
         self._check_same_file()
-        return _Immediate(self._connection())
+        return _Immediate(self._connection(), self._gate)
 
     def _migrate(self) -> None:
         with self._write_transaction() as db:
@@ -335,24 +346,28 @@ class SQLiteStore:
     @_unavailable_on_sqlite_error
     def load(self, tx_id: str):
         row = self._connection().execute(
-            "SELECT snapshot FROM transactions WHERE id = ?", (tx_id,)
+            "SELECT version, snapshot FROM transactions WHERE id = ?", (tx_id,)
         ).fetchone()
-        return None if row is None else self._decoded(row[0])
-
-    def _decoded(self, text: str):
-        # Snapshots are immutable and their JSON names their version, so the text we
-        # wrote (or last read) maps to one Transaction: skip re-validating it.
-        tx = self._recent.get(text)
+        if row is None:
+            return None
+        version, text = row
+        tx = self._recent.get(tx_id, version)
         if tx is None:
             tx = decode_transaction(loads(text))
-            self._remember(text, tx)
+            self._recent.put(tx)
         return tx
 
-    def _remember(self, text: str, tx) -> None:
-        with self._recent_lock:
-            if len(self._recent) >= self._recent_size:
-                self._recent.pop(next(iter(self._recent)))
-            self._recent[text] = tx
+    def load_many(self, tx_ids: Sequence[str]) -> list[Transaction]:
+        """The snapshots of ``tx_ids`` that exist, in one read (an expiry batch)."""
+        found: list[Transaction] = []
+        for start in range(0, len(tx_ids), 500):  # within SQLite's bound on parameters
+            chunk = tx_ids[start:start + 500]
+            for tx_id, version, text in self._connection().execute(
+                f"SELECT id, version, snapshot FROM transactions WHERE id IN ({_placeholders(chunk)})", chunk,
+            ):
+                tx = self._recent.get(tx_id, version)
+                found.append(tx if tx is not None else decode_transaction(loads(text)))
+        return found
 
     @_unavailable_on_sqlite_error
     def load_intent(self, tx_id: str) -> Intent | None:
@@ -451,36 +466,75 @@ class SQLiteStore:
     @_unavailable_on_sqlite_error
     def write(self, commit: Commit) -> None:
         with self._write_transaction() as db:
-            # The version compare-and-swap first: a command that lost a race learns it as
-            # ConcurrentModification, never as a clash with the winner's (automatic) key.
-            if commit.snapshot is not None:
-                self._swap_snapshot(db, commit)
-            if commit.command is not None:
-                self._write_command(db, commit.command)
-            for event in commit.events:
-                db.execute(
-                    "INSERT INTO journal (tx_id, seq, kind, at, data) VALUES (?, ?, ?, ?, ?)",
-                    (event.tx_id, event.seq, event.kind, to_us(event.at), dumps(dict(event.data))),
-                )
-            if commit.intent is not None:
-                self._write_intent(db, commit.tx_id, commit.intent)
-            if commit.hold is not None:
-                hold = commit.hold
-                db.execute(
-                    "INSERT INTO preview_holds (key, tx_id, provider, request, sealed_token, expires_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (hold.key, hold.tx_id, hold.provider, dumps(dict(hold.request)), hold.sealed_token,
-                     to_us(hold.expires_at)),
-                )
-            if commit.release_hold is not None:
-                db.execute("DELETE FROM preview_holds WHERE key = ?", (commit.release_hold,))
-            if commit.enqueue:
-                db.executemany(
-                    "INSERT INTO outbox (tx_id, provider, kind, payload, idempotency_key, status,"
-                    " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(d.tx_id, d.provider, d.kind, dumps(dict(d.payload)), d.idempotency_key,
-                      PENDING, to_us(d.due_at), to_us(d.due_at)) for d in commit.enqueue],
-                )
+            self._apply(db, commit)
+        if commit.snapshot is not None:
+            self._recent.put(commit.snapshot)  # committed: this version is the one every reader sees
+
+    @_unavailable_on_sqlite_error
+    def forget_commands(self, started_before: datetime) -> int:
+        """Forget settled idempotency records of commands begun before ``started_before``;
+        how many.  In-flight ones stay: they are claims a retry or recover() needs."""
+        cutoff = to_us(started_before)
+        due = ("FROM commands INDEXED BY commands_by_age WHERE status != 'in_flight'"
+               " AND started_at < ?")
+        if self._connection().execute(f"SELECT 1 {due} LIMIT 1", (cutoff,)).fetchone() is None:
+            return 0  # the usual case: a read, no write transaction
+        with self._write_transaction() as db:
+            return db.execute(f"DELETE {due}", (cutoff,)).rowcount
+
+    @_unavailable_on_sqlite_error
+    def write_each(self, commits: Sequence[Commit]) -> list[EngineError | None]:
+        """Write several commits in ONE database transaction (one flush), each on its own:
+        one that fails (a lost compare-and-swap) is rolled back alone and its error
+        returned in its place; the others commit together."""
+        outcomes: list[EngineError | None] = []
+        with self._write_transaction() as db:
+            for commit in commits:
+                db.execute("SAVEPOINT one_commit")
+                try:
+                    self._apply(db, commit)
+                except EngineError as refused:
+                    db.execute("ROLLBACK TO one_commit")
+                    outcomes.append(refused)
+                else:
+                    outcomes.append(None)
+                db.execute("RELEASE one_commit")
+        for commit, outcome in zip(commits, outcomes):
+            if outcome is None and commit.snapshot is not None:
+                self._recent.put(commit.snapshot)
+        return outcomes
+
+    def _apply(self, db: sqlite3.Connection, commit: Commit) -> None:
+        # The version compare-and-swap first: a command that lost a race learns it as
+        # ConcurrentModification, never as a clash with the winner's (automatic) key.
+        if commit.snapshot is not None:
+            self._swap_snapshot(db, commit)
+        if commit.command is not None:
+            self._write_command(db, commit.command)
+        for event in commit.events:
+            db.execute(
+                "INSERT INTO journal (tx_id, seq, kind, at, data) VALUES (?, ?, ?, ?, ?)",
+                (event.tx_id, event.seq, event.kind, to_us(event.at), dumps(dict(event.data))),
+            )
+        if commit.intent is not None:
+            self._write_intent(db, commit.tx_id, commit.intent)
+        if commit.hold is not None:
+            hold = commit.hold
+            db.execute(
+                "INSERT INTO preview_holds (key, tx_id, provider, request, sealed_token, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (hold.key, hold.tx_id, hold.provider, dumps(dict(hold.request)), hold.sealed_token,
+                 to_us(hold.expires_at)),
+            )
+        if commit.release_hold is not None:
+            db.execute("DELETE FROM preview_holds WHERE key = ?", (commit.release_hold,))
+        if commit.enqueue:
+            db.executemany(
+                "INSERT INTO outbox (tx_id, provider, kind, payload, idempotency_key, status,"
+                " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(d.tx_id, d.provider, d.kind, dumps(dict(d.payload)), d.idempotency_key,
+                  PENDING, to_us(d.due_at), to_us(d.due_at)) for d in commit.enqueue],
+            )
 
     def _swap_snapshot(self, db: sqlite3.Connection, commit: Commit) -> None:
         tx = commit.snapshot
@@ -498,7 +552,6 @@ class SQLiteStore:
                 raise ConcurrentModification("the transaction already exists", tx_id=tx.id) from None
         else:
             self._swap(db, commit.expected_version, tx, values)
-        self._remember(text, tx)  # a rolled-back write leaves a harmless, unread entry
 
     def _swap(self, db: sqlite3.Connection, expected_version: int, tx, values: tuple) -> None:
         swapped = db.execute(
@@ -564,19 +617,23 @@ class SQLiteStore:
 
     def _write_command(self, db: sqlite3.Connection, op: CommandOp) -> None:
         record = op.record
+        if op.forget:
+            db.execute("DELETE FROM commands WHERE key = ?", (record.key,))
+            return
         if op.insert:
-            existing = db.execute("SELECT fingerprint FROM commands WHERE key = ?", (record.key,)).fetchone()
-            if existing is not None:
-                if existing[0] != record.fingerprint:
-                    raise IdempotencyConflict("the idempotency key was used for another command")
-                raise ConcurrentModification("the same command is running elsewhere", tx_id=record.tx_id)
-            db.execute(
-                "INSERT INTO commands (key, command, fingerprint, tx_id, status, version, code, message,"
-                " lease_until, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (record.key, record.command, record.fingerprint, record.tx_id, record.status,
-                 record.version, record.code, record.message, to_us(record.lease_until),
-                 to_us(record.started_at)),
-            )
+            try:
+                db.execute(
+                    "INSERT INTO commands (key, command, fingerprint, tx_id, status, version, code, message,"
+                    " lease_until, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (record.key, record.command, record.fingerprint, record.tx_id, record.status,
+                     record.version, record.code, record.message, to_us(record.lease_until),
+                     to_us(record.started_at)),
+                )
+            except sqlite3.IntegrityError:  # the key is taken: by this command or another one
+                existing = db.execute("SELECT fingerprint FROM commands WHERE key = ?", (record.key,)).fetchone()
+                if existing is not None and existing[0] != record.fingerprint:
+                    raise IdempotencyConflict("the idempotency key was used for another command") from None
+                raise ConcurrentModification("the same command is running elsewhere", tx_id=record.tx_id) from None
             return
         condition, extra = "", ()
         if op.take_lease_at is not None:
@@ -587,7 +644,9 @@ class SQLiteStore:
             (record.status, record.version, record.code, record.message, to_us(record.lease_until),
              record.key) + extra,
         ).rowcount
-        if updated != 1:
+        # Settling a command that kept no record (a keyless one) has nothing to update;
+        # taking over a record's lease must find the record free.
+        if updated != 1 and op.take_lease_at is not None:
             raise TransactionInDoubt("the same command is in flight in another process", tx_id=record.tx_id)
 
     # --- the outbox ---
@@ -708,27 +767,137 @@ class SQLiteStore:
                 connection.close()
             self._connections.clear()
         self._local = threading.local()
+        self._gate.close()
+
+
+class _SnapshotCache:
+    """The most recently used snapshots, one per transaction, by (id, version).
+
+    A snapshot is immutable and its version is compare-and-swapped, so a committed
+    (id, version) names exactly one Transaction: a load that finds that version here
+    skips decoding (and re-validating) the JSON.  Only committed snapshots enter (a
+    rolled-back write must not shadow the version another writer commits), and each
+    transaction holds one entry, its latest, so the cache covers ``size`` transactions
+    however many versions each went through.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: collections.OrderedDict[str, Transaction] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, tx_id: str, version: int) -> Transaction | None:
+        with self._lock:
+            tx = self._entries.get(tx_id)
+            if tx is None or tx.version != version:
+                return None
+            self._entries.move_to_end(tx_id)
+            return tx
+
+    def put(self, tx: Transaction) -> None:
+        with self._lock:
+            known = self._entries.get(tx.id)
+            if known is not None and known.version > tx.version:
+                return  # a slower reader must not replace a newer version
+            self._entries[tx.id] = tx
+            self._entries.move_to_end(tx.id)
+            if len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+
+class _WriterGate:
+    """Writers of one database file queue in the kernel instead of in SQLite's busy handler.
+
+    SQLite's busy handler polls: a writer that finds the write lock taken sleeps 1, 2, 5,
+    10 ms and more between tries, and the lock is usually free long before it wakes
+    (two processes on one file got less done than one).  Every write transaction of this
+    store first takes an exclusive ``flock`` on a sidecar file (``<database>-writer``),
+    threads of one process first a ``threading.Lock``: the kernel wakes the next writer
+    the moment the previous one commits.  The gate only orders writers; SQLite's own lock
+    still decides who writes, so a writer that does not use the gate (another program,
+    the sqlite3 shell) is merely served by the busy handler as before.  The kernel drops
+    a dead process's flock, so a crash never wedges the gate.  Where the sidecar cannot
+    be created (a read-only directory), there is no gate and the busy handler serves.
+    """
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self._path = path
+        self._timeout = timeout
+        self._threads = threading.Lock()
+        self._fd: int | None = None
+        self._pid = -1  # a forked child opens its own: a shared descriptor would share the lock
+
+    def _descriptor(self) -> int | None:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            try:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                self._fd = None
+        return self._fd
+
+    def acquire(self) -> bool:
+        """Wait for this writer's turn; False if it did not come within the busy timeout
+        (the writer then goes on to BEGIN IMMEDIATE, which waits and fails as without a gate)."""
+        if not self._threads.acquire(timeout=self._timeout):
+            return False
+        fd = self._descriptor()
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                pass  # a file system without flock: the busy handler serves
+        return True
+
+    def release(self) -> None:
+        """Hand the turn on; only after ``acquire`` returned True."""
+        if self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+        self._threads.release()
+
+    def close(self) -> None:
+        with self._threads:
+            if self._fd is not None and self._pid == os.getpid():
+                os.close(self._fd)
+            self._fd, self._pid = None, -1
 
 
 class _Immediate:
     """``with`` block that is one write transaction, taking the write lock up front."""
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: sqlite3.Connection, gate: _WriterGate) -> None:
         self.connection = connection
+        self.gate = gate
+        self.turn = False
 
     def __enter__(self) -> sqlite3.Connection:
-        self.connection.execute("BEGIN IMMEDIATE")
+        self.turn = self.gate.acquire()
+        try:
+            self.connection.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._hand_on()
+            raise
         return self.connection
 
     def __exit__(self, kind, error, trace) -> None:
-        if kind is None:
-            try:
-                self.connection.execute("COMMIT")
-            except sqlite3.Error:
-                self._roll_back()  # a failed COMMIT (disk full) can leave the transaction open
-                raise
-        else:
-            self._roll_back()
+        try:
+            if kind is None:
+                try:
+                    self.connection.execute("COMMIT")
+                except sqlite3.Error:
+                    self._roll_back()  # a failed COMMIT (disk full) can leave the transaction open
+                    raise
+            else:
+                self._roll_back()
+        finally:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        if self.turn:
+            self.gate.release()
 
     def _roll_back(self) -> None:
         # SQLite may already have rolled back (SQLITE_FULL, SQLITE_IOERR); a failing

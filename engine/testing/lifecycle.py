@@ -117,6 +117,9 @@ UNKNOWN_OUTCOME_FAULTS: tuple[Any, ...] = (
 #: window).  ``advance_clock_to`` lands on deadlines exactly.
 CLOCK_MOVES = (1, 5, 30, 59, 61, 120, 599, 600, 3_600, 86_399, 86_401)
 
+#: Longer than any run's clock moves: the model never forgets a key.
+KEEP_KEYS = timedelta(days=36_500)
+
 #: Caller keys: usually none, sometimes one of a small pool, so keys get reused (replays
 #: and conflicts) now and then.
 KEY_POOL = (None,) * 9 + ("key-1", "key-2", "key-3")
@@ -278,7 +281,10 @@ class LifecycleStateMachine(RuleBasedStateMachine):
         self.transport = SandboxTransport(self.sandbox)
         driver = self.harness.make_driver(self.sandbox, transport=self.transport, clock=self.clock)
         # A fixed seed and one delivery at a time: a run replays exactly while shrinking.
-        options = {"rng": random.Random(0), "delivery_concurrency": 1, **self.harness.engine_options()}
+        # The model remembers every idempotency key for the whole run (its clock moves by
+        # days), so the engine keeps them as long; the retention has its own tests.
+        options = {"rng": random.Random(0), "delivery_concurrency": 1, "idempotency_retention": KEEP_KEYS,
+                   **self.harness.engine_options()}
         providers = {self.harness.provider: driver}
         if self.engine_kind == "async":
             self.engine = BlockingAsyncEngine(AsyncEngine.open(self.url, providers=providers, clock=self.clock,
