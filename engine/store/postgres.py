@@ -576,6 +576,9 @@ class _Operations:
 
     def _write_command(self, op: CommandOp) -> Statements:
         record = op.record
+        if op.forget:
+            yield Count("DELETE FROM commands WHERE key = %s", (record.key,))
+            return
         if op.insert:
             # ON CONFLICT: a concurrent insert of the same key waits for the first to
             # commit, then finds it instead of failing the whole transaction.
@@ -601,7 +604,9 @@ class _Operations:
             (record.status, record.version, record.code, record.message, record.lease_until,
              record.key) + extra,
         )
-        if updated != 1:
+        # Settling a command that kept no record (a keyless one) has nothing to update;
+        # taking over a record's lease must find the record free.
+        if updated != 1 and op.take_lease_at is not None:
             raise TransactionInDoubt("the same command is in flight in another process", tx_id=record.tx_id)
 
     # --- the outbox ---
@@ -866,6 +871,9 @@ class PostgresStore:
     due_for_expiry = _blocking("due_for_expiry")
     intents_to_recover = _blocking("intents_to_recover")
     write = _blocking("write")
+    write_each = _blocking("write_each")
+    load_many = _blocking("load_many")
+    forget_commands = _blocking("forget_commands")
     claim_deliveries = _blocking("claim_deliveries")
     settle_deliveries = _blocking("settle_deliveries")
     deliveries = _blocking("deliveries")
