@@ -17,13 +17,7 @@ from hypothesis.stateful import run_state_machine_as_test
 pytest.importorskip("psycopg")
 
 from txengine.store.postgres import PostgresStore  # noqa: E402
-from txengine.testing.harnesses import (  # noqa: E402
-    CheersHarness,
-    ForloyHarness,
-    ReferenceHarness,
-    RekonectHarness,
-    SecuconnectHarness,
-)
+from txengine.testing.registry import load_harness  # noqa: E402
 from txengine.testing.lifecycle import LifecycleStateMachine  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -53,8 +47,9 @@ class OnPostgres(LifecycleStateMachine):
 MACHINES = [
     OnPostgres.for_harness(harness, store=PostgresStores(), engine_kind=kind,
                            name=f"{harness.provider.title()}{kind.title()}OnPostgres")
-    for harness, kind in [(ReferenceHarness(), "sync"), (CheersHarness(), "sync"), (RekonectHarness(), "sync"),
-                          (ForloyHarness(), "sync"), (SecuconnectHarness(), "sync"), (ReferenceHarness(), "async")]
+    for harness, kind in [(load_harness(name), kind) for name, kind in (
+        ("reference", "sync"), ("cheers", "sync"), ("rekonect", "sync"), ("forloy", "sync"),
+        ("secuconnect", "sync"), ("reference", "async"))]
 ]
 
 
