@@ -104,3 +104,14 @@ def durable(connection: sqlite3.Connection) -> sqlite3.Connection:
     connection.execute("PRAGMA synchronous = FULL")
     connection.execute("PRAGMA busy_timeout = 10000")
     return connection
+
+
+def timed_sweep(engine: Any) -> dict[str, float]:
+    """``expire_due()`` until nothing is due: how many expired, how long, peak memory added."""
+    before = reset_peak_rss()
+    began = time.perf_counter()
+    expired = 0
+    while moved := engine.expire_due():
+        expired += moved
+    return {"expired": expired, "seconds": time.perf_counter() - began,
+            "peak_mib": peak_rss_since_reset_mib() - before}

@@ -26,7 +26,7 @@ import time
 import uuid
 from datetime import timedelta
 
-from common import emit, peak_rss_since_reset_mib, reset_peak_rss, row
+from common import emit, row, timed_sweep
 
 from txengine import Basket, Engine, FakeClock, LineItem, Money
 from txengine.providers.reference import ReferenceDriver, ReferenceSandbox
@@ -94,16 +94,10 @@ def sweep(path: str) -> dict[str, float]:
     clock = FakeClock()
     clock.advance(SWEEP_AT)
     with _engine(path, clock) as engine:
-        before = reset_peak_rss()
-        began = time.perf_counter()
-        expired = 0
-        while moved := engine.expire_due():
-            expired += moved
-        seconds = time.perf_counter() - began
-        peak = peak_rss_since_reset_mib() - before
+        measured = timed_sweep(engine)
     journaled = sqlite3.connect(path).execute(
         "SELECT count(*) FROM journal WHERE data LIKE '%\"expire\"%'").fetchone()[0]
-    return {"expired": expired, "seconds": seconds, "peak_mib": peak, "journaled": journaled}
+    return {**measured, "journaled": journaled}
 
 
 def measure(directory: str, stored: int, due: int) -> dict[str, float]:

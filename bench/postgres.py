@@ -30,7 +30,7 @@ import tempfile
 import time
 from datetime import timedelta
 
-from common import emit, peak_rss_since_reset_mib, reset_peak_rss, row
+from common import emit, row, timed_sweep
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -132,14 +132,7 @@ def sweep(url: str) -> dict[str, float]:
     clock = FakeClock()
     clock.advance(SWEEP_AT)
     with _engine(url, clock) as engine:
-        before = reset_peak_rss()
-        began = time.perf_counter()
-        expired = 0
-        while moved := engine.expire_due():
-            expired += moved
-        seconds = time.perf_counter() - began
-        peak = peak_rss_since_reset_mib() - before
-    return {"expired": expired, "seconds": seconds, "peak_mib": peak}
+        return timed_sweep(engine)
 
 
 def bench_expiry(server, stored_counts: list[int], due: int) -> list[dict]:
