@@ -34,9 +34,9 @@ class AsyncEngine(_Facade):
         steps = Steps(command)
         if getattr(self.store, "aperform", None) is not None:
             with telemetry.command_span(command):
-                for op in steps:
+                for step in steps:
                     try:
-                        steps.answer(await self._perform(op))
+                        steps.answer(await self._perform(step))
                     except Exception as failure:
                         steps.fail(failure)
             return steps.value

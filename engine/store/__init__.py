@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from ..errors import ValidationError
@@ -41,14 +42,18 @@ def migrate(url: str) -> int:
         from .postgres import migrate as migrate_postgres
 
         return migrate_postgres(_postgres_url(url)[0])
-    store = open_store(url)  # SQLite migrates on open
+    path = sqlite_path(url)
+    if path is None:
+        raise ValidationError(f"unsupported store URL scheme {parts.scheme!r}")
+    store = SQLiteStore(path)  # SQLite migrates on open
     try:
-        return store.schema_version
+        version: int = store.schema_version
+        return version
     finally:
         store.close()
 
 
-def _postgres_url(url: str) -> tuple[str, dict[str, object]]:
+def _postgres_url(url: str) -> tuple[str, dict[str, Any]]:
     """Split txengine's own options off a PostgreSQL URL; the rest (TLS: ``sslmode``,
     ``sslrootcert``...) goes to libpq unchanged."""
     parts = urlsplit(url)
