@@ -266,3 +266,20 @@ def test_an_event_the_lifecycle_forbids_is_illegal_before_it_is_unsupported(db_u
         engine.cancel(open_tx.id)
         with pytest.raises(IllegalTransition, match="final"):
             engine.refund(open_tx.id)
+
+
+def test_cancel_over_an_update_the_provider_applied_but_never_answered(engine, sandbox, basket):
+    """The provider's basket holds the lost update's lines after ours; the cancel's answer
+    is still proof (its id, its status, our lines first) and ends the transaction."""
+    from txengine.errors import OutcomeUnknown
+    from txengine.testing.sandbox import Fault
+
+    tx = engine.preview("reference", basket, customer_token=CUSTOMER)
+    sandbox.faults.inject("update", Fault.TIMEOUT_AFTER_COMMIT)
+    with pytest.raises(OutcomeUnknown):
+        engine.update(tx.id, [LineItem(None, "Tip", 1, Money(100, "EUR"), 0)])
+    assert len(sandbox.previews[tx.provider_ref].lines) == len(tx.items) + 1  # it landed there
+
+    assert engine.cancel(tx.id).state == "cancelled"
+    assert engine.get(tx.id).pending is None
+    assert sandbox.previews[tx.provider_ref].status == "cancelled"
