@@ -41,5 +41,5 @@ def test_the_guides_conformance_test_passes():
 
 def test_the_guides_lifecycle_machine_runs_clean():
     machine = load_example()["TillLifecycle"]
-    run_state_machine_as_test(machine, settings=settings(settings(), max_examples=20, derandomize=True))
+    run_state_machine_as_test(machine, settings=settings(settings(), max_examples=20))
     assert machine.steps_total > 20 * 10
