@@ -310,3 +310,16 @@ def test_txengine_migrate_brings_a_blank_postgres_database_up_without_showing_th
     assert result.exit_code == 0, result.output
     assert f"schema version {postgres.LATEST}" in result.output and "hunter2-secret" not in result.output
     assert migrate(blank_url) == postgres.LATEST, "a second run has nothing left to do"
+
+
+@pytest.mark.parametrize("command", [["list"], ["show", "tx_x"], ["outbox", "list"], ["workers"]])
+def test_a_read_command_on_a_blank_postgres_database_refuses_and_creates_no_schema(blank_url, command):
+    from click.testing import CliRunner
+
+    from txengine.app.cli import cli
+
+    result = CliRunner().invoke(cli, [*command, "--db", blank_url])
+    assert result.exit_code == 3, result.output
+    assert "txengine migrate" in result.output
+    with psycopg.connect(blank_url) as db:
+        assert db.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None, "no schema was made"

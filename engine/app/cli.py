@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import socket
 import sqlite3
 import sys
@@ -696,6 +697,9 @@ def customer(url: str, as_json: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script; returns the exit code instead of exiting (for tests and ``-m``)."""
+    # psycopg's pool reports each failed reconnection itself; the command says it once
+    logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
+    logging.getLogger("psycopg.pool").propagate = False
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="txengine", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as shown:

@@ -89,6 +89,11 @@ def open_existing(db: str, *, read_only: bool = False) -> Store:
     """
     path = sqlite_path(db)
     if path is None:
+        if urlsplit(db).scheme in ("postgres", "postgresql"):
+            from .postgres import PostgresStore
+
+            libpq_url, options = _postgres_url(db)
+            return PostgresStore(libpq_url, migrate_schema=False, **options)  # refuses an unmigrated one
         return open_store(db)  # refuses what this version cannot open
     if not path:
         raise ValidationError("a sqlite URL names a file: sqlite:///txengine.db")
