@@ -3,6 +3,8 @@
     from txengine import Engine, Basket, LineItem, Money, FakeClock
 """
 
+import logging
+
 from .aio import AsyncEngine
 from .clock import Clock, FakeClock, SystemClock
 from .drivers import Capabilities, HttpDriver, PreviewRequest, ProviderDriver
@@ -18,3 +20,7 @@ __all__ = [
     "ProviderDriver", "Quote", "ReceiptLine", "Secret", "SystemClock", "TimerPolicy", "Transaction",
     "TxEvent", "TxState",
 ]
+
+# A library logs, the application decides where to: without this, Python would print
+# every warning (an unknown outcome, say) on the POS's stderr when it configured none.
+logging.getLogger("txengine").addHandler(logging.NullHandler())

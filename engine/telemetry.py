@@ -48,6 +48,12 @@ def _log(level: int, message: str, tx_id: str, **fields: Any) -> None:
     log.log(level, message, extra={"tx_id": tx_id, "fields": {"event": message, "tx_id": tx_id, **fields}})
 
 
+def _failed(span: Any, failure: BaseException) -> None:
+    """Mark a span failed by the error's type alone: no traceback is formatted on the
+    command's path, and no message (a provider's words) reaches the trace."""
+    span.set_status(trace.Status(trace.StatusCode.ERROR, type(failure).__name__))
+
+
 @contextmanager
 def command_span(command: Any) -> Iterator[None]:
     """One span around one engine command (``command`` is the core's generator)."""
@@ -55,8 +61,13 @@ def command_span(command: Any) -> Iterator[None]:
     if name == "command":  # Core.command(tx_id, event, ...): name the span by its event
         frame = getattr(command, "gi_frame", None)
         name = str(frame.f_locals.get("event", name)) if frame is not None else name
-    with _tracer.start_as_current_span(f"txengine.command {name}", attributes={"txengine.command": name}):
-        yield
+    with _tracer.start_as_current_span(f"txengine.command {name}", attributes={"txengine.command": name},
+                                       record_exception=False, set_status_on_exception=False) as span:
+        try:
+            yield
+        except Exception as failure:
+            _failed(span, failure)
+            raise
 
 
 def committed(commit: Any) -> None:
@@ -91,15 +102,18 @@ def provider_call(provider: str, operation: str) -> Iterator[None]:
     ``rejected`` (a definite refusal) or ``unknown`` (anything else)."""
     started = time.perf_counter()
     with _tracer.start_as_current_span(
-            "txengine.provider_call", attributes={"provider": provider, "operation": operation}) as span:
+            "txengine.provider_call", attributes={"provider": provider, "operation": operation},
+            record_exception=False, set_status_on_exception=False) as span:
         outcome = "ok"
         try:
             yield
-        except ProviderRejected:
+        except ProviderRejected as refusal:
             outcome = "rejected"
+            _failed(span, refusal)
             raise
-        except Exception:
+        except Exception as failure:
             outcome = "unknown"
+            _failed(span, failure)
             raise
         except BaseException:  # cancelled (a task, a worker stopping): no outcome learned
             outcome = "cancelled"

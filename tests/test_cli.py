@@ -423,6 +423,9 @@ def test_a_span_per_command_and_per_provider_call_naming_no_secret(engine, sandb
     assert spans[2][1] == {"provider": "reference", "operation": "finalize", "outcome": "unknown"}
     assert spans[3][1]["txengine.tx_id"] == tx.id
     assert CUSTOMER not in repr(spans) and ReferenceSandbox.api_key not in repr(spans)
+    failed = exported.get_finished_spans()[3]
+    assert (failed.status.status_code.name, failed.status.description) == ("ERROR", "OutcomeUnknown")
+    assert not failed.events, "no traceback or message recorded on the command's path"
 
 
 def test_library_log_records_carry_the_transaction_id(engine, sandbox, basket):
