@@ -137,6 +137,8 @@ def test_expire_due_writes_each_batch_in_one_commit_and_journals_every_expiry(en
     with traced(engine) as trace:
         assert engine.expire_due() == 30
     assert trace.commits == 1
+    # an expiry can only be refused by its compare-and-swap, before it writes: no savepoints
+    assert trace.statements.count("UPDATE transactions") == 30 and "SAVEPOINT one_commit" not in trace.statements
     for tx_id in due:
         assert engine.get(tx_id).state == "expired"
         assert engine.history(tx_id)[-1].data["event"] == "expire"

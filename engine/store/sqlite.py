@@ -465,8 +465,9 @@ class SQLiteStore:
 
     @_unavailable_on_sqlite_error
     def write(self, commit: Commit) -> None:
+        texts = _Texts.of(commit)  # encoded before the write lock: other writers wait less
         with self._write_transaction() as db:
-            self._apply(db, commit)
+            self._apply(db, commit, texts)
         if commit.snapshot is not None:
             self._recent.put(commit.snapshot)  # committed: this version is the one every reader sees
 
@@ -488,11 +489,20 @@ class SQLiteStore:
         one that fails (a lost compare-and-swap) is rolled back alone and its error
         returned in its place; the others commit together."""
         outcomes: list[EngineError | None] = []
+        encoded = [_Texts.of(commit) for commit in commits]
         with self._write_transaction() as db:
-            for commit in commits:
+            for commit, texts in zip(commits, encoded):
+                if _refused_only_before_writing(commit):  # an expiry: no savepoint to pay for
+                    try:
+                        self._apply(db, commit, texts)
+                    except EngineError as refused:
+                        outcomes.append(refused)
+                    else:
+                        outcomes.append(None)
+                    continue
                 db.execute("SAVEPOINT one_commit")
                 try:
-                    self._apply(db, commit)
+                    self._apply(db, commit, texts)
                 except EngineError as refused:
                     db.execute("ROLLBACK TO one_commit")
                     outcomes.append(refused)
@@ -504,26 +514,26 @@ class SQLiteStore:
                 self._recent.put(commit.snapshot)
         return outcomes
 
-    def _apply(self, db: sqlite3.Connection, commit: Commit) -> None:
+    def _apply(self, db: sqlite3.Connection, commit: Commit, texts: _Texts) -> None:
         # The version compare-and-swap first: a command that lost a race learns it as
         # ConcurrentModification, never as a clash with the winner's (automatic) key.
         if commit.snapshot is not None:
-            self._swap_snapshot(db, commit)
+            self._swap_snapshot(db, commit, texts.snapshot)
         if commit.command is not None:
             self._write_command(db, commit.command)
-        for event in commit.events:
+        for event, data in zip(commit.events, texts.events):
             db.execute(
                 "INSERT INTO journal (tx_id, seq, kind, at, data) VALUES (?, ?, ?, ?, ?)",
-                (event.tx_id, event.seq, event.kind, to_us(event.at), dumps(dict(event.data))),
+                (event.tx_id, event.seq, event.kind, to_us(event.at), data),
             )
         if commit.intent is not None:
-            self._write_intent(db, commit.tx_id, commit.intent)
+            self._write_intent(db, commit.tx_id, commit.intent, texts)
         if commit.hold is not None:
             hold = commit.hold
             db.execute(
                 "INSERT INTO preview_holds (key, tx_id, provider, request, sealed_token, expires_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (hold.key, hold.tx_id, hold.provider, dumps(dict(hold.request)), hold.sealed_token,
+                (hold.key, hold.tx_id, hold.provider, texts.hold_request, hold.sealed_token,
                  to_us(hold.expires_at)),
             )
         if commit.release_hold is not None:
@@ -532,13 +542,12 @@ class SQLiteStore:
             db.executemany(
                 "INSERT INTO outbox (tx_id, provider, kind, payload, idempotency_key, status,"
                 " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(d.tx_id, d.provider, d.kind, dumps(dict(d.payload)), d.idempotency_key,
-                  PENDING, to_us(d.due_at), to_us(d.due_at)) for d in commit.enqueue],
+                [(d.tx_id, d.provider, d.kind, payload, d.idempotency_key, PENDING, to_us(d.due_at),
+                  to_us(d.due_at)) for d, payload in zip(commit.enqueue, texts.payloads)],
             )
 
-    def _swap_snapshot(self, db: sqlite3.Connection, commit: Commit) -> None:
+    def _swap_snapshot(self, db: sqlite3.Connection, commit: Commit, text: str | None) -> None:
         tx = commit.snapshot
-        text = dumps(encode_transaction(tx))
         values = (tx.state, tx.version, to_us(tx.expires_at), to_us(tx.refund_deadline), tx.pending,
                   text, to_us(tx.updated_at))
         if commit.expected_version == 0:
@@ -565,14 +574,14 @@ class SQLiteStore:
                 tx_id=tx.id, state=tx.state,
             )
 
-    def _write_intent(self, db: sqlite3.Connection, tx_id: str, op: IntentOp) -> None:
+    def _write_intent(self, db: sqlite3.Connection, tx_id: str, op: IntentOp, texts: _Texts) -> None:
         if op.op == PUT:
             intent = op.intent
             db.execute(
                 "INSERT INTO intents (tx_id, event, idempotency_key, params, changes, attempts,"
                 " lease_until, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (tx_id, intent.event, intent.idempotency_key, dumps(dict(intent.params)),
-                 dumps(dict(intent.changes)), intent.attempts, to_us(self._lease_until(op)), op.owner),
+                (tx_id, intent.event, intent.idempotency_key, texts.intent_params, texts.intent_changes,
+                 intent.attempts, to_us(self._lease_until(op)), op.owner),
             )
         elif op.op == TAKE:
             taken = db.execute(
@@ -591,7 +600,7 @@ class SQLiteStore:
             if freed != 1:
                 raise TransactionInDoubt("its provider call is in flight in another process", tx_id=tx_id)
             if op.op == REPLACE:
-                self._write_intent(db, tx_id, attrs.evolve(op, op=PUT))
+                self._write_intent(db, tx_id, attrs.evolve(op, op=PUT), texts)
         elif op.op == RELEASE:
             self._fenced(db, "UPDATE intents SET lease_until = NULL, owner = NULL, last_error = ?, retry_at = ?"
                              " WHERE tx_id = ?", (op.error, to_us(op.retry_at), tx_id), op.owner)
@@ -803,6 +812,38 @@ class _SnapshotCache:
             self._entries.move_to_end(tx.id)
             if len(self._entries) > self._size:
                 self._entries.popitem(last=False)
+
+
+def _refused_only_before_writing(commit: Commit) -> bool:
+    """True when the compare-and-swap of the snapshot, the commit's first statement, is the
+    only way it can be refused (no command record, intent or hold can clash after it): a
+    refused one has then written nothing, and needs no savepoint to be rolled back alone."""
+    return (commit.snapshot is not None and commit.command is None and commit.intent is None
+            and commit.hold is None)
+
+
+@attrs.frozen
+class _Texts:
+    """A commit's JSON columns, encoded before its write transaction takes the lock."""
+
+    snapshot: str | None
+    events: list[str]
+    intent_params: str | None
+    intent_changes: str | None
+    hold_request: str | None
+    payloads: list[str]
+
+    @classmethod
+    def of(cls, commit: Commit) -> _Texts:
+        intent = commit.intent.intent if commit.intent is not None else None
+        return cls(
+            snapshot=dumps(encode_transaction(commit.snapshot)) if commit.snapshot is not None else None,
+            events=[dumps(dict(event.data)) for event in commit.events],
+            intent_params=dumps(dict(intent.params)) if intent is not None else None,
+            intent_changes=dumps(dict(intent.changes)) if intent is not None else None,
+            hold_request=dumps(dict(commit.hold.request)) if commit.hold is not None else None,
+            payloads=[dumps(dict(delivery.payload)) for delivery in commit.enqueue],
+        )
 
 
 class _WriterGate:
