@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from datetime import timedelta
 
 from common import emit, row, timed_sweep
@@ -42,10 +41,20 @@ def _engine(path: str, clock: FakeClock) -> Engine:
 
 
 def fill(path: str, stored: int, due: int, batch: int = 50_000) -> None:
-    """``stored`` previewed transactions, ``due`` of them past their deadline at SWEEP_AT."""
+    """``stored`` transactions, ``due`` of them previews past their deadline at SWEEP_AT.
+
+    Rows are cloned under the ids the engine itself gives (``tx_`` + 48 bits of
+    milliseconds + 80 random bits, time-ordered like UUIDv7), in the order a till would
+    have made them: the due previews interleaved one for one with transactions of the
+    same minutes that were finalized (a sweep rewrites rows among others, not a
+    contiguous run), then the previews still open.
+    """
     clock = FakeClock()
     with _engine(path, clock) as engine:
         due_template = engine.preview("reference", BASKET).id
+        finished_template = engine.preview("reference", BASKET).id
+        engine.begin_payment(finished_template)
+        engine.finalize(finished_template)
         clock.advance(timedelta(hours=1))
         open_template = engine.preview("reference", BASKET).id
     db = sqlite3.connect(path, isolation_level=None)
@@ -53,29 +62,30 @@ def fill(path: str, stored: int, due: int, batch: int = 50_000) -> None:
     db.execute("PRAGMA synchronous = OFF")  # filling only: the sweep runs with the engine's own settings
     tables = {name: [column[1] for column in db.execute(f"PRAGMA table_info({name})")]
               for name in ("transactions", "journal")}
-    templates = {}
-    for template in (due_template, open_template):
-        templates[template] = {
-            "transactions": db.execute("SELECT * FROM transactions WHERE id = ?", (template,)).fetchall(),
-            "journal": db.execute("SELECT * FROM journal WHERE tx_id = ?", (template,)).fetchall(),
-        }
+    templates = {
+        template: {table: db.execute(f"SELECT * FROM {table} WHERE {column} = ?", (template,)).fetchall()
+                   for table, column in (("transactions", "id"), ("journal", "tx_id"))}
+        for template in (due_template, finished_template, open_template)
+    }
 
-    def clones(template: str, count: int):
-        for _ in range(count):
-            new_id = f"tx_{uuid.uuid4().hex}"  # random: no order the snapshot cache could favour
-            yield {table: [tuple(value.replace(template, new_id) if isinstance(value, str) else value
-                                 for value in values) for values in rows]
-                   for table, rows in templates[template].items()}
+    def clone(template: str, millis: int) -> dict[str, list[tuple]]:
+        new_id = f"tx_{millis:012x}{os.urandom(10).hex()}"  # what core._new_tx_id makes at that time
+        return {table: [tuple(value.replace(template, new_id) if isinstance(value, str) else value
+                              for value in values) for values in rows]
+                for table, rows in templates[template].items()}
 
-    plan = [(due_template, due - 1), (open_template, stored - due - 1)]
-    for template, count in plan:
-        pending = {"transactions": [], "journal": []}
-        for clone in clones(template, count):
-            for table, rows in clone.items():
-                pending[table].extend(rows)
-            if len(pending["transactions"]) >= batch:
-                _insert(db, tables, pending)
-        _insert(db, tables, pending)
+    # The three templates stay: one due, one finished, one open among the ``stored``.
+    finished = max(0, min(due, stored - due) - 1)
+    start = int(time.time() * 1000) - 86_400_000
+    plan = ([(due_template, finished_template)[i % 2] for i in range(2 * finished)]
+            + [due_template] * (due - 1 - finished) + [open_template] * (stored - due - finished - 2))
+    pending: dict[str, list[tuple]] = {"transactions": [], "journal": []}
+    for offset, template in enumerate(plan):
+        for table, rows in clone(template, start + offset).items():
+            pending[table].extend(rows)
+        if len(pending["transactions"]) >= batch:
+            _insert(db, tables, pending)
+    _insert(db, tables, pending)
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
 
