@@ -64,7 +64,7 @@ from .errors import (
 )
 from .machine import TimerPolicy, TxEvent, decide
 from .models import MAX_LINES, Basket, Event, LineItem, Outcome, PricedLine, Quote, Transaction, is_text
-from .secret import Sealer, Secret, as_secret
+from .secret import SEALED_FIELDS, Sealer, Secret, as_secret, has_secrets, open_payload, seal_payload
 from .store.base import (
     DEAD,
     DELIVERED,
@@ -793,7 +793,7 @@ class Core:
         capabilities: Capabilities, *, command: CommandOp | None = None, intent: IntentOp | None = None,
     ) -> Command[Transaction]:
         commit = self._transition(tx, event, target, fields, now, capabilities, command=command, intent=intent)
-        return (yield from _committed(commit))
+        return (yield from _committed((yield from self._sealed(commit))))
 
     def _transition(
         self, tx: Transaction, event: str, target: str, fields: Mapping[str, Any], now: datetime,
@@ -810,12 +810,31 @@ class Core:
         return Commit(tx.id, tx.version, events=(entry,), snapshot=new, intent=intent, command=command,
                       enqueue=enqueue)
 
+    def _sealed(self, commit: Commit) -> Command[Commit]:
+        """The commit with the secrets its deliveries carry sealed: a store-and-forward
+        record that needs the customer's key (Forloy's offline sync) survives a restart,
+        and the key never reaches the outbox in plain text."""
+        if not any(has_secrets(delivery.payload) for delivery in commit.enqueue):
+            return commit
+        sealer = yield from self._sealer()
+        return attrs.evolve(commit, enqueue=tuple(
+            attrs.evolve(delivery, payload=seal_payload(sealer, delivery.payload, delivery.idempotency_key))
+            for delivery in commit.enqueue))
+
+    def _opened(self, claimed: Sequence[Delivery]) -> Command[list[Delivery]]:
+        """Claimed deliveries with their sealed secrets opened for the driver."""
+        if not any(SEALED_FIELDS in delivery.payload for delivery in claimed):
+            return list(claimed)
+        sealer = yield from self._sealer()
+        return [attrs.evolve(delivery, payload=open_payload(sealer, delivery.payload, delivery.idempotency_key))
+                if SEALED_FIELDS in delivery.payload else delivery for delivery in claimed]
+
     def _expiry(self, tx: Transaction, now: datetime, capabilities: Capabilities) -> Commit:
         step = decide(tx, "expire", now, capabilities.timers)
         return self._transition(tx, step.event, step.target, step.changes, now, capabilities)
 
     def _expire(self, tx: Transaction, now: datetime, capabilities: Capabilities) -> Command[Transaction]:
-        return (yield from _committed(self._expiry(tx, now, capabilities)))
+        return (yield from _committed((yield from self._sealed(self._expiry(tx, now, capabilities)))))
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -868,8 +887,10 @@ class Core:
             now = self.clock.now()
             due = yield StoreOp("due_for_expiry", (now, batch, self._providers))
             snapshots = (yield StoreOp("load_many", (due,))) if due else []
-            commits = [self._expiry(tx, now, self._capabilities(tx.provider))
-                       for tx in snapshots if machine.is_overdue(tx, now)]
+            commits = []
+            for tx in snapshots:
+                if machine.is_overdue(tx, now):
+                    commits.append((yield from self._sealed(self._expiry(tx, now, self._capabilities(tx.provider)))))
             progress = expired
             if commits:
                 outcomes = yield StoreOp("write_each", (commits,))
@@ -926,7 +947,7 @@ class Core:
                                                          self._providers))
             if not claimed:
                 break
-            settlements = yield from self._deliver_round(claimed, now)
+            settlements = yield from self._deliver_round((yield from self._opened(claimed)), now)
             yield StoreOp("settle_deliveries", (settlements, self.clock.now(), owner))
             delivered += sum(1 for settlement in settlements if settlement.status == DELIVERED)
             if len(claimed) < size or not all(settlement.attempted for settlement in settlements):

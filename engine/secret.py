@@ -12,7 +12,8 @@ import base64
 import hashlib
 import hmac
 import os
-from typing import NoReturn
+from collections.abc import Mapping
+from typing import Any, NoReturn
 
 from .errors import ValidationError
 
@@ -111,3 +112,31 @@ class Sealer:
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("a Sealer cannot be pickled")
+
+
+#: Where a delivery payload keeps its sealed secrets (field name -> sealed text).
+SEALED_FIELDS = "$sealed"
+
+
+def seal_payload(sealer: Sealer, payload: Mapping[str, Any], bound_to: str) -> dict[str, Any]:
+    """A delivery payload fit for the outbox: each ``Secret`` value sealed, bound to its
+    delivery and field (a driver's store-and-forward record that needs a customer key)."""
+    plain = {name: value for name, value in payload.items() if not isinstance(value, Secret)}
+    sealed = {name: sealer.seal(value, f"{bound_to}\n{name}") for name, value in payload.items()
+              if isinstance(value, Secret)}
+    return {**plain, SEALED_FIELDS: sealed} if sealed else plain
+
+
+def open_payload(sealer: Sealer, payload: Mapping[str, Any], bound_to: str) -> dict[str, Any]:
+    """The payload as the driver built it, each sealed value a ``Secret`` again; one sealed
+    under another key is left out (the driver then treats it as lost)."""
+    plain = {name: value for name, value in payload.items() if name != SEALED_FIELDS}
+    for name, sealed in dict(payload.get(SEALED_FIELDS) or {}).items():
+        opened = sealer.unseal(str(sealed), f"{bound_to}\n{name}")
+        if opened is not None:
+            plain[name] = opened
+    return plain
+
+
+def has_secrets(payload: Mapping[str, Any]) -> bool:
+    return any(isinstance(value, Secret) for value in payload.values())

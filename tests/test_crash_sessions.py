@@ -192,9 +192,11 @@ class Provider:
                 [record] = records
                 assert record.via == "sync" and sandbox.card(record.card_instance_id).lifetime_punches == 1
             else:
-                # Killed between the sale's commit and its sync: the customer's QR code (the
-                # record needs it, and it is never stored) died with the process.  The record
-                # is parked, visible to operators, never sent in an undocumented shape.
+                # Killed between the scan (preview) and finalize: the customer's QR code,
+                # which the record needs, was held in that process's memory only (finalize
+                # seals it into the queued record; a kill after that is synced by the next
+                # process).  The record is parked, visible to operators, never sent in an
+                # undocumented shape.
                 [sync] = tx.deliveries
                 assert sync.status == "dead" and sync.last_error.startswith("[QR_CODE_UNAVAILABLE]"), sync
 

@@ -16,6 +16,7 @@ Retry safety of each Forloy call (reviewed in ``providers/forloy/driver.py``):
 
 from __future__ import annotations
 
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
@@ -130,3 +131,64 @@ class TestOffline:
             assert engine.deliver_pending() == forloy.SYNC_BATCH_LIMIT + 1
         syncs = [r for r in sandbox.requests if r.path.endswith("/transactions/sync")]
         assert len(syncs) == 2 and len(sandbox.transactions) == forloy.SYNC_BATCH_LIMIT + 1
+
+
+def outbox_payloads(db_url: str) -> list[str]:
+    """The outbox's payload column as stored, read around the engine."""
+    if db_url.startswith("sqlite:///"):
+        import sqlite3
+
+        with sqlite3.connect(db_url.removeprefix("sqlite:///")) as database:
+            return [row[0] for row in database.execute("SELECT payload FROM outbox ORDER BY id")]
+    import psycopg
+
+    with psycopg.connect(db_url) as database:
+        return [row[0] for row in database.execute("SELECT payload FROM outbox ORDER BY id")]
+
+
+def a_new_process_driver(sandbox, clock) -> ForloyDriver:
+    return ForloyDriver(email=sandbox.STAFF_EMAIL, password=sandbox.STAFF_PASSWORD, location_id=sandbox.LOCATION_ID,
+                        staff_user_id=sandbox.STAFF_USER_ID, transport=sandbox.transport(), clock=clock,
+                        base_url=sandbox.base_url, offline=True)
+
+
+class TestOfflineAcrossARestart:
+    """The sync record needs the customer's QR code; the POS process may restart between
+    the sale and its sync, or between a sync whose answer was lost and its re-send."""
+
+    @pytest.mark.parametrize("fault", [None, Fault.GARBAGE_AFTER_COMMIT, Fault.TIMEOUT_AFTER_COMMIT],
+                             ids=lambda f: "not sent yet" if f is None else f.value)
+    def test_a_queued_record_is_synced_by_the_restarted_engine_exactly_once(self, db_url, clock, fault):
+        sandbox, driver = forloy_pair(clock, offline=True)
+        card = sandbox.add_punch_card()
+        with Engine.open(db_url, providers={"forloy": driver}, clock=clock) as engine:
+            tx = engine.finalize(engine.preview("forloy", COFFEE, customer_token=card.qr_code_data).id)
+            if fault is not None:
+                sandbox.faults.inject("sync", fault, times=LOST)
+                assert engine.deliver_pending() == 0
+                sandbox.faults.clear()
+        stored = outbox_payloads(db_url)
+        assert card.qr_code_data not in "".join(stored), "the QR code is sealed, never stored as text"
+        assert all("$sealed" in payload for payload in stored)
+
+        restarted = a_new_process_driver(sandbox, clock)  # nothing in memory
+        with Engine.open(db_url, providers={"forloy": restarted}, clock=clock) as engine:
+            clock.advance(timedelta(minutes=5))
+            assert engine.deliver_pending() == 1
+            assert engine.get(tx.id).deliveries[0].status == "delivered"
+        [record] = recorded(sandbox, tx.id)
+        assert record.via == "sync" and card.lifetime_punches == 1
+        assert not any("$sealed" in payload for payload in outbox_payloads(db_url)), "deleted once delivered"
+
+    def test_a_record_sealed_under_another_secret_key_is_refused_before_it_is_sent(self, db_url, clock):
+        sandbox, driver = forloy_pair(clock, offline=True)
+        card = sandbox.add_punch_card()
+        with Engine.open(db_url, providers={"forloy": driver}, clock=clock, secret_key="the first POS secret key") as engine:
+            tx = engine.finalize(engine.preview("forloy", COFFEE, customer_token=card.qr_code_data).id)
+        restarted = a_new_process_driver(sandbox, clock)
+        with Engine.open(db_url, providers={"forloy": restarted}, clock=clock, secret_key="another POS secret key") as engine:
+            assert engine.deliver_pending() == 0
+            [sync] = engine.get(tx.id).deliveries
+        assert sync.status == "dead" and sync.last_error.startswith(f"[{forloy.QR_UNAVAILABLE}]")
+        assert recorded(sandbox, tx.id) == [] and card.lifetime_punches == 0
+        assert not any(r.path.endswith("/transactions/sync") for r in sandbox.requests)

@@ -645,7 +645,11 @@ class _Operations:
                     "UPDATE outbox SET status = %(status)s, attempts = attempts + %(attempted)s,"
                     " next_attempt_at = CASE WHEN %(retimed)s THEN %(next)s ELSE next_attempt_at END,"
                     " last_error = coalesce(%(error)s, last_error), lease_until = NULL, lease_owner = NULL,"
-                    " delivered_at = CASE WHEN %(status)s = 'delivered' THEN %(now)s ELSE delivered_at END"
+                    " delivered_at = CASE WHEN %(status)s = 'delivered' THEN %(now)s ELSE delivered_at END,"
+                    # a delivered record's sealed secrets are needed no more (a dead one keeps
+                    # them: an operator may re-queue it)
+                    " payload = CASE WHEN %(status)s = 'delivered' THEN (payload::jsonb - '$sealed')::text"
+                    " ELSE payload END"
                     " WHERE id = %(id)s AND (%(owner)s::text IS NULL OR lease_owner = %(owner)s)",
                     {"status": s.status, "attempted": int(s.attempted), "retimed": s.attempted,
                      "next": s.next_attempt_at, "error": s.error, "now": now, "id": s.id, "owner": owner},

@@ -686,10 +686,13 @@ class SQLiteStore:
                 "UPDATE outbox SET status = ?, attempts = attempts + ?,"
                 " next_attempt_at = CASE WHEN ? THEN ? ELSE next_attempt_at END,"
                 " last_error = coalesce(?, last_error), lease_until = NULL, lease_owner = NULL,"
-                " delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END"
+                " delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END,"
+                # a delivered record's sealed secrets are needed no more (a dead one keeps
+                # them: an operator may re-queue it)
+                " payload = CASE WHEN ? = 'delivered' THEN json_remove(payload, '$.\"$sealed\"') ELSE payload END"
                 " WHERE id = ? AND (? IS NULL OR lease_owner = ?)",
                 [(s.status, int(s.attempted), s.attempted, to_us(s.next_attempt_at), s.error, s.status,
-                  to_us(now), s.id, owner, owner) for s in settlements],
+                  to_us(now), s.status, s.id, owner, owner) for s in settlements],
             )
             return cursor.rowcount
 

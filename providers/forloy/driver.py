@@ -45,10 +45,15 @@ keys) is re-sent ``SAFE_RETRIES`` times after a transport failure before the out
 declared unknown; a refresh (its token rotates) and a reward claim (no key) never are.
 Email, password and tokens are ``Secret`` values; the customer's QR payload (the card's
 secret key) is sent to ``/cards/lookup`` and, because the offline-sync guide requires
-it per record, in ``/transactions/sync`` records; it is held in memory only (never in
-the store, a delivery payload or a log), so a sync record whose QR payload was lost
-with a restart is refused locally as ``QR_CODE_UNAVAILABLE``.  Online, finalize
-identifies the card by ``card_instance_id``.
+it per record, in ``/transactions/sync`` records.  The driver holds it in memory from
+the scan until finalize queues the record; the queued record carries it as a
+``Secret``, which the engine seals (AES-256-GCM, see ``txengine.secret.Sealer``) in the
+outbox and deletes once the record is delivered, so a restart between the sale and its
+sync (or between a sync whose answer was lost and its re-send) does not lose it.  It
+never reaches the store in plain text, nor a log.  A record queued without it (the
+process restarted between the scan and finalize) is refused locally as
+``QR_CODE_UNAVAILABLE``, before anything is sent.  Online, finalize identifies the card
+by ``card_instance_id``.
 
 Money travels in decimal major units (``"purchase_amount": 24.50``) without a currency
 field.  The driver is configured for one currency (``currency=``, default EUR) and
@@ -209,6 +214,8 @@ MAX_CUSTOMER_TOKEN_LENGTH = 4096
 QR_PAYLOAD = re.compile(r"[A-Za-z0-9_+/=.:-]+")
 #: our code for an offline record whose QR payload this process no longer holds
 QR_UNAVAILABLE = "QR_CODE_UNAVAILABLE"
+#: the sync record's QR field, in a queued record's payload a ``Secret`` (sealed at rest)
+QR_FIELD = "qr_code_data"
 
 ONLINE_CAPABILITIES = Capabilities(
     remote={"preview", "finalize"},
@@ -632,8 +639,8 @@ class ForloyDriver(HttpDriver):
         card = yield from self._call("POST", "/cards/lookup", identifier)
         quote = self._quote(card, basket.items)
         if self.offline:  # (offline previews always scan the QR code: checked above)
-            # Kept in memory only (never in the store): an offline sync record must carry
-            # the QR payload, and the customer's key may not be written anywhere.
+            # An offline sync record must carry the QR payload: held here until finalize
+            # queues the record, whose payload carries it as a Secret the engine seals.
             with self._qr_lock:
                 self._qr_by_card[quote.details["card_instance_id"]] = Secret(identifier["qr_code_data"])
         return quote
@@ -795,6 +802,10 @@ class ForloyDriver(HttpDriver):
             raise ValueError(f"Forloy delivers {RECORD_DELIVERY!r} only, not {kind!r}")
         fields = self._record_fields(tx)
         fields["client_timestamp"] = wire_timestamp(tx.finalized_at or tx.updated_at)
+        with self._qr_lock:
+            qr = self._qr_by_card.get(fields["card_instance_id"])
+        if qr is not None:  # a Secret: the engine seals it in the outbox, so a restart keeps it
+            fields[QR_FIELD] = qr
         return fields
 
     def deliver(self, deliveries: tuple[Delivery, ...]) -> Exchange[Mapping[int, ProviderRejected] | None]:
@@ -846,11 +857,14 @@ class ForloyDriver(HttpDriver):
 
     def _sync_record(self, delivery: Delivery) -> dict[str, Any] | None:
         """The offline-sync wire record: the guide requires ``qr_code_data`` per record."""
-        with self._qr_lock:
-            qr = self._qr_by_card.get(str(delivery.payload.get("card_instance_id")))
+        qr = delivery.payload.get(QR_FIELD)
+        if not isinstance(qr, Secret):  # queued before the driver sealed it, or under another key
+            with self._qr_lock:
+                qr = self._qr_by_card.get(str(delivery.payload.get("card_instance_id")))
         if qr is None:
             return None
-        record = self._record_body(delivery.payload, delivery.idempotency_key)
+        record = self._record_body({k: v for k, v in delivery.payload.items() if k != QR_FIELD},
+                                   delivery.idempotency_key)
         del record["card_instance_id"]
         record["qr_code_data"] = qr.reveal()
         return record

@@ -370,11 +370,14 @@ class TestOffline:
         assert dict(caps.deferred) == {"finalize": ("record",)}
         assert caps.delivery_batch == forloy.SYNC_BATCH_LIMIT == 100
 
-    def test_the_payload_is_json_safe_and_secret_free(self, clock):
+    def test_the_payload_is_json_safe_but_the_qr_code_which_is_a_secret_for_the_engine_to_seal(self, clock):
         sandbox, driver = forloy_pair(clock, offline=True, pos_terminal_id="pos3")
         card = sandbox.add_punch_card()
         tx, delivery = self.finalized(driver, clock, card)
-        assert json.loads(json.dumps(dict(delivery.payload))) == {
+        payload = dict(delivery.payload)
+        qr = payload.pop("qr_code_data")
+        assert isinstance(qr, Secret) and qr.reveal() == card.qr_code_data and card.qr_code_data not in repr(payload)
+        assert json.loads(json.dumps(payload)) == {
             "card_instance_id": card.card_instance_id, "card_type": "punch", "location_id": "loc_001",
             "staff_user_id": "staff_042", "purchase_amount": "4.50", "pos_reference_id": "tx_1",
             "punch_count": 1, "pos_terminal_id": "pos3", "client_timestamp": "2026-01-15T10:00:00.000Z"}
