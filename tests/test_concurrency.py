@@ -96,3 +96,31 @@ def test_processes_racing_finalize_and_cancel_on_one_sqlite_file(tmp_path, baske
     winners = [state for state in outcomes.values() if state in ("finalized", "cancelled")]
     assert len(winners) == 1, outcomes
     assert len(commit_calls(sandbox, tx)) == 1
+
+
+def test_a_writer_stopped_holding_the_writer_gate_holds_the_others_up_only_for_the_busy_timeout(
+        tmp_path, driver, clock, basket):
+    """A POS process frozen mid-write (SIGSTOP, a debugger) keeps the gate's flock; the
+    other writers wait no longer than the busy timeout, then go on to SQLite, whose lock
+    decides (here it is free, so the command goes through)."""
+    import fcntl
+    import os
+
+    from txengine.store.sqlite import SQLiteStore
+
+    path = str(tmp_path / "gate.db")
+    engine = Engine(SQLiteStore(path, busy_timeout_ms=300), {"reference": driver}, clock)
+    tx = engine.preview("reference", basket, customer_token=CUSTOMER)
+    frozen = os.open(path + "-writer", os.O_RDWR)  # another open file: another holder, like a process
+    fcntl.flock(frozen, fcntl.LOCK_EX)
+    done: list[object] = []
+    writer = threading.Thread(target=lambda: done.append(engine.begin_payment(tx.id)), daemon=True)
+    try:
+        writer.start()
+        writer.join(timeout=20)
+        assert not writer.is_alive(), "the writer is still waiting for the stopped one's gate"
+        assert [t.state for t in done] == ["payment_pending"]
+    finally:
+        fcntl.flock(frozen, fcntl.LOCK_UN)
+        os.close(frozen)
+        engine.close()
