@@ -125,13 +125,22 @@ def sync_rate(path: str, seconds: float) -> float:
 # --- memory -----------------------------------------------------------------------------------------
 
 
+def forget(sandbox: ReferenceSandbox) -> None:
+    """The in-process sandbox keeps every request, preview and commit it saw (the tests
+    read them); a real provider's memory is not the POS's.  Cleared after each
+    lifecycle, so the process's memory is the engine's."""
+    for record in (sandbox.requests, sandbox.previews, sandbox.commits, sandbox._replays):
+        record.clear()
+
+
 def memory(path: str, checkpoints: list[int]) -> dict[int, float]:
     clock = FakeClock()
     seen: dict[int, float] = {}
-    with Engine.open(f"sqlite:///{path}", providers={"reference": _driver(ReferenceSandbox(clock))},
-                     clock=clock) as engine:
+    sandbox = ReferenceSandbox(clock)
+    with Engine.open(f"sqlite:///{path}", providers={"reference": _driver(sandbox)}, clock=clock) as engine:
         for done in range(1, checkpoints[-1] + 1):
             lifecycle(engine)
+            forget(sandbox)
             if done in checkpoints:
                 seen[done] = current_rss_mib()
                 print(f"  after {done:,} lifecycles: RSS {seen[done]:.1f} MiB", flush=True)
