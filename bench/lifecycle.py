@@ -239,7 +239,7 @@ class CallsAlone(SyncByHand):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=6000, help="lifecycles per contender (above the 4,096-entry cache)")
+    parser.add_argument("--n", type=int, default=6000, help="lifecycles per contender, each on a new transaction, in shuffled key order")
     parser.add_argument("--chunk", type=int, default=25, help="lifecycles per timed slice")
     args = parser.parse_args()
     random.seed(7)
