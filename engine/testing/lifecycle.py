@@ -88,7 +88,7 @@ from .harness import wallet_labels as _wallet_labels
 from .oracle import ACTIVE, TERMINAL, Expectation
 
 try:  # the sandbox toolkit ships with txengine's providers
-    from txengine.testing.sandbox import Fault
+    from txengine.testing.sandbox import GARBAGE_FAULTS, Fault
 except ImportError:  # pragma: no cover
     Fault = None  # type: ignore[assignment,misc]
 
@@ -110,8 +110,23 @@ class At(enum.Enum):
 UNKNOWN_OUTCOME_FAULTS: tuple[Any, ...] = (
     Fault.TIMEOUT_BEFORE_COMMIT, Fault.TIMEOUT_AFTER_COMMIT, Fault.SERVER_ERROR, Fault.GARBAGE_AFTER_COMMIT,
     Fault.TRUNCATED_AFTER_COMMIT, Fault.DROP_CONNECTION)
-# (the spoiled-answer faults added for the conformance check are not drawn here yet: an
-# error-shaped answer after a commit is a provider lying, which the ledger check rightly flags)
+
+#: Spoiled answers the ledger check can judge: a 5xx after the commit, a 2xx that is not
+#: the documented success before the provider acted, the real answer spoiled after it.  A
+#: correct driver reads each as an unknown outcome (recovery settles it), never as a
+#: success.  Left to the conformance check, which sends them on a first attempt only:
+#: the error-shaped answers, before and after the commit (a provider's own error is
+#: trusted as a refusal by contract; answered after a commit, or to a recovery's re-send
+#: after a lost answer, it is the provider lying, and the ledger would flag the driver
+#: that believes it), and HUGE_AFTER_COMMIT (megabytes per answer: slower steps, not a
+#: better search).
+SPOILED_ANSWER_FAULTS: tuple[Any, ...] = (Fault.SERVER_ERROR_AFTER_COMMIT, *(
+    fault for fault in GARBAGE_FAULTS if fault not in UNKNOWN_OUTCOME_FAULTS and fault not in (
+        Fault.ERROR_SHAPED_BEFORE_COMMIT, Fault.ERROR_SHAPED_AFTER_COMMIT, Fault.HUGE_AFTER_COMMIT)))
+
+#: What ``inject_fault`` draws: the lost and the unknown outcomes first (a fault shrinks
+#: towards TIMEOUT_BEFORE_COMMIT) and twice as often as each spoiled answer.
+FAULTS: tuple[Any, ...] = UNKNOWN_OUTCOME_FAULTS * 2 + SPOILED_ANSWER_FAULTS
 
 #: Clock moves, in seconds: mostly short (a till works in seconds), then around a minute
 #: (leases, the punch cooldown), around the ten-minute preview, around a day (the refund
@@ -231,7 +246,7 @@ class LifecycleStateMachine(RuleBasedStateMachine):
     #: "sync" runs ``Engine``; "async" runs ``AsyncEngine`` (and the drivers' ``arun``)
     engine_kind: ClassVar[str] = "sync"
     #: the faults ``inject_fault`` chooses from
-    faults: ClassVar[tuple[Any, ...]] = UNKNOWN_OUTCOME_FAULTS
+    faults: ClassVar[tuple[Any, ...]] = FAULTS
     #: steps run by every instance of this class (examples x steps, for reports)
     steps_total: ClassVar[int] = 0
     #: what the commands met, e.g. ``"finalize: remote -> Transaction"`` (for reports)
@@ -354,8 +369,13 @@ class LifecycleStateMachine(RuleBasedStateMachine):
         call = PreviewCall(basket, customer, token, payment_type, idempotency_key)
         return self._preview(call)
 
-    def opening_sale(self, **arguments: Any) -> TxHandle | MultipleResults:
-        return self.preview(**arguments)
+    def opening_sale(self, **arguments: Any) -> TxHandle:
+        made = self.preview(**arguments)
+        if isinstance(made, TxHandle):
+            return made
+        # refused (a customer short of funds...): a handle to no transaction, which the
+        # commands must answer with TransactionNotFound
+        return self._new_handle(None, self._last_call)
 
     # Every run opens with a sale, so the commands have a transaction from the first step:
     # without one, a run whose previews hypothesis switched off (it turns rules off per
@@ -411,6 +431,7 @@ class LifecycleStateMachine(RuleBasedStateMachine):
     def _preview(self, call: PreviewCall) -> TxHandle | MultipleResults:
         """Preview, judge the outcome; a handle for a transaction, or for a preview in doubt
         (its retry is what settles it), else nothing."""
+        self._last_call = call
         if isinstance(call.token, str):
             self.tokens.append(call.token)
         key, params = call.idempotency_key, self._preview_params(call)
