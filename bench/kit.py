@@ -251,8 +251,8 @@ def driver_rows_in_process(names: list[str], steps: int | None = None) -> list[d
         error = result["error"]
         if error is None or not found_at:
             rows.append(row("kit", f"broken driver {name}", None, "-", None,
-                            f"not caught by the machine in {result['seconds']:.0f} s (150 examples): the"
-                            " conformance check's to catch"))
+                            f"not caught on this seed ({result['cases']} examples, {result['seconds']:.0f} s);"
+                            " the conformance check catches it"))
             print(f"    {name}: not caught ({result['seconds']:.0f} s, {result['cases']} examples, {result['steps']}"
                   f" steps, stopped because {result['stats'].get('stopped-because')})"
                   f"{f': {error!r}'[:300] if error else ''}", flush=True)
