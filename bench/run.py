@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
                                  "--linear-stored", "10000"]),
     "scaling": ("scaling.py", [], ["--seconds", "2", "--lifecycles", "500,2000"]),
     "delivery": ("delivery.py", [], ["--n", "1000"]),
+    "kit": ("kit.py", [], ["--examples", "5", "--stores", "sqlite", "--drivers", "ForgetsToSendFinalize"]),
 }
 
 

@@ -3,7 +3,7 @@
 Each ``Test*Lifecycle`` runs ``txengine.testing.LifecycleStateMachine`` (every command,
 legal and illegal, deadlines, faults, crashes, restarts; LIFECYCLE.md's invariants
 after every step) on a real SQLite store, with the hypothesis profile's example and
-step counts (``ci``: 150 examples of 50 steps per provider).
+step counts (``ci``: 300 examples of 50 steps per provider).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ program is valid Python, and running it reproduces the same invariant failure.
 
 from __future__ import annotations
 
+import ast
 import re
 
 import pytest
@@ -83,3 +84,13 @@ def test_the_printed_program_is_python_that_reproduces_the_failure(failure):
             namespace["state"].teardown()  # the program stopped before its own teardown line
     assert str(replayed.value).split(";")[0] == str(failure).split(";")[0]
     assert str(replayed.value).startswith("invariant 2: wallet")
+
+
+def test_the_minimal_program_shows_short_names_and_no_long_strings(failure):
+    """Names come from one catalog whose first entry is short: a shrunk example shows 'Tip',
+    never the 200-character name the catalog also holds."""
+    program = reproduction(failure)
+    strings = [node.value for node in ast.walk(ast.parse(program))
+               if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+    assert "Tip" in strings, program
+    assert max(map(len, strings)) <= len("SPLIT_PAYMENT"), program

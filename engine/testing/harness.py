@@ -37,6 +37,7 @@ factory.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -91,15 +92,31 @@ class SQLiteStores:
     """A new SQLite file per run, in its own temporary directory (see ``_default_directory``).
 
     Real files through the real ``SQLiteStore`` (WAL, ``synchronous=FULL``); a restart
-    reopens the same file.
+    reopens the same file.  Each file is a copy of one migrated when the factory is first
+    used: a copy takes a quarter of the time a migration does (0.5 ms against 2.2), and a
+    shrinking run opens a store for each of its hundreds of attempts.
     """
 
     def __init__(self, directory: str | None = None) -> None:
         self.directory = directory if directory is not None else _default_directory()
+        self._template: str | None = None
 
     def new_url(self) -> str:
         folder = tempfile.mkdtemp(prefix="txengine-", dir=self.directory)
-        return f"sqlite:///{os.path.join(folder, 'txengine.db')}"
+        path = os.path.join(folder, "txengine.db")
+        shutil.copyfile(self._migrated_template(), path)
+        return f"sqlite:///{path}"
+
+    def _migrated_template(self) -> str:
+        if self._template is None or not os.path.exists(self._template):
+            from ..store.sqlite import SQLiteStore
+
+            folder = tempfile.mkdtemp(prefix="txengine-template-", dir=self.directory)
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            path = os.path.join(folder, "txengine.db")
+            SQLiteStore(path).close()  # the last connection closed: the file holds it all
+            self._template = path
+        return self._template
 
     def dispose(self, url: str) -> None:
         shutil.rmtree(os.path.dirname(url.removeprefix("sqlite:///")), ignore_errors=True)
