@@ -131,7 +131,8 @@ def open_payload(sealer: Sealer, payload: Mapping[str, Any], bound_to: str) -> d
     """The payload as the driver built it, each sealed value a ``Secret`` again; one sealed
     under another key is left out (the driver then treats it as lost)."""
     plain = {name: value for name, value in payload.items() if name != SEALED_FIELDS}
-    for name, sealed in dict(payload.get(SEALED_FIELDS) or {}).items():
+    sealed_fields = payload.get(SEALED_FIELDS)
+    for name, sealed in (sealed_fields.items() if isinstance(sealed_fields, Mapping) else ()):
         opened = sealer.unseal(str(sealed), f"{bound_to}\n{name}")
         if opened is not None:
             plain[name] = opened
