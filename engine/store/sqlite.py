@@ -493,23 +493,19 @@ class SQLiteStore:
         encoded = [_Texts.of(commit) for commit in commits]
         with self._write_transaction() as db:
             for commit, texts in zip(commits, encoded):
-                if _refused_only_before_writing(commit):  # an expiry: no savepoint to pay for
-                    try:
-                        self._apply(db, commit, texts)
-                    except EngineError as refused:
-                        outcomes.append(refused)
-                    else:
-                        outcomes.append(None)
-                    continue
-                db.execute("SAVEPOINT one_commit")
+                guarded = not _refused_only_before_writing(commit)  # an expiry needs no savepoint
+                if guarded:
+                    db.execute("SAVEPOINT one_commit")
                 try:
                     self._apply(db, commit, texts)
                 except EngineError as refused:
-                    db.execute("ROLLBACK TO one_commit")
+                    if guarded:
+                        db.execute("ROLLBACK TO one_commit")
                     outcomes.append(refused)
                 else:
                     outcomes.append(None)
-                db.execute("RELEASE one_commit")
+                if guarded:
+                    db.execute("RELEASE one_commit")
         for commit, outcome in zip(commits, outcomes):
             if outcome is None and commit.snapshot is not None:
                 self._recent.put(commit.snapshot)
