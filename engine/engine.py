@@ -46,11 +46,9 @@ def store_call(store: Store, op: StoreOp) -> Any:
 def report_commits(op: StoreOp, result: Any) -> Any:
     """Tell telemetry what a performed store operation committed; its result."""
     if op.method == "write":
-        telemetry.committed(op.args[0])
+        telemetry.committed((op.args[0],))
     elif op.method == "write_each":  # a batch: only the commits that were written
-        for commit, refused in zip(op.args[0], result):
-            if refused is None:
-                telemetry.committed(commit)
+        telemetry.committed([commit for commit, refused in zip(op.args[0], result) if refused is None])
     return result
 
 

@@ -401,12 +401,15 @@ def decide(
     return Step(event=rule.event, source=rule.source, target=rule.target, changes=changes)
 
 
+_GUARDS_READ_NO_POLICY = TimerPolicy()  # guards judge deadlines already set; only effects read a policy
+
+
 def is_enabled(tx: Transaction | None, event: str, now: datetime) -> bool:
     state = tx.state if tx is not None else INITIAL
     rule = TABLE.get((state, event))
     if rule is None:
         return False
-    scope = _scope(tx, now, TimerPolicy())
+    scope = _scope(tx, now, _GUARDS_READ_NO_POLICY)
     return all(check(scope) for check in rule.guards)
 
 

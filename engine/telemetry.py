@@ -18,9 +18,10 @@ words, transaction ids and counts; never a request, a token or an error text.  L
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -45,6 +46,8 @@ _COUNTED = {"transition": transitions, "rejected": rejections, "unknown": unknow
 
 
 def _log(level: int, message: str, tx_id: str, **fields: Any) -> None:
+    if not log.isEnabledFor(level):  # a sweep commits thousands: build no record nobody reads
+        return
     log.log(level, message, extra={"tx_id": tx_id, "fields": {"event": message, "tx_id": tx_id, **fields}})
 
 
@@ -70,30 +73,36 @@ def command_span(command: Any) -> Iterator[None]:
             raise
 
 
-def committed(commit: Any) -> None:
-    """Count and log what a store commit journals; tag the command's span with it."""
-    events = getattr(commit, "events", ())
-    if not events:
-        return
-    span = trace.get_current_span()
-    span.set_attribute("txengine.tx_id", commit.tx_id)
-    provider = commit.snapshot.provider if commit.snapshot is not None else None
-    for entry in events:
-        data = entry.data
-        event = str(data.get("event", ""))
-        counter = _COUNTED.get(entry.kind)
-        if counter is None:
-            continue
-        attributes = {"event": event, **({"provider": provider} if provider else {})}
-        counter.add(1, attributes)
-        span.set_attribute("txengine.event", event)
-        if entry.kind == "transition":
-            _log(logging.DEBUG, "transition", entry.tx_id, transition=event,
-                 source=str(data.get("source")), target=str(data.get("target")))
-        elif entry.kind == "rejected":
-            _log(logging.INFO, "rejected", entry.tx_id, transition=event, code=str(data.get("code", "")))
-        else:
-            _log(logging.WARNING, "outcome_unknown", entry.tx_id, transition=event)
+def committed(commits: Sequence[Any]) -> None:
+    """Count and log what store commits journal: one command's commit (its span is tagged
+    with the transaction and the event), or a sweep's batch (counted per event and
+    provider, one ``add`` each: thousands of expiries are not thousands of adds)."""
+    counts: collections.Counter[tuple[str, str, str | None]] = collections.Counter()
+    for commit in commits:
+        new = commit.snapshot if commit.snapshot is not None else commit.head
+        provider = new.provider if new is not None else None
+        for entry in commit.events:
+            event = str(entry.data.get("event", ""))
+            if entry.kind in _COUNTED:
+                counts[entry.kind, event, provider] += 1
+                _log_entry(entry, event)
+    if len(commits) == 1 and counts:
+        span = trace.get_current_span()
+        span.set_attribute("txengine.tx_id", commits[0].tx_id)
+        span.set_attribute("txengine.event", next(reversed(counts))[1])
+    for (kind, event, provider), count in counts.items():
+        _COUNTED[kind].add(count, {"event": event, **({"provider": provider} if provider else {})})
+
+
+def _log_entry(entry: Any, event: str) -> None:
+    data = entry.data
+    if entry.kind == "transition":
+        _log(logging.DEBUG, "transition", entry.tx_id, transition=event,
+             source=str(data.get("source")), target=str(data.get("target")))
+    elif entry.kind == "rejected":
+        _log(logging.INFO, "rejected", entry.tx_id, transition=event, code=str(data.get("code", "")))
+    else:
+        _log(logging.WARNING, "outcome_unknown", entry.tx_id, transition=event)
 
 
 @contextmanager
