@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from .models import LineItem, PricedLine, ReceiptLine, Transaction
+from .models import LineItem, PricedLine, ReceiptLine, Transaction, TransactionHead
 from .money import Money
 
 
@@ -114,6 +114,16 @@ def encode_transaction(tx: Transaction) -> dict[str, Any]:
 
 def decode_transaction(data: Mapping[str, Any]) -> Transaction:
     return Transaction(**decode_fields(data, data["currency"]))
+
+
+#: the snapshot fields a head holds that a transition may change, in the order stores set them
+HEAD_FIELDS = ("state", "version", "expires_at", "refund_deadline", "pending", "updated_at")
+
+
+def head_snapshot_fields(head: TransactionHead) -> tuple[Any, ...]:
+    """A head's ``HEAD_FIELDS`` as the snapshot's JSON holds them (plain strings, ISO times)."""
+    return (str(head.state), head.version, encode_time(head.expires_at), encode_time(head.refund_deadline),
+            None if head.pending is None else str(head.pending), encode_time(head.updated_at))
 
 
 def json_safe(value: Any) -> Any:

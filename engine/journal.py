@@ -26,8 +26,8 @@ from typing import Any
 
 import attrs
 
-from .codec import decode_fields, encode_fields
-from .models import Event, Transaction
+from .codec import decode_fields, decode_time, encode_fields
+from .models import Event, Transaction, TransactionHead
 
 TRANSITION = "transition"
 ATTEMPT = "attempt"
@@ -79,6 +79,26 @@ def apply(tx: Transaction | None, event: Event) -> Transaction:
     if event.kind in (UNKNOWN, ATTENTION, RESOLVED):
         return attrs.evolve(tx, **common)
     raise ValueError(f"unknown journal event kind {event.kind!r}")
+
+
+#: the fields a transition may set that a head holds (``TransactionHead``): an event that
+#: sets only these changes nothing in the rest of the snapshot
+HEAD_DEADLINES = frozenset({"expires_at", "refund_deadline"})
+
+
+def apply_to_head(head: TransactionHead, event: Event) -> TransactionHead | None:
+    """``apply`` for a head alone: the head after ``event``, or None when the event changes
+    more than a head holds (a basket, a receipt, the provider's reference) and the whole
+    snapshot must be rebuilt.  A transition sets the same head fields here as in ``apply``,
+    so a store that patches those fields of the stored snapshot ends with what ``apply``
+    would have encoded (tests/test_head_commits.py checks it field by field)."""
+    if event.kind != TRANSITION or not set(event.data["set"]) <= HEAD_DEADLINES:
+        return None
+    deadlines = {name: decode_time(value) for name, value in event.data["set"].items()}
+    return TransactionHead(id=head.id, provider=head.provider, state=event.data["target"], version=event.seq,
+                           expires_at=deadlines.get("expires_at", head.expires_at),
+                           refund_deadline=deadlines.get("refund_deadline", head.refund_deadline),
+                           pending=None, updated_at=event.at)
 
 
 def replay(events: Iterable[Event]) -> Transaction | None:

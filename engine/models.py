@@ -382,6 +382,31 @@ class Transaction:
         return self.pending is not None
 
 
+@attrs.frozen(kw_only=True)
+class TransactionHead:
+    """A stored transaction's columns: its identity, state, version and deadlines.
+
+    What a sweep decides on without reading the rest of the snapshot (the basket, the
+    receipt, the provider's details): an expiry changes nothing else, so the store
+    applies it to the stored snapshot's head fields in place (``Commit.head``).
+    """
+
+    id: str
+    provider: str
+    state: TxState = attrs.field(converter=_state)
+    version: int
+    expires_at: datetime | None = None
+    refund_deadline: datetime | None = None
+    pending: TxEvent | None = attrs.field(default=None, converter=_pending)
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, tx: Transaction) -> TransactionHead:
+        return cls(id=tx.id, provider=tx.provider, state=tx.state, version=tx.version,
+                   expires_at=tx.expires_at, refund_deadline=tx.refund_deadline, pending=tx.pending,
+                   updated_at=tx.updated_at)
+
+
 @attrs.frozen
 class Event:
     """One journal entry.  ``seq`` is the snapshot version the entry produces.

@@ -35,8 +35,10 @@ class Trace:
 
     def __init__(self) -> None:
         self.statements: list[str] = []
+        self.texts: list[str] = []  # each statement whole
 
     def __call__(self, sql: str) -> None:
+        self.texts.append(sql)
         words = sql.split()
         self.statements.append(" ".join(words[:3] if words[0].upper() in ("INSERT", "DELETE") else words[:2]))
 
@@ -137,8 +139,12 @@ def test_expire_due_writes_each_batch_in_one_commit_and_journals_every_expiry(en
     with traced(engine) as trace:
         assert engine.expire_due() == 30
     assert trace.commits == 1
-    # an expiry can only be refused by its compare-and-swap, before it writes: no savepoints
+    # decided on the heads the sweep's read returns: no snapshot is read whole
+    assert not [sql for sql in trace.texts if sql.startswith("SELECT") and "snapshot" in sql]
+    # an expiry can only be refused by its compare-and-swap: the versions are read once
+    # under the write lock, then one swap and one journal entry each, no savepoints
     assert trace.statements.count("UPDATE transactions") == 30 and "SAVEPOINT one_commit" not in trace.statements
+    assert trace.statements.count("INSERT INTO journal") == 30
     for tx_id in due:
         assert engine.get(tx_id).state == "expired"
         assert engine.history(tx_id)[-1].data["event"] == "expire"

@@ -91,13 +91,21 @@ def test_the_sweep_visits_only_due_rows(engine, basket, clock):
     due_later = [engine.preview("reference", basket).id for _ in range(3)]
     for tx_id in stored:
         engine.finalize(tx_id)  # finalized rows leave the partial index
-    loads = []
-    original = store.load_many  # the sweep reads each batch's snapshots in one statement
-    store.load_many = lambda tx_ids: loads.extend(tx_ids) or original(tx_ids)
+    visited, loads = [], []
+    due_for_expiry, load_many = store.due_for_expiry, store.load_many
+
+    def spied_due(*args):
+        heads = due_for_expiry(*args)
+        visited.extend(head.id for head in heads)
+        return heads
+
+    store.due_for_expiry = spied_due
+    store.load_many = lambda tx_ids: loads.extend(tx_ids) or load_many(tx_ids)
     clock.advance(minutes=10)
     assert engine.expire_due() == 3
-    assert sorted(loads) == sorted(due_later)
-    store.load_many = original
+    assert sorted(visited) == sorted(due_later)
+    assert loads == []  # the reference provider is told nothing of an expiry: no snapshot is read whole
+    store.due_for_expiry, store.load_many = due_for_expiry, load_many
 
 
 def test_engines_for_different_providers_share_a_database_without_spinning(db_url, clock, sandbox, basket):

@@ -20,7 +20,8 @@ from typing import Any, Protocol
 import attrs
 
 from ..drivers import Delivery
-from ..models import DeliveryRecord, Event, Transaction
+from ..errors import ConcurrentModification
+from ..models import DeliveryRecord, Event, Transaction, TransactionHead
 
 # intent operations
 PUT, TAKE, RELEASE, DROP = "put", "take", "release", "drop"
@@ -131,18 +132,43 @@ class PreviewHold:
     expires_at: datetime  # the preview's deadline: after it, never completed
 
 
+def _one_new_snapshot(commit: Commit, attribute: attrs.Attribute, head: TransactionHead | None) -> None:
+    if head is not None and commit.snapshot is not None:
+        raise ValueError("a commit carries its new snapshot whole or its new head, not both")
+
+
 @attrs.frozen
 class Commit:
     tx_id: str
     expected_version: int  # 0 creates the transaction
     events: tuple[Event, ...] = ()
     snapshot: Transaction | None = None
+    #: instead of ``snapshot``, for a transition that sets head fields only (an expiry):
+    #: the store compare-and-swaps these columns and sets the same fields of the stored
+    #: snapshot in place, leaving its body (basket, receipt, details) as it is
+    head: TransactionHead | None = attrs.field(default=None, validator=_one_new_snapshot)
     intent: IntentOp | None = None
     command: CommandOp | None = None
     enqueue: tuple[NewDelivery, ...] = ()
     hold: PreviewHold | None = None  # a preview's claim keeps what recover() needs to settle it
     release_hold: str | None = None  # the key of a preview hold this commit settles (deleted)
 
+
+
+def heads_only(commits: Sequence[Commit]) -> bool:
+    """True for a batch of head commits of distinct transactions with nothing else to write
+    (an expiry sweep's): a store may write it set-wise, its versions read once under lock."""
+    return (all(commit.head is not None and commit.command is None and commit.intent is None
+                and commit.hold is None and commit.release_hold is None and not commit.enqueue
+                for commit in commits)
+            and len({commit.tx_id for commit in commits}) == len(commits))
+
+
+def lost_race(expected_version: int, tx: Transaction | TransactionHead | None) -> ConcurrentModification:
+    """The refusal of a compare-and-swap that found another version."""
+    assert tx is not None
+    return ConcurrentModification(f"expected version {expected_version}; another caller changed it first",
+                                  tx_id=tx.id, state=tx.state)
 
 @attrs.frozen
 class DeliverySettlement:
@@ -210,7 +236,9 @@ class Store(Protocol):
         refused (``EngineError``: a lost compare-and-swap) is rolled back alone and its
         error returned in its place; None for each that was written."""
 
-    def due_for_expiry(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]: ...
+    def due_for_expiry(self, now: datetime, limit: int, providers: Sequence[str]) -> list[TransactionHead]:
+        """The heads of up to ``limit`` transactions of ``providers`` whose preview deadline
+        has passed at ``now`` and that have no call in flight, earliest deadline first."""
 
     def intents_to_recover(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]:
         """In-doubt intents whose lease is free on the store's clock and whose backoff

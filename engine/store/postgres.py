@@ -41,7 +41,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from ..clock import Clock
-from ..codec import decode_transaction, dumps, encode_transaction, loads
+from ..codec import HEAD_FIELDS, decode_transaction, dumps, encode_transaction, head_snapshot_fields, loads
 from ..drivers import Delivery
 from ..errors import (
     ConcurrentModification,
@@ -53,7 +53,7 @@ from ..errors import (
     ValidationError,
 )
 from ..machine import ACTIVE
-from ..models import DeliveryRecord, Event, Transaction
+from ..models import DeliveryRecord, Event, Transaction, TransactionHead
 from .base import (
     DEAD,
     DROP,
@@ -72,6 +72,8 @@ from .base import (
     IntentOp,
     PreviewHold,
     WorkerRecord,
+    heads_only,
+    lost_race,
 )
 
 UTC = timezone.utc
@@ -427,12 +429,15 @@ class _Operations:
 
     def due_for_expiry(self, now: datetime, limit: int, providers: Sequence[str]) -> Statements:
         rows = yield All(
-            "SELECT id FROM transactions"
-            f" WHERE state IN ({_ACTIVE_SQL}) AND pending IS NULL AND expires_at <= %s"
+            "SELECT id, provider, state, version, expires_at, refund_deadline, pending, updated_at"
+            f" FROM transactions WHERE state IN ({_ACTIVE_SQL}) AND pending IS NULL AND expires_at <= %s"
             " AND provider = ANY(%s) ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED",
             (now, _providers(providers), limit),
         )
-        return [row[0] for row in rows]
+        return [TransactionHead(id=tx_id, provider=provider, state=state, version=version,
+                                expires_at=_utc(expires_at), refund_deadline=_utc(refund_deadline),
+                                pending=pending, updated_at=_utc(updated_at))
+                for tx_id, provider, state, version, expires_at, refund_deadline, pending, updated_at in rows]
 
     def intents_to_recover(self, now: datetime, limit: int, providers: Sequence[str]) -> Statements:
         rows = yield All(
@@ -451,6 +456,8 @@ class _Operations:
     def write(self, commit: Commit) -> Statements:
         if commit.snapshot is not None:
             yield from self._swap_snapshot(commit)
+        elif commit.head is not None:
+            yield from self._swap_head(commit.expected_version, commit.head)
         if commit.command is not None:
             yield from self._write_command(commit.command)
         if commit.events:
@@ -482,6 +489,8 @@ class _Operations:
         """Several commits in ONE database transaction, each on its own: one that fails
         (a lost compare-and-swap) is rolled back alone to its savepoint and its error
         returned in its place; the others commit together."""
+        if heads_only(commits):
+            return (yield from self._swap_heads(commits))
         outcomes: list[EngineError | None] = []
         for commit in commits:
             yield Count("SAVEPOINT one_commit")
@@ -493,6 +502,35 @@ class _Operations:
             else:
                 outcomes.append(None)
             yield Count("RELEASE SAVEPOINT one_commit")
+        return outcomes
+
+    def _swap_heads(self, commits: Sequence[Commit]) -> Statements:
+        """``write_each`` for a batch of head commits (an expiry sweep's) in three round
+        trips instead of four per commit: the rows are locked and their versions read
+        (``FOR UPDATE``: nobody moves them until this transaction ends), then the swaps of
+        those still current are one UPDATE over arrays and their journal entries one
+        INSERT, the same columns and snapshot fields ``_swap_head`` sets one by one."""
+        current = dict((yield All("SELECT id, version FROM transactions WHERE id = ANY(%s) FOR UPDATE",
+                                  ([commit.tx_id for commit in commits],))))
+        outcomes: list[EngineError | None] = [
+            None if current.get(commit.tx_id) == commit.expected_version
+            else lost_race(commit.expected_version, commit.head) for commit in commits]
+        written = [commit for commit, outcome in zip(commits, outcomes) if outcome is None]
+        if not written:
+            return outcomes
+        heads = [commit.head for commit in written if commit.head is not None]
+        columns = [list(column) for column in zip(*((head.id, commit.expected_version, str(head.state), head.version, head.expires_at,
+                              head.refund_deadline, head.pending and str(head.pending), head.updated_at,
+                              *head_snapshot_fields(head))
+                             for commit, head in zip(written, heads)))]
+        yield Count(_SWAP_HEADS, columns)
+        entries = [entry for commit in written for entry in commit.events]
+        yield Count(
+            "INSERT INTO journal (tx_id, seq, kind, at, data)"
+            " SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::timestamptz[], %s::text[])",
+            ([e.tx_id for e in entries], [e.seq for e in entries], [e.kind for e in entries],
+             [e.at for e in entries], [dumps(dict(e.data)) for e in entries]),
+        )
         return outcomes
 
     def forget_commands(self, started_before: datetime) -> Statements:
@@ -515,19 +553,31 @@ class _Operations:
             if inserted != 1:
                 raise ConcurrentModification("the transaction already exists", tx_id=tx.id)
         else:
-            # The UPDATE locks the row: a concurrent command on this transaction waits here
-            # until we commit, then finds the version moved.
-            swapped = yield Count(
-                "UPDATE transactions SET state = %s, version = %s, expires_at = %s, refund_deadline = %s,"
-                " pending = %s, snapshot = %s, updated_at = %s WHERE id = %s AND version = %s",
-                values + (tx.id, commit.expected_version),
-            )
-            if swapped != 1:
-                raise ConcurrentModification(
-                    f"expected version {commit.expected_version}; another caller changed it first",
-                    tx_id=tx.id, state=tx.state,
-                )
+            yield from self._swap(commit.expected_version, tx, values)
         self._remember(text, tx)  # a rolled-back write leaves a harmless, unread entry
+
+    def _swap_head(self, expected_version: int, head: TransactionHead) -> Statements:
+        # The columns, and the same fields of the stored snapshot set in place: its body
+        # is neither read into Python nor encoded again (the text comes back in jsonb's
+        # own layout, which decodes to the same snapshot).
+        columns = (head.state, head.version, head.expires_at, head.refund_deadline, head.pending)
+        yield from self._swap(expected_version, head, columns + head_snapshot_fields(head) + (head.updated_at,),
+                              snapshot=_SNAPSHOT_HEAD_SET)
+
+    def _swap(self, expected_version: int, tx: Transaction | TransactionHead, values: tuple,
+              snapshot: str = "%s") -> Statements:
+        # The UPDATE locks the row: a concurrent command on this transaction waits here
+        # until we commit, then finds the version moved.
+        swapped = yield Count(
+            "UPDATE transactions SET state = %s, version = %s, expires_at = %s, refund_deadline = %s,"
+            f" pending = %s, snapshot = {snapshot}, updated_at = %s WHERE id = %s AND version = %s",
+            values + (tx.id, expected_version),
+        )
+        if swapped != 1:
+            raise ConcurrentModification(
+                f"expected version {expected_version}; another caller changed it first",
+                tx_id=tx.id, state=tx.state,
+            )
 
     def _write_intent(self, tx_id: str, op: IntentOp) -> Statements:
         """Leases start and end on the lease clock (the server's), so engines whose clocks
@@ -929,6 +979,28 @@ def _schema_version() -> Statements:
     if (yield One("SELECT to_regclass('schema_version')"))[0] is None:
         return 0
     return (yield One("SELECT coalesce(max(version), 0) FROM schema_version"))[0]
+
+
+#: the stored snapshot with its head fields set (``_swap_head``)
+_SNAPSHOT_HEAD_SET = ("(snapshot::jsonb || jsonb_build_object("
+                      + ", ".join(f"'{name}', %s::{'int' if name == 'version' else 'text'}" for name in HEAD_FIELDS)
+                      + "))::text")
+
+
+#: ``_swap_heads``' UPDATE: one row per head, from arrays (the head's columns, then its
+#: snapshot fields in ``HEAD_FIELDS`` order)
+_SWAP_HEADS = (
+    "UPDATE transactions AS t SET state = h.state, version = h.version, expires_at = h.expires_at,"
+    " refund_deadline = h.refund_deadline, pending = h.pending, updated_at = h.updated_at,"
+    " snapshot = (t.snapshot::jsonb || jsonb_build_object("
+    + ", ".join(f"'{name}', h.field_{name}" for name in HEAD_FIELDS)
+    + "))::text FROM unnest(%s::text[], %s::int[], %s::text[], %s::int[], %s::timestamptz[],"
+    " %s::timestamptz[], %s::text[], %s::timestamptz[], "
+    + ", ".join(f"%s::{'int' if name == 'version' else 'text'}[]" for name in HEAD_FIELDS)
+    + ") AS h(id, expected_version, state, version, expires_at, refund_deadline, pending, updated_at, "
+    + ", ".join(f"field_{name}" for name in HEAD_FIELDS)
+    + ") WHERE t.id = h.id AND t.version = h.expected_version"
+)
 
 
 def _utc(value: datetime | None) -> datetime | None:

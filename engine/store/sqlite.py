@@ -29,7 +29,7 @@ from datetime import datetime, timedelta, timezone
 import attrs
 
 from ..clock import Clock
-from ..codec import decode_transaction, dumps, encode_transaction, loads
+from ..codec import HEAD_FIELDS, decode_transaction, dumps, encode_transaction, head_snapshot_fields, loads
 from ..drivers import Delivery
 from ..errors import (
     ConcurrentModification,
@@ -41,7 +41,7 @@ from ..errors import (
     ValidationError,
 )
 from ..machine import ACTIVE
-from ..models import Event, Transaction
+from ..models import Event, Transaction, TransactionHead
 from .base import (
     DEAD,
     DROP,
@@ -61,6 +61,8 @@ from .base import (
     IntentOp,
     PreviewHold,
     WorkerRecord,
+    heads_only,
+    lost_race,
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -427,14 +429,14 @@ class SQLiteStore:
     # re-reading rows it can never act on (and starving the ones it can).
 
     @_unavailable_on_sqlite_error
-    def due_for_expiry(self, now: datetime, limit: int, providers: Sequence[str]) -> list[str]:
+    def due_for_expiry(self, now: datetime, limit: int, providers: Sequence[str]) -> list[TransactionHead]:
         rows = self._connection().execute(
-            "SELECT id FROM transactions INDEXED BY transactions_due"
+            f"SELECT {_HEAD_COLUMNS} FROM transactions INDEXED BY transactions_due"
             f" WHERE state IN ({_ACTIVE_SQL}) AND pending IS NULL AND expires_at <= ?"
             f" AND provider IN ({_placeholders(providers)}) ORDER BY expires_at LIMIT ?",
             (to_us(now), *providers, limit),
         ).fetchall()
-        return [row[0] for row in rows]
+        return [_head(row) for row in rows]
 
     @_unavailable_on_sqlite_error
     def needing_attention(self, limit: int, providers: Sequence[str] | None = None) -> list[Intent]:
@@ -491,6 +493,9 @@ class SQLiteStore:
         returned in its place; the others commit together."""
         outcomes: list[EngineError | None] = []
         encoded = [_Texts.of(commit) for commit in commits]
+        if heads_only(commits):
+            with self._write_transaction() as db:
+                return self._swap_heads(db, commits, encoded)
         with self._write_transaction() as db:
             for commit, texts in zip(commits, encoded):
                 guarded = not _refused_only_before_writing(commit)  # an expiry needs no savepoint
@@ -511,18 +516,41 @@ class SQLiteStore:
                 self._recent.put(commit.snapshot)
         return outcomes
 
+    def _swap_heads(self, db: sqlite3.Connection, commits: Sequence[Commit],
+                    encoded: Sequence[_Texts]) -> list[EngineError | None]:
+        """``write_each`` for a batch of head commits (an expiry sweep's), set-wise: the
+        versions are read once under the write lock (nobody else can move them until the
+        commit), and the swaps and the journal entries of those still current are each one
+        ``executemany``, the same statements ``_swap_head`` runs one by one."""
+        current: dict[str, int] = {}
+        tx_ids = [commit.tx_id for commit in commits]
+        for start in range(0, len(tx_ids), 500):  # within SQLite's bound on parameters
+            chunk = tx_ids[start:start + 500]
+            current.update(db.execute(
+                f"SELECT id, version FROM transactions WHERE id IN ({_placeholders(chunk)})", chunk))
+        outcomes: list[EngineError | None] = [
+            None if current.get(commit.tx_id) == commit.expected_version
+            else lost_race(commit.expected_version, commit.head) for commit in commits]
+        swaps, entries = [], []
+        for commit, texts, outcome in zip(commits, encoded, outcomes):
+            if outcome is None:
+                swaps.append(_head_swap_values(commit.expected_version, commit.head))
+                entries.extend(_journal_rows(commit, texts))
+        db.executemany(_SWAP_SQL.format(snapshot=_SNAPSHOT_HEAD_SET), swaps)
+        db.executemany(_JOURNAL_SQL, entries)
+        return outcomes
+
     def _apply(self, db: sqlite3.Connection, commit: Commit, texts: _Texts) -> None:
         # The version compare-and-swap first: a command that lost a race learns it as
         # ConcurrentModification, never as a clash with the winner's (automatic) key.
         if commit.snapshot is not None:
             self._swap_snapshot(db, commit, texts.snapshot)
+        elif commit.head is not None:
+            self._swap_head(db, commit.expected_version, commit.head)
         if commit.command is not None:
             self._write_command(db, commit.command)
-        for event, data in zip(commit.events, texts.events):
-            db.execute(
-                "INSERT INTO journal (tx_id, seq, kind, at, data) VALUES (?, ?, ?, ?, ?)",
-                (event.tx_id, event.seq, event.kind, to_us(event.at), data),
-            )
+        if commit.events:
+            db.executemany(_JOURNAL_SQL, _journal_rows(commit, texts))
         if commit.intent is not None:
             self._write_intent(db, commit.tx_id, commit.intent, texts)
         if commit.hold is not None:
@@ -559,17 +587,14 @@ class SQLiteStore:
         else:
             self._swap(db, commit.expected_version, tx, values)
 
-    def _swap(self, db: sqlite3.Connection, expected_version: int, tx, values: tuple) -> None:
-        swapped = db.execute(
-            "UPDATE transactions SET state = ?, version = ?, expires_at = ?, refund_deadline = ?,"
-            " pending = ?, snapshot = ?, updated_at = ? WHERE id = ? AND version = ?",
-            values + (tx.id, expected_version),
-        ).rowcount
-        if swapped != 1:
-            raise ConcurrentModification(
-                f"expected version {expected_version}; another caller changed it first",
-                tx_id=tx.id, state=tx.state,
-            )
+    def _swap(self, db: sqlite3.Connection, expected_version: int, tx, values: tuple, snapshot: str = "?") -> None:
+        if db.execute(_SWAP_SQL.format(snapshot=snapshot), values + (tx.id, expected_version)).rowcount != 1:
+            raise lost_race(expected_version, tx)
+
+    def _swap_head(self, db: sqlite3.Connection, expected_version: int, head: TransactionHead) -> None:
+        if db.execute(_SWAP_SQL.format(snapshot=_SNAPSHOT_HEAD_SET),
+                      _head_swap_values(expected_version, head)).rowcount != 1:
+            raise lost_race(expected_version, head)
 
     def _write_intent(self, db: sqlite3.Connection, tx_id: str, op: IntentOp, texts: _Texts) -> None:
         if op.op == PUT:
@@ -814,12 +839,44 @@ class _SnapshotCache:
                 self._entries.popitem(last=False)
 
 
+#: a head's columns, in ``_head``'s order
+_HEAD_COLUMNS = "id, provider, state, version, expires_at, refund_deadline, pending, updated_at"
+#: the stored snapshot with its head fields set (``_swap_head``)
+_SNAPSHOT_HEAD_SET = "json_set(snapshot, " + ", ".join(f"'$.{name}', ?" for name in HEAD_FIELDS) + ")"
+
+
+_SWAP_SQL = ("UPDATE transactions SET state = ?, version = ?, expires_at = ?, refund_deadline = ?,"
+             " pending = ?, snapshot = {snapshot}, updated_at = ? WHERE id = ? AND version = ?")
+_JOURNAL_SQL = "INSERT INTO journal (tx_id, seq, kind, at, data) VALUES (?, ?, ?, ?, ?)"
+
+
+def _head_swap_values(expected_version: int, head: TransactionHead) -> tuple:
+    """``_SWAP_SQL``'s values for a head: its columns, and the same fields of the stored
+    snapshot set in place (json_set keeps the text's key order and compactness, so the
+    row reads exactly as if the whole new snapshot had been encoded, without its body
+    being read or rewritten)."""
+    return ((head.state, head.version, to_us(head.expires_at), to_us(head.refund_deadline), head.pending)
+            + head_snapshot_fields(head) + (to_us(head.updated_at), head.id, expected_version))
+
+
+def _journal_rows(commit: Commit, texts: _Texts) -> list[tuple]:
+    return [(event.tx_id, event.seq, event.kind, to_us(event.at), data)
+            for event, data in zip(commit.events, texts.events)]
+
+
+def _head(row: tuple) -> TransactionHead:
+    tx_id, provider, state, version, expires_at, refund_deadline, pending, updated_at = row
+    return TransactionHead(id=tx_id, provider=provider, state=state, version=version,
+                           expires_at=from_us(expires_at), refund_deadline=from_us(refund_deadline),
+                           pending=pending, updated_at=from_us(updated_at))
+
+
 def _refused_only_before_writing(commit: Commit) -> bool:
     """True when the compare-and-swap of the snapshot, the commit's first statement, is the
     only way it can be refused (no command record, intent or hold can clash after it): a
     refused one has then written nothing, and needs no savepoint to be rolled back alone."""
-    return (commit.snapshot is not None and commit.command is None and commit.intent is None
-            and commit.hold is None)
+    return ((commit.snapshot is not None or commit.head is not None) and commit.command is None
+            and commit.intent is None and commit.hold is None)
 
 
 @attrs.frozen
