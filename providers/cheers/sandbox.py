@@ -273,6 +273,9 @@ class CheersSandbox(Sandbox):
         self._keys: dict[str, TransactionKey] = {}
         self._discounts: list[DiscountRule] = []
         self._transactions: dict[str, CreditTransaction] = {}
+        # each wallet's transactions that may still hold credits: a preview reads the held
+        # credits of its wallet without scanning every transaction ever made
+        self._open: dict[str, dict[str, CreditTransaction]] = {}
         self._replays: dict[tuple[str, str], _Replay] = {}
         self._reserved_ids: deque[str] = deque()
         self.ledger: list[LedgerEntry] = []
@@ -456,6 +459,7 @@ class CheersSandbox(Sandbox):
             expires_at=now + self.preview_lifetime,
         )
         self._transactions[transaction.id] = transaction
+        self._open.setdefault(transaction.wallet_id, {})[transaction.id] = transaction
         key.used_by = transaction.id
         response = SandboxResponse.json(200, transaction.view())
         self._replays[scope] = _Replay(fingerprint, response)
@@ -548,11 +552,10 @@ class CheersSandbox(Sandbox):
 
     def _held(self, wallet_id: str) -> int:
         now = self.clock.now()
-        return sum(
-            transaction.credits
-            for transaction in self._transactions.values()
-            if transaction.wallet_id == wallet_id and transaction.status_at(now) == PREVIEWED
-        )
+        open_ = self._open.get(wallet_id, {})
+        for settled in [tx_id for tx_id, transaction in open_.items() if transaction.status != PREVIEWED]:
+            del open_[settled]  # finalized, cancelled: never a preview again
+        return sum(transaction.credits for transaction in open_.values() if transaction.status_at(now) == PREVIEWED)
 
     def _discount(self, item: Mapping[str, Any]) -> int:
         return max(
