@@ -7,6 +7,7 @@ are ``ValidationError`` (a ``ValueError``), raised before anything reaches a pro
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from decimal import Decimal
@@ -43,13 +44,16 @@ def _check_encodable(attribute: attrs.Attribute[Any], value: str) -> None:
         _fail(f"{attribute.name} is not valid Unicode text")
 
 
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f]")
+
+
 def _check_name(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, str) or not value.strip():
         _fail(f"{attribute.name} must be a non-empty string")
     _check_encodable(attribute, value)
     if len(value) > MAX_NAME_LENGTH:
         _fail(f"{attribute.name} is longer than {MAX_NAME_LENGTH} characters")
-    if any(ord(ch) < 32 for ch in value):
+    if _CONTROL_CHARACTERS.search(value):
         _fail(f"{attribute.name} contains control characters")
 
 
@@ -158,12 +162,14 @@ class PricedLine:
     outstanding: Money
 
     def __attrs_post_init__(self) -> None:
-        parts = (self.discount, self.credits, self.outstanding)
-        if any(part.currency != self.item.currency for part in parts):
+        # Checked in minor units (every stored line is decoded through here): each part is
+        # bounded Money, and ``gross`` is refused beyond the bound as it is computed.
+        discount, credits, outstanding, currency = self.discount, self.credits, self.outstanding, self.item.currency
+        if discount.currency != currency or credits.currency != currency or outstanding.currency != currency:
             _fail(f"line {self.item.name!r} mixes currencies")
-        if any(part.amount_minor < 0 for part in parts):
+        if discount.amount_minor < 0 or credits.amount_minor < 0 or outstanding.amount_minor < 0:
             _fail(f"line {self.item.name!r} has a negative discount, credit or balance")
-        if self.discount + self.credits + self.outstanding != self.item.gross:
+        if discount.amount_minor + credits.amount_minor + outstanding.amount_minor != self.item.gross.amount_minor:
             _fail(
                 f"line {self.item.name!r}: discount {self.discount} + credits {self.credits}"
                 f" + outstanding {self.outstanding} != gross {self.item.gross}"
