@@ -10,6 +10,7 @@ that replays to it, and a head that lost its race refused alone.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import attrs
@@ -141,3 +142,21 @@ def test_one_sweep_expires_heads_and_whole_snapshots_side_by_side(db_url, driver
             assert expired.state == "expired" and expired == journal.replay(engine.history(tx_id))
         assert [d.kind for d in engine.get(mixed[1]).deliveries] == ["release"]
         assert engine.get(mixed[0]).deliveries == ()
+
+
+def test_sweeps_racing_over_the_same_rows_expire_each_once(engine, db_url, driver, basket, clock):
+    """Four engines (each its own connections) sweep one database at once: their batches
+    overlap, every expiry lands exactly once, and none of them fails or waits for ever."""
+    due = [engine.preview("reference", basket).id for _ in range(400)]
+    clock.advance(timedelta(hours=1))
+    sweepers = [Engine.open(db_url, providers={"reference": driver}, clock=clock) for _ in range(4)]
+    try:
+        with ThreadPoolExecutor(len(sweepers)) as pool:
+            expired = list(pool.map(lambda sweeper: sweeper.expire_due(), sweepers))
+    finally:
+        for sweeper in sweepers:
+            sweeper.close()
+    assert sum(expired) + engine.expire_due() == len(due)
+    for tx_id in due:
+        kinds = [entry.data.get("event") for entry in engine.history(tx_id)]
+        assert kinds.count("expire") == 1 and engine.get(tx_id).state == "expired"

@@ -510,7 +510,8 @@ class _Operations:
         (``FOR UPDATE``: nobody moves them until this transaction ends), then the swaps of
         those still current are one UPDATE over arrays and their journal entries one
         INSERT, the same columns and snapshot fields ``_swap_head`` sets one by one."""
-        current = dict((yield All("SELECT id, version FROM transactions WHERE id = ANY(%s) FOR UPDATE",
+        # locked in id order: two sweeps whose batches overlap queue, they never deadlock
+        current = dict((yield All("SELECT id, version FROM transactions WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
                                   ([commit.tx_id for commit in commits],))))
         outcomes: list[EngineError | None] = [
             None if current.get(commit.tx_id) == commit.expected_version
