@@ -38,7 +38,7 @@ RESOLVED = "resolved"
 
 
 def transition_event(
-    tx: Transaction | None, at: datetime, *, event: str, source: str, target: str,
+    tx: Transaction | TransactionHead | None, at: datetime, *, event: str, source: str, target: str,
     fields: Mapping[str, Any],
 ) -> Event:
     seq = tx.version + 1 if tx is not None else 1
@@ -53,7 +53,7 @@ def note_event(tx: Transaction, at: datetime, kind: str, **data: Any) -> Event:
     return Event(tx_id=tx.id, seq=tx.version + 1, kind=kind, at=monotonic_at(tx, at), data=data)
 
 
-def monotonic_at(tx: Transaction | None, now: datetime) -> datetime:
+def monotonic_at(tx: Transaction | TransactionHead | None, now: datetime) -> datetime:
     """The time of the transaction's next journal entry: ``now``, but never earlier than
     its last entry, whatever the wall clock did (NTP stepping back, a host with another
     clock).  Only journal times use it: deadline checks compare the real ``now``."""

@@ -57,7 +57,7 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import attrs
 from statemachine import State, StateChart
@@ -65,7 +65,11 @@ from statemachine import State, StateChart
 from .errors import IllegalTransition, PreviewExpired, RefundWindowClosed, ValidationError
 
 if TYPE_CHECKING:  # models reads TxState at run time: importing it back would be a cycle
-    from .models import Transaction
+    from .models import Transaction, TransactionHead
+
+    #: what the machine judges: a whole snapshot, or a head (the columns: state, version,
+    #: deadlines), on which the engine decides an expiry without reading the body
+    Judged: TypeAlias = Transaction | TransactionHead
 
 
 def _positive(instance: Any, attribute: attrs.Attribute[timedelta], value: timedelta) -> None:
@@ -88,7 +92,9 @@ class TimerPolicy:
 # Each guard is a pure predicate; ``refusal`` builds the error its failure means.
 
 
-Refusal = Callable[["Transaction", str, datetime], Exception]
+#: a guard's refusal: called with what the guard judged (a guard on the balance only
+#: ever judges a whole snapshot)
+Refusal = Callable[[Any, str, datetime], Exception]
 Predicate = TypeVar("Predicate", bound=Callable[..., bool])
 
 
@@ -102,7 +108,7 @@ def guard(refusal: Refusal) -> Callable[[Predicate], Predicate]:
     return mark
 
 
-def _context(tx: Transaction, event: str) -> dict[str, str]:
+def _context(tx: Judged, event: str) -> dict[str, str]:
     return {"tx_id": tx.id, "state": tx.state, "event": event}
 
 
@@ -110,7 +116,7 @@ def _iso(deadline: datetime | None) -> str:
     return deadline.isoformat() if deadline is not None else "(none)"
 
 
-def _preview_over(tx: Transaction, event: str, now: datetime) -> Exception:
+def _preview_over(tx: Judged, event: str, now: datetime) -> Exception:
     return PreviewExpired(
         f"the preview expired at {_iso(tx.expires_at)} (now {now.isoformat()})",
         expires_at=tx.expires_at,
@@ -125,7 +131,7 @@ def _nothing_outstanding(tx: Transaction, event: str, now: datetime) -> Exceptio
     )
 
 
-def _refund_window_closed(tx: Transaction, event: str, now: datetime) -> Exception:
+def _refund_window_closed(tx: Judged, event: str, now: datetime) -> Exception:
     return RefundWindowClosed(
         f"refunds closed at {_iso(tx.refund_deadline)} (now {now.isoformat()})",
         refund_deadline=tx.refund_deadline,
@@ -133,7 +139,7 @@ def _refund_window_closed(tx: Transaction, event: str, now: datetime) -> Excepti
     )
 
 
-def _not_yet_due(tx: Transaction, event: str, now: datetime) -> Exception:
+def _not_yet_due(tx: Judged, event: str, now: datetime) -> Exception:
     return IllegalTransition(
         f"the preview runs until {_iso(tx.expires_at)}; it is not due",
         **_context(tx, event),
@@ -304,7 +310,7 @@ class _Call:
     def __call__(self, scope: Mapping[str, Any]) -> Any:
         return self.function(**{param: scope[param] for param in self.params})
 
-    def refuse(self, tx: Transaction | None, event: str, now: datetime) -> Exception:
+    def refuse(self, tx: Judged | None, event: str, now: datetime) -> Exception:
         """The error this guard's failure means (every guard is declared with one)."""
         if self.refusal is None or tx is None:
             return _refuse(tx, event, f"{self.name} does not hold")
@@ -366,18 +372,18 @@ class Step:
     changes: Mapping[str, Any]
 
 
-def _scope(tx: Transaction | None, now: datetime, policy: TimerPolicy) -> dict[str, Any]:
+def _scope(tx: Judged | None, now: datetime, policy: TimerPolicy) -> dict[str, Any]:
     return {"tx": tx, "now": now, "policy": policy}
 
 
-def _refuse(tx: Transaction | None, event: str, why: str) -> IllegalTransition:
+def _refuse(tx: Judged | None, event: str, why: str) -> IllegalTransition:
     if tx is None:
         return IllegalTransition(why, event=event)
     return IllegalTransition(why, **_context(tx, event))
 
 
 def decide(
-    tx: Transaction | None, event: str, now: datetime, policy: TimerPolicy
+    tx: Judged | None, event: str, now: datetime, policy: TimerPolicy
 ) -> Step:
     """Decide one transition, or raise the error that names why it is refused.
 
@@ -404,7 +410,7 @@ def decide(
 _GUARDS_READ_NO_POLICY = TimerPolicy()  # guards judge deadlines already set; only effects read a policy
 
 
-def is_enabled(tx: Transaction | None, event: str, now: datetime) -> bool:
+def is_enabled(tx: Judged | None, event: str, now: datetime) -> bool:
     state = tx.state if tx is not None else INITIAL
     rule = TABLE.get((state, event))
     if rule is None:
@@ -413,7 +419,7 @@ def is_enabled(tx: Transaction | None, event: str, now: datetime) -> bool:
     return all(check(scope) for check in rule.guards)
 
 
-def allowed_events(tx: Transaction | None, now: datetime) -> list[TxEvent]:
+def allowed_events(tx: Judged | None, now: datetime) -> list[TxEvent]:
     """Events whose transition exists from ``tx.state`` and whose guards pass now."""
     return [event for event in EVENTS if is_enabled(tx, event, now)]
 
@@ -422,6 +428,6 @@ def allowed_events(tx: Transaction | None, now: datetime) -> list[TxEvent]:
 preview_expired = _preview_over
 
 
-def is_overdue(tx: Transaction, now: datetime) -> bool:
+def is_overdue(tx: Judged, now: datetime) -> bool:
     """True when the machine would take ``expire`` now: lazy expiry asks this first."""
     return tx.pending is None and is_enabled(tx, TxEvent.expire, now)

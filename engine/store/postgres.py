@@ -436,7 +436,7 @@ class _Operations:
         )
         return [TransactionHead(id=tx_id, provider=provider, state=state, version=version,
                                 expires_at=_utc(expires_at), refund_deadline=_utc(refund_deadline),
-                                pending=pending, updated_at=_utc(updated_at))
+                                pending=pending, updated_at=updated_at.astimezone(UTC))
                 for tx_id, provider, state, version, expires_at, refund_deadline, pending, updated_at in rows]
 
     def intents_to_recover(self, now: datetime, limit: int, providers: Sequence[str]) -> Statements:
@@ -542,6 +542,7 @@ class _Operations:
 
     def _swap_snapshot(self, commit: Commit) -> Statements:
         tx = commit.snapshot
+        assert tx is not None  # write() calls it only then
         text = dumps(encode_transaction(tx))
         values = (tx.state, tx.version, tx.expires_at, tx.refund_deadline, tx.pending, text, tx.updated_at)
         if commit.expected_version == 0:

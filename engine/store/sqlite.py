@@ -533,7 +533,7 @@ class SQLiteStore:
             else lost_race(commit.expected_version, commit.head) for commit in commits]
         swaps, entries = [], []
         for commit, texts, outcome in zip(commits, encoded, outcomes):
-            if outcome is None:
+            if outcome is None and commit.head is not None:
                 swaps.append(_head_swap_values(commit.expected_version, commit.head))
                 entries.extend(_journal_rows(commit, texts))
         db.executemany(_SWAP_SQL.format(snapshot=_SNAPSHOT_HEAD_SET), swaps)
@@ -868,7 +868,7 @@ def _head(row: tuple) -> TransactionHead:
     tx_id, provider, state, version, expires_at, refund_deadline, pending, updated_at = row
     return TransactionHead(id=tx_id, provider=provider, state=state, version=version,
                            expires_at=from_us(expires_at), refund_deadline=from_us(refund_deadline),
-                           pending=pending, updated_at=from_us(updated_at))
+                           pending=pending, updated_at=_EPOCH + timedelta(microseconds=updated_at))
 
 
 def _refused_only_before_writing(commit: Commit) -> bool:
