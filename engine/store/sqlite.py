@@ -255,6 +255,7 @@ class SQLiteStore:
         self.read_only = read_only
         try:
             if not read_only:
+                self._require_json_functions()
                 self._migrate()
             self._identity = self._file_identity()
         except sqlite3.Error as error:
@@ -263,6 +264,17 @@ class SQLiteStore:
         except OSError as error:
             self.close()
             raise StoreUnavailable(f"cannot open the SQLite store {self.path}: {error.strerror}") from error
+
+    def _require_json_functions(self) -> None:
+        """Refuse at open, not in the middle of an expiry sweep, a SQLite without JSON
+        functions: the sweep sets a snapshot's head fields in place with json_set (every
+        SQLite since 3.38 has them, an older one only if built with JSON1)."""
+        try:
+            self._connection().execute("SELECT json_set('{}', '$.state', 'expired')")
+        except sqlite3.OperationalError:
+            raise sqlite3.OperationalError(
+                f"SQLite {sqlite3.sqlite_version} has no JSON functions (json_set); txengine needs"
+                " SQLite 3.38 or later, or one built with JSON1") from None
 
     def _file_identity(self) -> tuple[int, int]:
         status = os.stat(self.path)
