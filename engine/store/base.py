@@ -132,7 +132,8 @@ class PreviewHold:
     expires_at: datetime  # the preview's deadline: after it, never completed
 
 
-def _one_new_snapshot(commit: Commit, attribute: attrs.Attribute, head: TransactionHead | None) -> None:
+def _one_new_snapshot(commit: Commit, attribute: attrs.Attribute[TransactionHead | None],
+                      head: TransactionHead | None) -> None:
     if head is not None and commit.snapshot is not None:
         raise ValueError("a commit carries its new snapshot whole or its new head, not both")
 
