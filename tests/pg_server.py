@@ -140,3 +140,18 @@ def query_one(db_url: str, statement: str, params: tuple = ()) -> tuple | None:
 
     with psycopg.connect(db_url) as db:
         return db.execute(statement.replace("?", "%s"), params).fetchone()
+
+
+def execute(db_url: str, statement: str, params: tuple = ()) -> None:
+    """A raw write against either store (``?`` placeholders), committed: what tests use to
+    damage a row behind the engine's back."""
+    if db_url.startswith("sqlite:///"):
+        import sqlite3
+
+        with sqlite3.connect(db_url.removeprefix("sqlite:///")) as db:
+            db.execute(statement, params)
+        return
+    import psycopg
+
+    with psycopg.connect(db_url) as db:
+        db.execute(statement.replace("?", "%s"), params)

@@ -20,7 +20,8 @@ from typing import Any, Protocol
 import attrs
 
 from ..drivers import Delivery
-from ..errors import ConcurrentModification
+from ..codec import decode_transaction, loads
+from ..errors import ConcurrentModification, StoreUnavailable
 from ..models import DeliveryRecord, Event, Transaction, TransactionHead
 
 # intent operations
@@ -170,6 +171,31 @@ def lost_race(expected_version: int, tx: Transaction | TransactionHead | None) -
     assert tx is not None
     return ConcurrentModification(f"expected version {expected_version}; another caller changed it first",
                                   tx_id=tx.id, state=tx.state)
+
+
+# --- reading what was stored -------------------------------------------------------------
+# A row the engine wrote always decodes; one that does not was damaged outside it (a
+# flipped bit on a failing disk: SQLite checksums nothing; an edit by hand).  The POS
+# gets that as what it is, a storage failure naming the record, never a bare
+# JSONDecodeError or KeyError from deep inside the store.
+
+
+def read_json(text: Any, what: str) -> Any:
+    """A JSON column as stored, or ``StoreUnavailable`` naming ``what`` if it is damaged."""
+    try:
+        return loads(text)
+    except (ValueError, TypeError) as damaged:
+        raise StoreUnavailable(f"{what} is damaged and cannot be read ({type(damaged).__name__})") from damaged
+
+
+def read_snapshot(text: Any, tx_id: str) -> Transaction:
+    """A stored snapshot, every validator re-run, or ``StoreUnavailable`` on ``tx_id`` if
+    the row no longer makes a valid one."""
+    try:
+        return decode_transaction(loads(text))
+    except (ValueError, KeyError, TypeError, AttributeError) as damaged:
+        raise StoreUnavailable(f"its stored snapshot is damaged and cannot be read ({type(damaged).__name__}:"
+                               f" {str(damaged)[:200]})", tx_id=tx_id) from damaged
 
 @attrs.frozen
 class DeliverySettlement:

@@ -41,7 +41,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from ..clock import Clock
-from ..codec import HEAD_FIELDS, decode_transaction, dumps, encode_transaction, head_snapshot_fields, loads
+from ..codec import HEAD_FIELDS, dumps, encode_transaction, head_snapshot_fields
 from ..drivers import Delivery
 from ..errors import (
     ConcurrentModification,
@@ -74,6 +74,8 @@ from .base import (
     WorkerRecord,
     heads_only,
     lost_race,
+    read_json,
+    read_snapshot,
 )
 
 UTC = timezone.utc
@@ -317,15 +319,15 @@ class _Operations:
         if _unstorable(tx_id):
             return None
         row = yield One("SELECT snapshot FROM transactions WHERE id = %s", (tx_id,))
-        return None if row is None else self._decoded(row[0])
+        return None if row is None else self._decoded(row[0], tx_id)
 
     def load_many(self, tx_ids: Sequence[str]) -> Statements:
         """The snapshots of ``tx_ids`` that exist, in one read (an expiry batch)."""
         wanted = [tx_id for tx_id in tx_ids if not _unstorable(tx_id)]
         if not wanted:
             return []
-        rows = yield All("SELECT snapshot FROM transactions WHERE id = ANY(%s)", (wanted,))
-        return [self._decoded(row[0]) for row in rows]
+        rows = yield All("SELECT id, snapshot FROM transactions WHERE id = ANY(%s)", (wanted,))
+        return [self._decoded(text, tx_id) for tx_id, text in rows]
 
     def keyed_hash_key(self) -> Statements:
         return bytes.fromhex((yield One("SELECT value FROM meta WHERE key = 'hash_key'"))[0])
@@ -343,18 +345,19 @@ class _Operations:
             " ORDER BY h.expires_at LIMIT %s FOR UPDATE OF h SKIP LOCKED",
             (now, _providers(providers), limit),
         )
-        return [PreviewHold(r[0], r[1], r[2], loads(r[3]), r[4], _utc(r[5])) for r in rows]
+        return [PreviewHold(r[0], r[1], r[2], read_json(r[3], f"the preview hold of {r[1]}"), r[4], _utc(r[5]))
+                for r in rows]
 
     def database_now(self) -> Statements:
         """The server's clock: one clock for every host of the fleet."""
         return (yield One("SELECT clock_timestamp()"))[0].astimezone(UTC)
 
-    def _decoded(self, text: str) -> Transaction:
+    def _decoded(self, text: str, tx_id: str) -> Transaction:
         # Snapshots are immutable and their JSON names their version: the text we wrote
         # (or last read) maps to one Transaction, so skip re-validating it.
         tx = self._recent.get(text)
         if tx is None:
-            tx = decode_transaction(loads(text))
+            tx = read_snapshot(text, tx_id)
             self._remember(text, tx)
         return tx
 
@@ -372,7 +375,9 @@ class _Operations:
         )
         if row is None:
             return None
-        return Intent(row[0], row[1], row[2], loads(row[3]), loads(row[4]), row[5], _utc(row[6]), row[7],
+        what = f"the intent of {tx_id}"
+        return Intent(row[0], row[1], row[2], read_json(row[3], what), read_json(row[4], what), row[5],
+                      _utc(row[6]), row[7],
                       _utc(row[8]), row[9])
 
     def preview_in_doubt(self, tx_id: str) -> Statements:
@@ -418,7 +423,8 @@ class _Operations:
         if _unstorable(tx_id):
             return []
         rows = yield All("SELECT seq, kind, at, data FROM journal WHERE tx_id = %s ORDER BY seq", (tx_id,))
-        return [Event(tx_id, seq, kind, _utc(at), loads(data)) for seq, kind, at, data in rows]
+        return [Event(tx_id, seq, kind, _utc(at), read_json(data, f"journal entry {seq} of {tx_id}"))
+                for seq, kind, at, data in rows]
 
     def transaction_ids(self) -> Statements:
         return [row[0] for row in (yield All("SELECT id FROM transactions ORDER BY id"))]
@@ -684,7 +690,7 @@ class _Operations:
                  "now": now, "limit": limit, "providers": list(providers or ())},
         )
         rows.sort(key=lambda row: (row[7], row[0]))  # RETURNING keeps no order
-        return [Delivery(id=r[0], tx_id=r[1], provider=r[2], kind=r[3], payload=loads(r[4]),
+        return [Delivery(id=r[0], tx_id=r[1], provider=r[2], kind=r[3], payload=read_json(r[4], f"delivery {r[0]}"),
                          idempotency_key=r[5], attempts=r[6]) for r in rows]
 
     def settle_deliveries(self, settlements: Sequence[DeliverySettlement], now: datetime,
@@ -759,7 +765,8 @@ class _Operations:
             "SELECT id, host, pid, status, started_at, heartbeat_at, stopped_at, iterations, totals"
             " FROM workers ORDER BY heartbeat_at DESC"
         )
-        return [WorkerRecord(r[0], r[1], r[2], r[3], _utc(r[4]), _utc(r[5]), _utc(r[6]), r[7], loads(r[8]))
+        return [WorkerRecord(r[0], r[1], r[2], r[3], _utc(r[4]), _utc(r[5]), _utc(r[6]), r[7],
+                             read_json(r[8], f"worker {r[0]}"))
                 for r in rows]
 
 

@@ -29,7 +29,7 @@ from datetime import datetime, timedelta, timezone
 import attrs
 
 from ..clock import Clock
-from ..codec import HEAD_FIELDS, decode_transaction, dumps, encode_transaction, head_snapshot_fields, loads
+from ..codec import HEAD_FIELDS, dumps, encode_transaction, head_snapshot_fields
 from ..drivers import Delivery
 from ..errors import (
     ConcurrentModification,
@@ -63,6 +63,8 @@ from .base import (
     WorkerRecord,
     heads_only,
     lost_race,
+    read_json,
+    read_snapshot,
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -368,7 +370,7 @@ class SQLiteStore:
         version, text = row
         tx = self._recent.get(tx_id, version)
         if tx is None:
-            tx = decode_transaction(loads(text))
+            tx = read_snapshot(text, tx_id)
             self._recent.put(tx)
         return tx
 
@@ -381,7 +383,7 @@ class SQLiteStore:
                 f"SELECT id, version, snapshot FROM transactions WHERE id IN ({_placeholders(chunk)})", chunk,
             ):
                 tx = self._recent.get(tx_id, version)
-                found.append(tx if tx is not None else decode_transaction(loads(text)))
+                found.append(tx if tx is not None else read_snapshot(text, tx_id))
         return found
 
     @_unavailable_on_sqlite_error
@@ -392,7 +394,9 @@ class SQLiteStore:
         ).fetchone()
         if row is None:
             return None
-        return Intent(row[0], row[1], row[2], loads(row[3]), loads(row[4]), row[5], from_us(row[6]), row[7],
+        what = f"the intent of {tx_id}"
+        return Intent(row[0], row[1], row[2], read_json(row[3], what), read_json(row[4], what), row[5],
+                      from_us(row[6]), row[7],
                       from_us(row[8]), row[9])
 
     @_unavailable_on_sqlite_error
@@ -413,7 +417,8 @@ class SQLiteStore:
             f" AND h.provider IN ({_placeholders(providers)}) ORDER BY h.expires_at LIMIT ?",
             (to_us(now), *providers, limit),
         ).fetchall()
-        return [PreviewHold(r[0], r[1], r[2], loads(r[3]), r[4], from_us(r[5])) for r in rows]
+        return [PreviewHold(r[0], r[1], r[2], read_json(r[3], f"the preview hold of {r[1]}"), r[4], from_us(r[5]))
+                for r in rows]
 
     @_unavailable_on_sqlite_error
     def load_command(self, key: str) -> CommandRecord | None:
@@ -430,7 +435,8 @@ class SQLiteStore:
         rows = self._connection().execute(
             "SELECT seq, kind, at, data FROM journal WHERE tx_id = ? ORDER BY seq", (tx_id,)
         ).fetchall()
-        return [Event(tx_id, seq, kind, from_us(at), loads(data)) for seq, kind, at, data in rows]
+        return [Event(tx_id, seq, kind, from_us(at), read_json(data, f"journal entry {seq} of {tx_id}"))
+                for seq, kind, at, data in rows]
 
     @_unavailable_on_sqlite_error
     def transaction_ids(self) -> list[str]:
@@ -707,7 +713,7 @@ class SQLiteStore:
             ).fetchall()
             db.executemany("UPDATE outbox SET lease_until = ?, lease_owner = ? WHERE id = ?",
                            [(to_us(lease_until), owner, row[0]) for row in rows])
-        return [Delivery(id=r[0], tx_id=r[1], provider=r[2], kind=r[3], payload=loads(r[4]),
+        return [Delivery(id=r[0], tx_id=r[1], provider=r[2], kind=r[3], payload=read_json(r[4], f"delivery {r[0]}"),
                          idempotency_key=r[5], attempts=r[6]) for r in rows]
 
     @_unavailable_on_sqlite_error
@@ -805,7 +811,7 @@ class SQLiteStore:
             " FROM workers ORDER BY heartbeat_at DESC"
         ).fetchall()
         return [WorkerRecord(r[0], r[1], r[2], r[3], from_us(r[4]), from_us(r[5]), from_us(r[6]), r[7],
-                             loads(r[8])) for r in rows]
+                             read_json(r[8], f"worker {r[0]}")) for r in rows]
 
     def close(self) -> None:
         with self._connections_lock:
