@@ -2,30 +2,34 @@
 
 SQLite checksums nothing: a bit flipped on a failing disk, or a hand edit, can leave a
 snapshot, a journal entry or an intent that is no longer what the engine wrote.  Reading
-one raises ``StoreUnavailable`` naming the record (an ``EngineError``, like every error
-the POS sees), changes nothing, and leaves every other transaction working.
+one that no longer decodes raises ``StoreUnavailable`` naming the record; one that
+decodes into a value a validator refuses raises that ``ValidationError`` (as
+tests/test_typed_api.py has it for a state the lifecycle does not know).  Either is an
+``EngineError``, changes nothing, and leaves every other transaction working.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from txengine.errors import StoreUnavailable
+from txengine.errors import StoreUnavailable, ValidationError
 
 from .conftest import tip
 from .pg_server import execute
 
+#: how the snapshot is damaged -> (its text, or None: the real one with a line's quantity
+#: set to 0), what reading it raises
 DAMAGE = {
-    "not JSON": "{\"id\": \"tx_",
-    "a field missing": "{\"id\": \"x\"}",
-    "an invalid value": None,  # the real snapshot, with a line's quantity set to 0
+    "not JSON": ("{\"id\": \"tx_", StoreUnavailable, "stored snapshot is damaged"),
+    "a field missing": ("{\"id\": \"x\"}", StoreUnavailable, "stored snapshot is damaged"),
+    "an invalid value": (None, ValidationError, "quantity must be between 1"),
 }
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_a_damaged_snapshot_is_a_storage_failure_of_that_transaction_only(engine, db_url, basket, damage):
+def test_a_damaged_snapshot_fails_typed_for_that_transaction_only(engine, db_url, basket, damage):
     damaged, healthy = engine.preview("reference", basket), engine.preview("reference", basket)
-    text = DAMAGE[damage]
+    text, error, message = DAMAGE[damage]
     if text is None:
         execute(db_url, "UPDATE transactions SET snapshot = replace(snapshot, '\"quantity\":3', '\"quantity\":0')"
                         " WHERE id = ?", (damaged.id,))
@@ -36,9 +40,10 @@ def test_a_damaged_snapshot_is_a_storage_failure_of_that_transaction_only(engine
     try:
         for command in (lambda: reopened.get(damaged.id), lambda: reopened.begin_payment(damaged.id),
                         lambda: reopened.update(damaged.id, basket.items + (tip(),))):
-            with pytest.raises(StoreUnavailable, match="stored snapshot is damaged") as raised:
+            with pytest.raises(error, match=message) as raised:
                 command()
-            assert raised.value.tx_id == damaged.id
+            if error is StoreUnavailable:
+                assert raised.value.tx_id == damaged.id
         assert reopened.begin_payment(healthy.id).state == "payment_pending"
     finally:
         reopened.close()

@@ -21,7 +21,7 @@ import attrs
 
 from ..drivers import Delivery
 from ..codec import decode_transaction, loads
-from ..errors import ConcurrentModification, StoreUnavailable
+from ..errors import ConcurrentModification, StoreUnavailable, ValidationError
 from ..models import DeliveryRecord, Event, Transaction, TransactionHead
 
 # intent operations
@@ -189,10 +189,13 @@ def read_json(text: Any, what: str) -> Any:
 
 
 def read_snapshot(text: Any, tx_id: str) -> Transaction:
-    """A stored snapshot, every validator re-run, or ``StoreUnavailable`` on ``tx_id`` if
-    the row no longer makes a valid one."""
+    """A stored snapshot, every validator re-run: ``StoreUnavailable`` on ``tx_id`` if the
+    row no longer decodes into one; a decoded value a validator refuses (a state the
+    lifecycle does not know) stays its ``ValidationError``."""
     try:
         return decode_transaction(loads(text))
+    except ValidationError:
+        raise
     except (ValueError, KeyError, TypeError, AttributeError) as damaged:
         raise StoreUnavailable(f"its stored snapshot is damaged and cannot be read ({type(damaged).__name__}:"
                                f" {str(damaged)[:200]})", tx_id=tx_id) from damaged
