@@ -907,8 +907,8 @@ class Core:
         a snapshot is read only where the provider is told of the expiry) and one database
         transaction (one flush) holding every expiry of the batch, each its own
         compare-and-swap and journal event: an expiry that lost a race to a command or
-        another sweeper is rolled back alone.  Settled idempotency records older than the retention are
-        forgotten on the way (a read when there are none)."""
+        another sweeper is rolled back alone.  Settled idempotency records older than the
+        retention are forgotten on the way (a read when there are none)."""
         yield StoreOp("forget_commands", (self.clock.now() - self.idempotency_retention,))
         expired = 0
         while True:

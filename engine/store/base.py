@@ -156,7 +156,6 @@ class Commit:
     release_hold: str | None = None  # the key of a preview hold this commit settles (deleted)
 
 
-
 def heads_only(commits: Sequence[Commit]) -> bool:
     """True for a batch of head commits of distinct transactions with nothing else to write
     (an expiry sweep's): a store may write it set-wise, its versions read once under lock."""
