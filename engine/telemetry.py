@@ -78,6 +78,7 @@ def committed(commits: Sequence[Any]) -> None:
     with the transaction and the event), or a sweep's batch (counted per event and
     provider, one ``add`` each: thousands of expiries are not thousands of adds)."""
     counts: collections.Counter[tuple[str, str, str | None]] = collections.Counter()
+    last_counted = None
     for commit in commits:
         new = commit.snapshot if commit.snapshot is not None else commit.head
         provider = new.provider if new is not None else None
@@ -85,11 +86,13 @@ def committed(commits: Sequence[Any]) -> None:
             event = str(entry.data.get("event", ""))
             if entry.kind in _COUNTED:
                 counts[entry.kind, event, provider] += 1
+                last_counted = event
                 _log_entry(entry, event)
-    if len(commits) == 1 and counts:
+    if len(commits) == 1 and commits[0].events:
         span = trace.get_current_span()
         span.set_attribute("txengine.tx_id", commits[0].tx_id)
-        span.set_attribute("txengine.event", next(reversed(counts))[1])
+        if last_counted is not None:
+            span.set_attribute("txengine.event", last_counted)
     for (kind, event, provider), count in counts.items():
         _COUNTED[kind].add(count, {"event": event, **({"provider": provider} if provider else {})})
 

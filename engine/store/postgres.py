@@ -27,7 +27,7 @@ The URL's password never appears in a repr, a log line or an exception message.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
@@ -525,12 +525,10 @@ class _Operations:
         written = [commit for commit, outcome in zip(commits, outcomes) if outcome is None]
         if not written:
             return outcomes
-        heads = [commit.head for commit in written if commit.head is not None]
-        columns = [list(column) for column in zip(*((head.id, commit.expected_version, str(head.state), head.version, head.expires_at,
-                              head.refund_deadline, head.pending and str(head.pending), head.updated_at,
-                              *head_snapshot_fields(head))
-                             for commit, head in zip(written, heads)))]
-        yield Count(_SWAP_HEADS, columns)
+        rows = [(head.id, commit.expected_version, str(head.state), head.version, head.expires_at,
+                 head.refund_deadline, head.pending and str(head.pending), head.updated_at, *head_snapshot_fields(head))
+                for commit in written if (head := commit.head) is not None]
+        yield Count(_SWAP_HEADS, [list(column) for column in zip(*rows)])  # one array per column
         entries = [entry for commit in written for entry in commit.events]
         yield Count(
             "INSERT INTO journal (tx_id, seq, kind, at, data)"
@@ -582,10 +580,7 @@ class _Operations:
             values + (tx.id, expected_version),
         )
         if swapped != 1:
-            raise ConcurrentModification(
-                f"expected version {expected_version}; another caller changed it first",
-                tx_id=tx.id, state=tx.state,
-            )
+            raise lost_race(expected_version, tx)
 
     def _write_intent(self, tx_id: str, op: IntentOp) -> Statements:
         """Leases start and end on the lease clock (the server's), so engines whose clocks
@@ -990,24 +985,29 @@ def _schema_version() -> Statements:
     return (yield One("SELECT coalesce(max(version), 0) FROM schema_version"))[0]
 
 
-#: the stored snapshot with its head fields set (``_swap_head``)
-_SNAPSHOT_HEAD_SET = ("(snapshot::jsonb || jsonb_build_object("
-                      + ", ".join(f"'{name}', %s::{'int' if name == 'version' else 'text'}" for name in HEAD_FIELDS)
-                      + "))::text")
+def _pg_type(field: str) -> str:
+    return "int" if field == "version" else "text"
 
+
+def _with_head_fields(snapshot: str, value: Callable[[str], str]) -> str:
+    """SQL for ``snapshot`` with its ``HEAD_FIELDS`` set to ``value(field)`` each."""
+    pairs = ", ".join(f"'{field}', {value(field)}" for field in HEAD_FIELDS)
+    return f"({snapshot}::jsonb || jsonb_build_object({pairs}))::text"
+
+
+#: the stored snapshot with its head fields set from parameters (``_swap_head``)
+_SNAPSHOT_HEAD_SET = _with_head_fields("snapshot", lambda field: f"%s::{_pg_type(field)}")
 
 #: ``_swap_heads``' UPDATE: one row per head, from arrays (the head's columns, then its
 #: snapshot fields in ``HEAD_FIELDS`` order)
 _SWAP_HEADS = (
     "UPDATE transactions AS t SET state = h.state, version = h.version, expires_at = h.expires_at,"
     " refund_deadline = h.refund_deadline, pending = h.pending, updated_at = h.updated_at,"
-    " snapshot = (t.snapshot::jsonb || jsonb_build_object("
-    + ", ".join(f"'{name}', h.field_{name}" for name in HEAD_FIELDS)
-    + "))::text FROM unnest(%s::text[], %s::int[], %s::text[], %s::int[], %s::timestamptz[],"
-    " %s::timestamptz[], %s::text[], %s::timestamptz[], "
-    + ", ".join(f"%s::{'int' if name == 'version' else 'text'}[]" for name in HEAD_FIELDS)
+    f" snapshot = {_with_head_fields('t.snapshot', lambda field: f'h.field_{field}')}"
+    " FROM unnest(%s::text[], %s::int[], %s::text[], %s::int[], %s::timestamptz[], %s::timestamptz[],"
+    " %s::text[], %s::timestamptz[], " + ", ".join(f"%s::{_pg_type(field)}[]" for field in HEAD_FIELDS)
     + ") AS h(id, expected_version, state, version, expires_at, refund_deadline, pending, updated_at, "
-    + ", ".join(f"field_{name}" for name in HEAD_FIELDS)
+    + ", ".join(f"field_{field}" for field in HEAD_FIELDS)
     + ") WHERE t.id = h.id AND t.version = h.expected_version"
 )
 
