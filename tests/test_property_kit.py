@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
 
-from txengine.testing import harness_names, load_harness, register_harness
+from txengine.testing import harness_names, load_harness, register_harness, register_profiles
+from txengine.testing.profiles import SHRINK_SECONDS, cap_shrinking
 from txengine.testing.repro import ForloyOfflineLifecycle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,3 +89,55 @@ def test_the_kit_runs_on_a_store_the_pos_team_points_it_at(tmp_path):
     assert as_store_factory(f"sqlite:///{tmp_path}/").new_url().startswith(f"sqlite:///{tmp_path}/")
     with pytest.raises(ValueError, match="fresh one"):
         as_store_factory("sqlite:///one.db")
+
+
+# --- the shrink cap ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shrink_cap():
+    """Hypothesis' shrink cap as this process had it, put back after the test."""
+    from hypothesis.internal.conjecture import engine
+
+    before = engine.MAX_SHRINKING_SECONDS
+    yield engine
+    engine.MAX_SHRINKING_SECONDS = before
+
+
+def test_register_profiles_caps_shrinking_unless_told_not_to(shrink_cap):
+    register_profiles(shrink_seconds=7)
+    assert shrink_cap.MAX_SHRINKING_SECONDS == 7
+    register_profiles(shrink_seconds=None)
+    assert shrink_cap.MAX_SHRINKING_SECONDS == 7  # left alone
+    register_profiles()
+    assert shrink_cap.MAX_SHRINKING_SECONDS == SHRINK_SECONDS == 20
+
+
+@pytest.mark.parametrize("seconds", [0, -1, float("nan"), "20", True])
+def test_a_shrink_cap_must_be_a_positive_number_of_seconds(shrink_cap, seconds):
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        register_profiles(shrink_seconds=seconds)
+
+
+def test_a_capped_shrink_stops_early_and_reports_an_example_that_still_fails(shrink_cap):
+    runs: list[list[int]] = []
+
+    @settings(database=None, derandomize=True, max_examples=100, phases=[Phase.generate, Phase.shrink])
+    @given(st.lists(st.integers(0, 1000), min_size=5))
+    def too_much(values: list[int]) -> None:
+        runs.append(values)
+        assert sum(values) < 100
+
+    def reported(seconds: float) -> tuple[list[int], list[int]]:
+        """The first failing example found, and the example reported."""
+        runs.clear()
+        cap_shrinking(seconds)
+        with pytest.raises(AssertionError):
+            too_much()
+        return next(values for values in runs if sum(values) >= 100), runs[-1]  # the last run replays it
+
+    found, minimal = reported(300)
+    assert sum(minimal) == 100 and len(minimal) == 5 and minimal != found  # shrunk to the boundary
+    found_again, example = reported(1e-9)
+    assert found_again == found  # derandomized: the same search
+    assert example == found  # stopped as soon as shrinking began, and reported as it stood

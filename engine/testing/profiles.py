@@ -17,6 +17,15 @@ a broken driver's failure found and shrunk within 30 s on 2 cores, measured by
 - ``report_multiple_bugs=False``: the first failure is shrunk and reported, instead of
   searching on for up to ten more seconds and shrinking every distinct failure found
   (fix it, and the next one shows on the next run).  ``fuzz`` still reports them all.
+
+Shrinking is capped, whatever the profile: ``register_profiles()`` stops hypothesis
+shrinking a failure after ``SHRINK_SECONDS`` (20 s; hypothesis' own cap, five minutes,
+is ``hypothesis.internal.conjecture.engine.MAX_SHRINKING_SECONDS``, which hypothesis
+leaves monkeypatchable for this).  A rare failure (one fault at one moment of a long
+run) can otherwise take a minute or more to shrink on 2 cores; stopped at the cap, it is
+reported as far as it got, still a program that fails as pasted.  Hypothesis then prints
+its own warning, which speaks of five minutes: that is its default, not the time spent.
+``register_profiles(shrink_seconds=None)`` leaves hypothesis' cap alone.
 """
 
 from __future__ import annotations
@@ -29,10 +38,17 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 
 PROFILES = ("dev", "ci", "fuzz")
 
+#: seconds after which hypothesis stops shrinking a failure and reports it as it stands
+SHRINK_SECONDS = 20
 
-def register_profiles(*, load: bool = False, fuzz_database: str | os.PathLike[str] | None = None) -> None:
+
+def register_profiles(*, load: bool = False, fuzz_database: str | os.PathLike[str] | None = None,
+                      shrink_seconds: float | None = SHRINK_SECONDS) -> None:
     """Register ``dev``, ``ci`` and ``fuzz``; ``fuzz`` keeps its examples in ``fuzz_database``
-    (default ``.hypothesis-fuzz`` in the working directory), so a failure replays first."""
+    (default ``.hypothesis-fuzz`` in the working directory), so a failure replays first.
+    Shrinking stops after ``shrink_seconds`` (None: hypothesis' own five minutes)."""
+    if shrink_seconds is not None:
+        cap_shrinking(shrink_seconds)
     settings.register_profile("dev", max_examples=25, deadline=None, stateful_step_count=30)
     settings.register_profile(
         "ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow],
@@ -46,3 +62,12 @@ def register_profiles(*, load: bool = False, fuzz_database: str | os.PathLike[st
     )
     if load:
         settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def cap_shrinking(seconds: float) -> None:
+    """Stop hypothesis shrinking any failure after ``seconds`` (for this process)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"shrink_seconds must be a positive number of seconds, not {seconds!r}")
+    from hypothesis.internal.conjecture import engine
+
+    engine.MAX_SHRINKING_SECONDS = seconds
