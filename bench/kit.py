@@ -22,7 +22,9 @@ example database), with hypothesis' own statistics (``hypothesis.statistics.coll
   seconds to shrink it (and how many runs the shrink made), the minimal example's
   step count and its longest string.  The ratio is find + shrink over the kit's
   budget, ``BUDGET_SECONDS`` (``txengine.testing.lifecycle``): 30 s on 2 cores.
-  Drivers the machine does not catch on this seed say so: the ones that break the
+  With ``--seed N`` the row is the shrink time against the cap every profile has
+  (``SHRINK_SECONDS``: 20 s), as on a seed other than ci's a rare failure may be found
+  late.  Drivers the machine does not catch on this seed say so: the ones that break the
   wire and not the ledger (``FinalizesTwice``, ``CancelsWithoutAsking``...) are the
   conformance check's by design.
 """
@@ -47,6 +49,7 @@ from hypothesis.statistics import collector  # noqa: E402
 from hypothesis.stateful import run_state_machine_as_test  # noqa: E402
 
 from txengine.testing import register_profiles  # noqa: E402
+from txengine.testing.profiles import SHRINK_SECONDS  # noqa: E402
 from txengine.testing.lifecycle import BUDGET_SECONDS, LifecycleStateMachine  # noqa: E402
 from txengine.testing.registry import load_harness  # noqa: E402
 
@@ -202,7 +205,7 @@ def driver_class(name: str) -> type:
     raise LookupError(name)
 
 
-def driver_rows(names: list[str], steps: int | None = None) -> list[dict]:
+def driver_rows(names: list[str], steps: int | None = None, seed: int | None = None) -> list[dict]:
     """Each broken driver in a process of its own, as a CI job would run it (and so that
     one machine's run leaves nothing behind for the next one's to meet)."""
     import json
@@ -211,7 +214,8 @@ def driver_rows(names: list[str], steps: int | None = None) -> list[dict]:
     rows: list[dict] = []
     for name in names:
         command = [sys.executable, __file__, "--only", "drivers", "--in-process", "--drivers", name]
-        done = subprocess.run(command + (["--steps", str(steps)] if steps else []), capture_output=True,
+        command += (["--steps", str(steps)] if steps else []) + (["--seed", str(seed)] if seed is not None else [])
+        done = subprocess.run(command, capture_output=True,
                               text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
         found = [line for line in done.stdout.splitlines() if line.startswith("BENCH_ROWS ")]
         for line in done.stdout.splitlines():
@@ -225,8 +229,16 @@ def driver_rows(names: list[str], steps: int | None = None) -> list[dict]:
     return rows
 
 
-def driver_rows_in_process(names: list[str], steps: int | None = None) -> list[dict]:
+def driver_rows_in_process(names: list[str], steps: int | None = None, seed: int | None = None) -> list[dict]:
     from tests.test_conformance import Harness
+
+    options: dict[str, Any] = {"stateful_step_count": steps} if steps else {}
+    if seed is not None:
+        import hypothesis.core
+
+        hypothesis.core.global_force_seed = seed  # what pytest's --hypothesis-seed sets
+        options["derandomize"] = False
+    seeded = "" if seed is None else f" (seed {seed})"
 
     rows: list[dict] = []
     for name in names:
@@ -247,10 +259,10 @@ def driver_rows_in_process(names: list[str], steps: int | None = None) -> list[d
 
         Broken.__name__ = Broken.__qualname__ = f"{name}Lifecycle"
         began = time.perf_counter()
-        result = run_machine(Broken, **({"stateful_step_count": steps} if steps else {}))
+        result = run_machine(Broken, **options)
         error = result["error"]
         if error is None or not found_at:
-            rows.append(row("kit", f"broken driver {name}", None, "-", None,
+            rows.append(row("kit", f"broken driver {name}{seeded}", None, "-", None,
                             f"not caught on this seed ({result['cases']} examples, {result['seconds']:.0f} s);"
                             " the conformance check catches it"))
             print(f"    {name}: not caught ({result['seconds']:.0f} s, {result['cases']} examples, {result['steps']}"
@@ -266,12 +278,16 @@ def driver_rows_in_process(names: list[str], steps: int | None = None) -> list[d
         steps, longest = minimal_example(program) if program else (-1, -1)
         total = result["seconds"]
         reason = str(error).splitlines()[0][:70]
-        rows.append(row("kit", f"broken driver {name}: find + shrink s", total / BUDGET_SECONDS,
-                        f"<= {BUDGET_SECONDS} s", total <= BUDGET_SECONDS,
-                        f"found in {find:.1f} s, searched on {searching:.1f} s, shrunk in {shrink:.1f} s"
-                        f" ({len(attempts)} runs, median {per_attempt:.0f} ms);"
-                        f" minimal example {steps} steps,"
-                        f" longest string {longest}; {reason}"))
+        capped = " (stopped at the cap)" if shrink >= SHRINK_SECONDS else ""
+        detail = (f"found in {find:.1f} s, searched on {searching:.1f} s, shrunk in {shrink:.1f} s{capped}"
+                  f" ({len(attempts)} runs, median {per_attempt:.0f} ms); minimal example {steps} steps,"
+                  f" longest string {longest}; {reason}")
+        if seed is None:  # ci's fixed seed: found and fully shrunk within the budget
+            rows.append(row("kit", f"broken driver {name}: find + shrink s", total / BUDGET_SECONDS,
+                            f"<= {BUDGET_SECONDS} s", total <= BUDGET_SECONDS, detail))
+        else:  # any seed: shrinking stops at the cap (within the one run that crosses it)
+            rows.append(row("kit", f"broken driver {name}{seeded}: shrink s", shrink / SHRINK_SECONDS,
+                            f"<= {SHRINK_SECONDS} s", shrink <= SHRINK_SECONDS + 1, detail))
         print(f"    {name}: found {find:.1f} s, searched on {searching:.1f} s, shrunk {shrink:.1f} s"
               f" ({len(attempts)} attempts, median {per_attempt:.0f} ms), {steps} steps, longest string {longest}:"
               f" {reason}", flush=True)
@@ -288,6 +304,8 @@ def main() -> int:
     parser.add_argument("--only", default="steps,drivers")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help="stateful_step_count for the broken drivers (default: ci's)")
+    parser.add_argument("--seed", type=int, help="run the broken drivers on this seed instead of the fixed one"
+                        " (the budget holds on every seed, not only on ci's derandomized one)")
     parser.add_argument("--drivers", default=",".join(name for names in DRIVERS.values() for name in names))
     args = parser.parse_args()
     parts = args.only.split(",")
@@ -296,7 +314,7 @@ def main() -> int:
         rows += steps_rows(args.examples, [store for store in args.stores.split(",") if store])
     if "drivers" in parts:
         measure = driver_rows_in_process if args.in_process else driver_rows
-        rows += measure([name for name in args.drivers.split(",") if name], args.steps)
+        rows += measure([name for name in args.drivers.split(",") if name], args.steps, args.seed)
     emit(rows)
     return 0
 
