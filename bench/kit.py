@@ -304,8 +304,8 @@ def main() -> int:
     parser.add_argument("--only", default="steps,drivers")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help="stateful_step_count for the broken drivers (default: ci's)")
-    parser.add_argument("--seed", type=int, help="run the broken drivers on this seed instead of the fixed one"
-                        " (the budget holds on every seed, not only on ci's derandomized one)")
+    parser.add_argument("--seed", type=int, help="run the broken drivers on this seed instead of ci's fixed one"
+                        " (judged against the shrink cap, which holds on every seed)")
     parser.add_argument("--drivers", default=",".join(name for names in DRIVERS.values() for name in names))
     args = parser.parse_args()
     parts = args.only.split(",")

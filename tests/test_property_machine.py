@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis.errors import StopTest
 from hypothesis.statistics import collector
 from hypothesis.stateful import run_state_machine_as_test
 
@@ -76,3 +77,17 @@ def test_a_driver_taking_a_spoiled_answer_for_a_commit_fails_the_ledger_check():
             state.finalize(idempotency_key=None, tx=tx_0)
     finally:
         state.teardown()
+
+
+def test_a_run_hypothesis_cut_short_is_not_settled_and_a_finished_one_is(monkeypatch):
+    settled: list[str] = []
+    monkeypatch.setattr(ReferenceLifecycle, "_settle", lambda self: settled.append("settled"))
+    cut_short = ReferenceLifecycle()
+    with pytest.raises(StopTest):
+        try:
+            raise StopTest(0)  # what hypothesis raises when a run's choices run out
+        finally:
+            cut_short.teardown()  # as hypothesis' own finally calls it
+    assert settled == []
+    ReferenceLifecycle().teardown()
+    assert settled == ["settled"]

@@ -9,8 +9,8 @@
 ``stateful_step_count`` is the number of steps per run of a lifecycle state machine.
 
 ``ci`` is held to the kit's shrink budget (``txengine.testing.lifecycle.BUDGET_SECONDS``:
-a broken driver's failure found and shrunk within 30 s on 2 cores, measured by
-``bench/kit.py``), so a failing merge reports one minimal program, fast:
+each broken driver of our suite found and shrunk within 30 s on 2 cores on ci's fixed
+seed, measured by ``bench/kit.py``), so a failing merge reports one minimal program, fast:
 
 - no ``explain`` phase: it traces every line the engine runs, and roughly doubles the
   time a failure takes to report (it only runs on a failure: a passing run is unchanged);
