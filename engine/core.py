@@ -834,13 +834,15 @@ class Core:
         step = decide(tx, "expire", now, capabilities.timers)
         return self._transition(tx, step.event, step.target, step.changes, now, capabilities)
 
-    def _expiries(self, due: Sequence[TransactionHead], now: datetime) -> Command[list[Commit]]:
+    def _expiries(self, due: Sequence[TransactionHead], now: datetime,
+                  damaged: dict[str, StoreUnavailable]) -> Command[list[Commit]]:
         """The commits expiring the overdue of ``due``.
 
         An expiry sets head fields only (state, version, time), so it is decided on the
         head and written as one (``Commit.head``): the snapshot's body is never read.
         Where the provider is told of an expiry (a release delivery built from the whole
-        transaction: Cheers, secuconnect), the snapshot is loaded and expired whole."""
+        transaction: Cheers, secuconnect), the snapshot is loaded and expired whole; one
+        that no longer reads is left out, into ``damaged``."""
         commits, whole = [], []
         for head in due:
             capabilities = self._capabilities(head.provider)
@@ -855,10 +857,24 @@ class Core:
                     whole.append(head.id)
                 else:
                     commits.append(Commit(head.id, head.version, events=(entry,), head=new))
-        for tx in ((yield StoreOp("load_many", (whole,))) if whole else ()):
+        for tx in (yield from self._readable(whole, damaged)):
             if machine.is_overdue(tx, now):
                 commits.append((yield from self._sealed(self._expiry(tx, now, self._capabilities(tx.provider)))))
         return commits
+
+    def _readable(self, tx_ids: list[str], damaged: dict[str, StoreUnavailable]) -> Command[list[Transaction]]:
+        """The snapshots of ``tx_ids`` (``load_many``), without those damaged outside the
+        engine: each is left out, into ``damaged``, and the others read again."""
+        while tx_ids:
+            try:
+                found: list[Transaction] = yield StoreOp("load_many", (tx_ids,))
+                return found
+            except StoreUnavailable as unreadable:
+                if unreadable.tx_id not in tx_ids:
+                    raise  # the store failed, not one row
+                damaged[unreadable.tx_id] = unreadable
+                tx_ids = [tx_id for tx_id in tx_ids if tx_id != unreadable.tx_id]
+        return []
 
     def _expire(self, tx: Transaction, now: datetime, capabilities: Capabilities) -> Command[Transaction]:
         return (yield from _committed((yield from self._sealed(self._expiry(tx, now, capabilities)))))
@@ -908,19 +924,33 @@ class Core:
         transaction (one flush) holding every expiry of the batch, each its own
         compare-and-swap and journal event: an expiry that lost a race to a command or
         another sweeper is rolled back alone.  Settled idempotency records older than the
-        retention are forgotten on the way (a read when there are none)."""
+        retention are forgotten on the way (a read when there are none).
+
+        A transaction whose stored snapshot was damaged outside the engine (a failing
+        disk, an edit by hand) cannot be expired: it is left as it is, every other due
+        transaction is expired, and then ``StoreUnavailable`` names the damaged ones, so
+        one bad row neither stops the sweep nor goes unnoticed."""
         yield StoreOp("forget_commands", (self.clock.now() - self.idempotency_retention,))
         expired = 0
+        damaged: dict[str, StoreUnavailable] = {}
         while True:
             now = self.clock.now()
             due = yield StoreOp("due_for_expiry", (now, batch, self._providers))
-            commits = yield from self._expiries(due, now)
+            commits = yield from self._expiries([head for head in due if head.id not in damaged], now, damaged)
             progress = expired
             if commits:
                 outcomes = yield StoreOp("write_each", (commits,))
-                expired += sum(outcome is None for outcome in outcomes)  # the others: someone got there first
+                for commit, outcome in zip(commits, outcomes):
+                    if outcome is None:
+                        expired += 1
+                    elif isinstance(outcome, StoreUnavailable):
+                        damaged[commit.tx_id] = outcome
+                    # else someone got there first
             if len(due) < batch or expired == progress:
-                return expired  # drained, or a full pass moved nothing: never spin on it
+                break  # drained, or a full pass moved nothing: never spin on it
+        if damaged:
+            raise _unexpirable(damaged, expired)
+        return expired
 
     def recover(self, batch: int = 100) -> Command[int]:
         """Re-drive every in-doubt side effect whose lease is free, then settle the previews
@@ -1035,6 +1065,15 @@ class Core:
 
 
 # --- pure helpers ----------------------------------------------------------------------------------
+
+
+def _unexpirable(damaged: Mapping[str, StoreUnavailable], expired: int) -> StoreUnavailable:
+    """The error of a sweep that expired ``expired`` but had to leave ``damaged`` as they are."""
+    named = ", ".join(sorted(damaged)[:10]) + (f" and {len(damaged) - 10} more" if len(damaged) > 10 else "")
+    return StoreUnavailable(f"expired {expired}; {len(damaged)} due transaction(s) could not be expired because"
+                            f" their stored snapshots are damaged and cannot be read: {named} (each is left as it"
+                            f" is; every other due transaction was expired)",
+                            tx_id=next(iter(damaged)) if len(damaged) == 1 else None)
 
 
 def _new_tx_id() -> str:

@@ -264,9 +264,18 @@ def list_(db: str, states: Sequence[str], provider: str | None, in_doubt: bool, 
     with opened(db, read_only=True) as store:
         # needing attention: in-doubt calls the engine parked for an operator (it no longer re-sends them)
         parked = {intent.tx_id: intent.attention for intent in store.needing_attention(1_000_000, None)}
-        matches = []
+        matches, damaged = [], []
         for tx_id in store.transaction_ids():
-            tx = store.load(tx_id)
+            try:
+                tx = store.load(tx_id)
+            except StoreUnavailable as unreadable:
+                if unreadable.tx_id != tx_id:
+                    raise  # the store itself failed, not this row
+                damaged.append(tx_id)  # damaged outside the engine: the others are still listed
+                continue
+            except ValidationError:  # it decodes into a value no transaction can hold: damaged too
+                damaged.append(tx_id)
+                continue
             if tx is None or (states and str(tx.state) not in states) or (provider and tx.provider != provider):
                 continue
             if (in_doubt and not tx.pending) or (attention and tx_id not in parked):
@@ -280,10 +289,20 @@ def list_(db: str, states: Sequence[str], provider: str | None, in_doubt: bool, 
     if as_json:
         emit_json({"total": len(matches), "page": page, "limit": limit,
                    "transactions": [transaction_json(tx, parked.get(tx.id)) for tx in shown]})
-        return OK
-    if not shown:
+    elif not shown:
         click.echo("no transactions match" if not matches else f"page {page} is past the last ({len(matches)} match)")
-        return OK
+    else:
+        _print_listing(shown, parked, len(matches), limit, page)
+    if damaged:  # after the listing, so an operator sees both; the exit code says it
+        raise StoreUnavailable(f"{len(damaged)} transaction(s) could not be read and are not listed: their stored"
+                               f" snapshots are damaged: {', '.join(damaged[:10])}"
+                               f"{f' and {len(damaged) - 10} more' if len(damaged) > 10 else ''}"
+                               " (txengine show TX_ID says how)")
+    return OK
+
+
+def _print_listing(shown: Sequence[Transaction], parked: dict[str, str | None], total: int, limit: int,
+                   page: int) -> None:
     # id, provider, state and amount fit 80 columns unabridged; times are in --json and show
     notes = any(tx.pending for tx in shown)  # "in doubt", or "OPERATOR" when parked for one
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, collapse_padding=True)
@@ -298,9 +317,8 @@ def list_(db: str, states: Sequence[str], provider: str | None, in_doubt: bool, 
         table.add_row(*row, *([_note(tx, parked)] if notes else []))
     out = console()
     out.print(table)
-    pages = max(1, -(-len(matches) // limit))
-    out.print(f"{len(matches)} match; page {page} of {pages}")
-    return OK
+    pages = max(1, -(-total // limit))
+    out.print(f"{total} match; page {page} of {pages}")
 
 
 def _note(tx: Transaction, parked: dict[str, str | None]) -> str:

@@ -196,8 +196,13 @@ def read_snapshot(text: Any, tx_id: str) -> Transaction:
     except ValidationError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as damaged:
-        raise StoreUnavailable(f"its stored snapshot is damaged and cannot be read ({type(damaged).__name__}:"
-                               f" {str(damaged)[:200]})", tx_id=tx_id) from damaged
+        raise damaged_snapshot(tx_id, f"{type(damaged).__name__}: {str(damaged)[:200]}") from damaged
+
+
+def damaged_snapshot(tx_id: str, cause: str) -> StoreUnavailable:
+    """The storage failure of a snapshot that no longer reads: on ``tx_id``, saying why."""
+    return StoreUnavailable(f"its stored snapshot is damaged and cannot be read ({cause})", tx_id=tx_id)
+
 
 @attrs.frozen
 class DeliverySettlement:

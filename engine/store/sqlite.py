@@ -61,6 +61,7 @@ from .base import (
     IntentOp,
     PreviewHold,
     WorkerRecord,
+    damaged_snapshot,
     heads_only,
     lost_race,
     read_json,
@@ -540,21 +541,21 @@ class SQLiteStore:
         versions are read once under the write lock (nobody else can move them until the
         commit), and the swaps and the journal entries of those still current are each one
         ``executemany``, the same statements ``_swap_head`` runs one by one."""
-        current: dict[str, int] = {}
+        stored: dict[str, tuple[int, int]] = {}
         tx_ids = [commit.tx_id for commit in commits]
         for start in range(0, len(tx_ids), 500):  # within SQLite's bound on parameters
             chunk = tx_ids[start:start + 500]
-            current.update(db.execute(
-                f"SELECT id, version FROM transactions WHERE id IN ({_placeholders(chunk)})", chunk))
-        outcomes: list[EngineError | None] = [
-            None if current.get(commit.tx_id) == commit.expected_version
-            else lost_race(commit.expected_version, commit.head) for commit in commits]
+            stored.update((tx_id, (version, valid)) for tx_id, version, valid in db.execute(
+                f"SELECT id, version, json_valid(snapshot) FROM transactions WHERE id IN ({_placeholders(chunk)})",
+                chunk))
+        outcomes = [_head_refusal(commit.expected_version, commit.head, stored.get(commit.tx_id))
+                    for commit in commits]
         swaps, entries = [], []
         for commit, texts, outcome in zip(commits, encoded, outcomes):
             if outcome is None and commit.head is not None:
                 swaps.append(_head_swap_values(commit.expected_version, commit.head))
                 entries.extend(_journal_rows(commit, texts))
-        db.executemany(_SWAP_SQL.format(snapshot=_SNAPSHOT_HEAD_SET), swaps)
+        db.executemany(_HEAD_SWAP_SQL, swaps)
         db.executemany(_JOURNAL_SQL, entries)
         return outcomes
 
@@ -610,9 +611,12 @@ class SQLiteStore:
             raise lost_race(expected_version, tx)
 
     def _swap_head(self, db: sqlite3.Connection, expected_version: int, head: TransactionHead) -> None:
-        if db.execute(_SWAP_SQL.format(snapshot=_SNAPSHOT_HEAD_SET),
+        if db.execute(_HEAD_SWAP_SQL + " AND json_valid(snapshot)",
                       _head_swap_values(expected_version, head)).rowcount != 1:
-            raise lost_race(expected_version, head)
+            refusal = _head_refusal(expected_version, head, db.execute(
+                "SELECT version, json_valid(snapshot) FROM transactions WHERE id = ?", (head.id,)).fetchone())
+            assert refusal is not None  # the swap matched nothing: the version moved, or the text is damaged
+            raise refusal
 
     def _write_intent(self, db: sqlite3.Connection, tx_id: str, op: IntentOp, texts: _Texts) -> None:
         if op.op == PUT:
@@ -866,6 +870,21 @@ _SNAPSHOT_HEAD_SET = "json_set(snapshot, " + ", ".join(f"'$.{name}', ?" for name
 _SWAP_SQL = ("UPDATE transactions SET state = ?, version = ?, expires_at = ?, refund_deadline = ?,"
              " pending = ?, snapshot = {snapshot}, updated_at = ? WHERE id = ? AND version = ?")
 _JOURNAL_SQL = "INSERT INTO journal (tx_id, seq, kind, at, data) VALUES (?, ?, ?, ?, ?)"
+#: a head's swap: json_set refuses text that is not JSON, so the rows are checked first
+#: (json_valid), and a damaged one is refused alone instead of failing its whole batch
+_HEAD_SWAP_SQL = _SWAP_SQL.format(snapshot=_SNAPSHOT_HEAD_SET)
+
+
+def _head_refusal(expected_version: int, head: TransactionHead | None,
+                  stored: tuple[int, int] | None) -> EngineError | None:
+    """Why ``head`` cannot be swapped in over the stored row's ``(version, json_valid(snapshot))``
+    (a lost race, or a snapshot damaged outside the engine); None when it can."""
+    assert head is not None
+    if stored is None or stored[0] != expected_version:
+        return lost_race(expected_version, head)
+    if not stored[1]:
+        return damaged_snapshot(head.id, "it is not JSON")
+    return None
 
 
 def _head_swap_values(expected_version: int, head: TransactionHead) -> tuple:
