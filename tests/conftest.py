@@ -32,7 +32,7 @@ BOTH_STORES = {
     "tests.test_lifecycle", "tests.test_failures", "tests.test_delivery",
     "tests.test_recovery_engine", "tests.test_recovery_cheers", "tests.test_recovery_rekonect",
     "tests.test_recovery_forloy", "tests.test_recovery_secuconnect", "tests.test_head_commits",
-    "tests.test_damaged_rows",
+    "tests.test_damaged_rows", "tests.test_listing",
 }
 STORES = [s.strip() for s in os.environ.get("TXENGINE_TEST_STORES", "sqlite,postgres").split(",") if s.strip()]
 

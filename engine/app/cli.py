@@ -45,7 +45,7 @@ from ..models import Transaction
 from ..report import describe, shorten, when
 from ..settings import DEFAULT_DB, Settings, redacted_db
 from ..store import open_existing, sqlite_path
-from ..store.base import Store
+from ..store.base import Listing, Store
 
 OK, NOTHING, USAGE, UNAVAILABLE = 0, 1, 2, 3
 
@@ -260,12 +260,14 @@ def list_(db: str, states: Sequence[str], provider: str | None, in_doubt: bool, 
           due_before: str | None, limit: int, page: int, as_json: bool) -> int:
     """Transactions, newest first, filtered and paged."""
     deadline = parse_time(due_before) if due_before else None
-    now = datetime.now(timezone.utc)
+    listing = Listing(states=tuple(states), provider=provider, in_doubt=in_doubt, attention=attention,
+                      expiring_before=deadline, limit=limit, offset=(page - 1) * limit)
     with opened(db, read_only=True) as store:
         # needing attention: in-doubt calls the engine parked for an operator (it no longer re-sends them)
         parked = {intent.tx_id: intent.attention for intent in store.needing_attention(1_000_000, None)}
-        matches, damaged = [], []
-        for tx_id in store.transaction_ids():
+        total, page_ids = store.find_transactions(listing)  # filtered and paged in the database
+        shown, damaged = [], []
+        for tx_id in page_ids:
             try:
                 tx = store.load(tx_id)
             except StoreUnavailable as unreadable:
@@ -276,23 +278,15 @@ def list_(db: str, states: Sequence[str], provider: str | None, in_doubt: bool, 
             except ValidationError:  # it decodes into a value no transaction can hold: damaged too
                 damaged.append(tx_id)
                 continue
-            if tx is None or (states and str(tx.state) not in states) or (provider and tx.provider != provider):
-                continue
-            if (in_doubt and not tx.pending) or (attention and tx_id not in parked):
-                continue
-            if deadline is not None and not (str(tx.state) in ("previewed", "updated", "payment_pending")
-                                              and not tx.pending and tx.expires_at and tx.expires_at < deadline):
-                continue
-            matches.append(tx)
-    matches.sort(key=lambda tx: (tx.updated_at, tx.id), reverse=True)
-    shown = matches[(page - 1) * limit: page * limit]
+            if tx is not None:
+                shown.append(tx)
     if as_json:
-        emit_json({"total": len(matches), "page": page, "limit": limit,
+        emit_json({"total": total, "page": page, "limit": limit,
                    "transactions": [transaction_json(tx, parked.get(tx.id)) for tx in shown]})
     elif not shown:
-        click.echo("no transactions match" if not matches else f"page {page} is past the last ({len(matches)} match)")
+        click.echo("no transactions match" if not total else f"page {page} is past the last ({total} match)")
     else:
-        _print_listing(shown, parked, len(matches), limit, page)
+        _print_listing(shown, parked, total, limit, page)
     if damaged:  # after the listing, so an operator sees both; the exit code says it
         raise StoreUnavailable(f"{len(damaged)} transaction(s) could not be read and are not listed: their stored"
                                f" snapshots are damaged: {', '.join(damaged[:10])}"

@@ -13,7 +13,7 @@ A store does no deciding.  The core hands it a ``Commit``: everything one transi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -22,6 +22,7 @@ import attrs
 from ..drivers import Delivery
 from ..codec import decode_transaction, loads
 from ..errors import ConcurrentModification, StoreUnavailable, ValidationError
+from ..machine import ACTIVE
 from ..models import DeliveryRecord, Event, Transaction, TransactionHead
 
 # intent operations
@@ -235,6 +236,45 @@ class WorkerRecord:
     totals: Mapping[str, int] = attrs.field(factory=dict)
 
 
+@attrs.frozen
+class Listing:
+    """The transactions an operator asks for (``txengine list``): each filter narrows it,
+    newest first (``updated_at``, then id), one page of ``limit`` after ``offset``."""
+
+    states: tuple[str, ...] = ()
+    provider: str | None = None
+    in_doubt: bool = False  # a provider call in doubt
+    attention: bool = False  # parked for an operator
+    expiring_before: datetime | None = None  # live (active, not in doubt) and due before it
+    limit: int = attrs.field(default=50, validator=attrs.validators.ge(1))
+    offset: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+
+    def where(self, mark: str, time: Callable[[datetime], Any]) -> tuple[str, list[Any]]:
+        """The SQL condition on ``transactions t`` and its parameters, in a dialect whose
+        placeholder is ``mark`` and whose times are ``time(datetime)``."""
+        conditions: list[str] = []
+        params: list[Any] = []
+
+        def one_of(column: str, values: Sequence[str]) -> None:
+            conditions.append(f"{column} IN ({', '.join([mark] * len(values))})")
+            params.extend(values)
+
+        if self.states:
+            one_of("t.state", self.states)
+        if self.provider is not None:
+            conditions.append(f"t.provider = {mark}")
+            params.append(self.provider)
+        if self.in_doubt:
+            conditions.append("t.pending IS NOT NULL")
+        if self.attention:
+            conditions.append("EXISTS (SELECT 1 FROM intents i WHERE i.tx_id = t.id AND i.attention IS NOT NULL)")
+        if self.expiring_before is not None:
+            one_of("t.state", sorted(ACTIVE))
+            conditions.append(f"t.pending IS NULL AND t.expires_at < {mark}")
+            params.append(time(self.expiring_before))
+        return (" WHERE " + " AND ".join(conditions) if conditions else ""), params
+
+
 class Store(Protocol):
     """The engine's persistence.  Every method is one database transaction."""
 
@@ -312,6 +352,9 @@ class Store(Protocol):
     def workers(self) -> list[WorkerRecord]: ...
 
     def transaction_ids(self) -> list[str]: ...
+
+    def find_transactions(self, listing: Listing) -> tuple[int, list[str]]:
+        """How many transactions ``listing`` matches, and the ids of its page, newest first."""
 
     def keyed_hash_key(self) -> bytes: ...
 

@@ -70,6 +70,7 @@ from .base import (
     DeliverySettlement,
     Intent,
     IntentOp,
+    Listing,
     PreviewHold,
     WorkerRecord,
     heads_only,
@@ -428,6 +429,13 @@ class _Operations:
 
     def transaction_ids(self) -> Statements:
         return [row[0] for row in (yield All("SELECT id FROM transactions ORDER BY id"))]
+
+    def find_transactions(self, listing: Listing) -> Statements:
+        where, params = listing.where("%s", lambda at: at)
+        (total,) = yield One(f"SELECT count(*) FROM transactions t{where}", params)
+        page = yield All(f"SELECT id FROM transactions t{where} ORDER BY t.updated_at DESC, t.id DESC"
+                         " LIMIT %s OFFSET %s", (*params, listing.limit, listing.offset))
+        return total, [row[0] for row in page]
 
     # The sweeps skip rows another engine is committing right now (SKIP LOCKED): that
     # engine is already acting on them, and the version CAS of the expiry or recovery
@@ -926,6 +934,7 @@ class PostgresStore:
     load_command = _blocking("load_command")
     journal = _blocking("journal")
     transaction_ids = _blocking("transaction_ids")
+    find_transactions = _blocking("find_transactions")
     due_for_expiry = _blocking("due_for_expiry")
     intents_to_recover = _blocking("intents_to_recover")
     write = _blocking("write")

@@ -59,6 +59,7 @@ from .base import (
     DeliverySettlement,
     Intent,
     IntentOp,
+    Listing,
     PreviewHold,
     WorkerRecord,
     damaged_snapshot,
@@ -442,6 +443,19 @@ class SQLiteStore:
     @_unavailable_on_sqlite_error
     def transaction_ids(self) -> list[str]:
         return [row[0] for row in self._connection().execute("SELECT id FROM transactions ORDER BY id")]
+
+    @_unavailable_on_sqlite_error
+    def find_transactions(self, listing: Listing) -> tuple[int, list[str]]:
+        where, params = listing.where("?", to_us)
+        db = self._connection()
+        db.execute("BEGIN")  # one read: the count and the page agree
+        try:
+            total = db.execute(f"SELECT count(*) FROM transactions t{where}", params).fetchone()[0]
+            page = db.execute(f"SELECT id FROM transactions t{where} ORDER BY t.updated_at DESC, t.id DESC"
+                              " LIMIT ? OFFSET ?", (*params, listing.limit, listing.offset)).fetchall()
+        finally:
+            db.execute("COMMIT")
+        return total, [row[0] for row in page]
 
     # The sweeps select only rows of ``providers``, the ones the calling engine has drivers
     # for: engines configured for different providers can share one database without one
