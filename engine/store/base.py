@@ -21,7 +21,7 @@ import attrs
 
 from ..drivers import Delivery
 from ..codec import decode_transaction, loads
-from ..errors import ConcurrentModification, StoreUnavailable, ValidationError
+from ..errors import ConcurrentModification, EngineError, StoreUnavailable, ValidationError
 from ..machine import ACTIVE
 from ..models import DeliveryRecord, Event, Transaction, TransactionHead
 
@@ -203,6 +203,19 @@ def read_snapshot(text: Any, tx_id: str) -> Transaction:
 def damaged_snapshot(tx_id: str, cause: str) -> StoreUnavailable:
     """The storage failure of a snapshot that no longer reads: on ``tx_id``, saying why."""
     return StoreUnavailable(f"its stored snapshot is damaged and cannot be read ({cause})", tx_id=tx_id)
+
+
+def head_refusal(expected_version: int, head: TransactionHead | None,
+                 stored: tuple[int, bool] | None) -> EngineError | None:
+    """Why ``head`` cannot be swapped in over a stored row read as ``(version, its
+    snapshot is JSON)``: a lost race, or a snapshot damaged outside the engine (setting
+    fields in place needs JSON); None when it can."""
+    assert head is not None
+    if stored is None or stored[0] != expected_version:
+        return lost_race(expected_version, head)
+    if not stored[1]:
+        return damaged_snapshot(head.id, "it is not JSON")
+    return None
 
 
 @attrs.frozen

@@ -73,6 +73,7 @@ from .base import (
     Listing,
     PreviewHold,
     WorkerRecord,
+    head_refusal,
     heads_only,
     lost_race,
     read_json,
@@ -210,6 +211,19 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX commands_by_age ON commands (started_at) WHERE status != 'in_flight';
     DELETE FROM commands WHERE key LIKE 'auto:%' AND status != 'in_flight';
     UPDATE commands SET started_at = clock_timestamp() WHERE started_at IS NULL;
+    """,
+    # 6: a JSON check that does not raise, for the expiry sweep: a snapshot damaged into
+    # text that is not JSON is refused alone instead of failing its whole batch (the
+    # cast to jsonb raises; PostgreSQL 16 has IS JSON, SQLite json_valid)
+    """
+    CREATE FUNCTION txengine_is_json(text) RETURNS boolean LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+    BEGIN
+        PERFORM $1::jsonb;
+        RETURN true;
+    EXCEPTION WHEN data_exception THEN
+        RETURN false;
+    END
+    $$;
     """,
 )
 
@@ -525,11 +539,11 @@ class _Operations:
         those still current are one UPDATE over arrays and their journal entries one
         INSERT, the same columns and snapshot fields ``_swap_head`` sets one by one."""
         # locked in id order: two sweeps whose batches overlap queue, they never deadlock
-        current = dict((yield All("SELECT id, version FROM transactions WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
-                                  ([commit.tx_id for commit in commits],))))
-        outcomes: list[EngineError | None] = [
-            None if current.get(commit.tx_id) == commit.expected_version
-            else lost_race(commit.expected_version, commit.head) for commit in commits]
+        stored = {tx_id: (version, valid) for tx_id, version, valid in (yield All(
+            "SELECT id, version, txengine_is_json(snapshot) FROM transactions WHERE id = ANY(%s)"
+            " ORDER BY id FOR UPDATE", ([commit.tx_id for commit in commits],)))}
+        outcomes = [head_refusal(commit.expected_version, commit.head, stored.get(commit.tx_id))
+                    for commit in commits]
         written = [commit for commit, outcome in zip(commits, outcomes) if outcome is None]
         if not written:
             return outcomes
@@ -574,19 +588,22 @@ class _Operations:
         # The columns, and the same fields of the stored snapshot set in place: its body
         # is neither read into Python nor encoded again (the text comes back in jsonb's
         # own layout, which decodes to the same snapshot).
+        # Only over JSON (the cast to jsonb would fail the whole statement): a row whose
+        # text is damaged is refused alone, as a lost race is.
         columns = (head.state, head.version, head.expires_at, head.refund_deadline, head.pending)
-        yield from self._swap(expected_version, head, columns + head_snapshot_fields(head) + (head.updated_at,),
-                              snapshot=_SNAPSHOT_HEAD_SET)
+        swapped = yield Count(_SWAP.format(snapshot=_SNAPSHOT_HEAD_SET) + " AND txengine_is_json(snapshot)",
+                              columns + head_snapshot_fields(head) + (head.updated_at, head.id, expected_version))
+        if swapped != 1:
+            stored = yield One("SELECT version, txengine_is_json(snapshot) FROM transactions WHERE id = %s",
+                               (head.id,))
+            refusal = head_refusal(expected_version, head, stored)
+            assert refusal is not None  # the swap matched nothing: the version moved, or the text is damaged
+            raise refusal
 
-    def _swap(self, expected_version: int, tx: Transaction | TransactionHead, values: tuple,
-              snapshot: str = "%s") -> Statements:
+    def _swap(self, expected_version: int, tx: Transaction, values: tuple) -> Statements:
         # The UPDATE locks the row: a concurrent command on this transaction waits here
         # until we commit, then finds the version moved.
-        swapped = yield Count(
-            "UPDATE transactions SET state = %s, version = %s, expires_at = %s, refund_deadline = %s,"
-            f" pending = %s, snapshot = {snapshot}, updated_at = %s WHERE id = %s AND version = %s",
-            values + (tx.id, expected_version),
-        )
+        swapped = yield Count(_SWAP.format(snapshot="%s"), values + (tx.id, expected_version))
         if swapped != 1:
             raise lost_race(expected_version, tx)
 
@@ -1003,6 +1020,10 @@ def _with_head_fields(snapshot: str, value: Callable[[str], str]) -> str:
     pairs = ", ".join(f"'{field}', {value(field)}" for field in HEAD_FIELDS)
     return f"({snapshot}::jsonb || jsonb_build_object({pairs}))::text"
 
+
+#: a compare-and-swap of a transaction's row, its snapshot set by ``snapshot``
+_SWAP = ("UPDATE transactions SET state = %s, version = %s, expires_at = %s, refund_deadline = %s,"
+         " pending = %s, snapshot = {snapshot}, updated_at = %s WHERE id = %s AND version = %s")
 
 #: the stored snapshot with its head fields set from parameters (``_swap_head``)
 _SNAPSHOT_HEAD_SET = _with_head_fields("snapshot", lambda field: f"%s::{_pg_type(field)}")

@@ -62,7 +62,7 @@ from .base import (
     Listing,
     PreviewHold,
     WorkerRecord,
-    damaged_snapshot,
+    head_refusal,
     heads_only,
     lost_race,
     read_json,
@@ -207,6 +207,9 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE commands SET started_at = CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)
         WHERE started_at IS NULL;
     """,
+    # 6: nothing: PostgreSQL's version 6 adds a JSON check that does not raise, which
+    # SQLite has built in (json_valid); the two stores keep one numbering
+    "SELECT json_valid('{}');",
 )
 
 
@@ -562,7 +565,7 @@ class SQLiteStore:
             stored.update((tx_id, (version, valid)) for tx_id, version, valid in db.execute(
                 f"SELECT id, version, json_valid(snapshot) FROM transactions WHERE id IN ({_placeholders(chunk)})",
                 chunk))
-        outcomes = [_head_refusal(commit.expected_version, commit.head, stored.get(commit.tx_id))
+        outcomes = [head_refusal(commit.expected_version, commit.head, stored.get(commit.tx_id))
                     for commit in commits]
         swaps, entries = [], []
         for commit, texts, outcome in zip(commits, encoded, outcomes):
@@ -627,7 +630,7 @@ class SQLiteStore:
     def _swap_head(self, db: sqlite3.Connection, expected_version: int, head: TransactionHead) -> None:
         if db.execute(_HEAD_SWAP_SQL + " AND json_valid(snapshot)",
                       _head_swap_values(expected_version, head)).rowcount != 1:
-            refusal = _head_refusal(expected_version, head, db.execute(
+            refusal = head_refusal(expected_version, head, db.execute(
                 "SELECT version, json_valid(snapshot) FROM transactions WHERE id = ?", (head.id,)).fetchone())
             assert refusal is not None  # the swap matched nothing: the version moved, or the text is damaged
             raise refusal
@@ -887,18 +890,6 @@ _JOURNAL_SQL = "INSERT INTO journal (tx_id, seq, kind, at, data) VALUES (?, ?, ?
 #: a head's swap: json_set refuses text that is not JSON, so the rows are checked first
 #: (json_valid), and a damaged one is refused alone instead of failing its whole batch
 _HEAD_SWAP_SQL = _SWAP_SQL.format(snapshot=_SNAPSHOT_HEAD_SET)
-
-
-def _head_refusal(expected_version: int, head: TransactionHead | None,
-                  stored: tuple[int, int] | None) -> EngineError | None:
-    """Why ``head`` cannot be swapped in over the stored row's ``(version, json_valid(snapshot))``
-    (a lost race, or a snapshot damaged outside the engine); None when it can."""
-    assert head is not None
-    if stored is None or stored[0] != expected_version:
-        return lost_race(expected_version, head)
-    if not stored[1]:
-        return damaged_snapshot(head.id, "it is not JSON")
-    return None
 
 
 def _head_swap_values(expected_version: int, head: TransactionHead) -> tuple:
