@@ -180,6 +180,26 @@ class TestOfflineAcrossARestart:
         assert record.via == "sync" and card.lifetime_punches == 1
         assert not any("$sealed" in payload for payload in outbox_payloads(db_url)), "deleted once delivered"
 
+    def test_a_record_queued_without_its_qr_code_stays_unsent_when_the_card_is_scanned_again(self, db_url, clock):
+        """Found by the property kit: the process restarted between the scan and finalize,
+        so the record was queued without the code; a later scan of the same card put the
+        code in the new process's memory, the record went out with it, its answer was
+        lost, the process restarted again, and then no process could re-send it: parked as
+        never sent while Forloy held it.  Only the code sealed into the record counts."""
+        sandbox, driver = forloy_pair(clock, offline=True)
+        card = sandbox.add_cashback_card(balance="10.00", cashback_rate="0.10")
+        with Engine.open(db_url, providers={"forloy": driver}, clock=clock) as engine:
+            tx = engine.preview("forloy", COFFEE, customer_token=card.qr_code_data)
+        restarted = a_new_process_driver(sandbox, clock)  # the scan is forgotten
+        with Engine.open(db_url, providers={"forloy": restarted}, clock=clock) as engine:
+            engine.finalize(tx.id)  # queued without the code
+            engine.preview("forloy", COFFEE, customer_token=card.qr_code_data)  # the same card, scanned again
+            assert engine.deliver_pending() == 0
+            [sync] = engine.get(tx.id).deliveries
+        assert sync.status == "dead" and sync.last_error.startswith(f"[{forloy.QR_UNAVAILABLE}]")
+        assert recorded(sandbox, tx.id) == [] and effect(card) == (Decimal("10.00"), Decimal("0"))
+        assert not any(r.path.endswith("/transactions/sync") for r in sandbox.requests)
+
     def test_a_record_sealed_under_another_secret_key_is_refused_before_it_is_sent(self, db_url, clock):
         sandbox, driver = forloy_pair(clock, offline=True)
         card = sandbox.add_punch_card()

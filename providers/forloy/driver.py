@@ -856,12 +856,16 @@ class ForloyDriver(HttpDriver):
         return refused or None
 
     def _sync_record(self, delivery: Delivery) -> dict[str, Any] | None:
-        """The offline-sync wire record: the guide requires ``qr_code_data`` per record."""
+        """The offline-sync wire record: the guide requires ``qr_code_data`` per record.
+
+        Only the code finalize sealed into the queued record counts.  One queued without
+        it (the process restarted between the scan and finalize), or sealed under another
+        key, is None on every attempt alike: refused before anything is sent.  A code
+        from a later scan of the same card, held in this process only, would let the
+        record go out once and leave it, after a restart before the answer, held by
+        Forloy perhaps and re-sendable by no process: parked as never sent."""
         qr = delivery.payload.get(QR_FIELD)
-        if not isinstance(qr, Secret):  # queued before the driver sealed it, or under another key
-            with self._qr_lock:
-                qr = self._qr_by_card.get(str(delivery.payload.get("card_instance_id")))
-        if qr is None:
+        if not isinstance(qr, Secret):
             return None
         record = self._record_body({k: v for k, v in delivery.payload.items() if k != QR_FIELD},
                                    delivery.idempotency_key)
