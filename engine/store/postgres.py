@@ -587,9 +587,8 @@ class _Operations:
     def _swap_head(self, expected_version: int, head: TransactionHead) -> Statements:
         # The columns, and the same fields of the stored snapshot set in place: its body
         # is neither read into Python nor encoded again (the text comes back in jsonb's
-        # own layout, which decodes to the same snapshot).
-        # Only over JSON (the cast to jsonb would fail the whole statement): a row whose
-        # text is damaged is refused alone, as a lost race is.
+        # own layout, which decodes to the same snapshot).  Only over JSON: the cast would
+        # fail the whole statement, so a row whose text is damaged is refused alone.
         columns = (head.state, head.version, head.expires_at, head.refund_deadline, head.pending)
         swapped = yield Count(_SWAP.format(snapshot=_SNAPSHOT_HEAD_SET) + " AND txengine_is_json(snapshot)",
                               columns + head_snapshot_fields(head) + (head.updated_at, head.id, expected_version))
