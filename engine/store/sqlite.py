@@ -623,8 +623,8 @@ class SQLiteStore:
         else:
             self._swap(db, commit.expected_version, tx, values)
 
-    def _swap(self, db: sqlite3.Connection, expected_version: int, tx, values: tuple, snapshot: str = "?") -> None:
-        if db.execute(_SWAP_SQL.format(snapshot=snapshot), values + (tx.id, expected_version)).rowcount != 1:
+    def _swap(self, db: sqlite3.Connection, expected_version: int, tx: Transaction, values: tuple) -> None:
+        if db.execute(_SWAP_SQL.format(snapshot="?"), values + (tx.id, expected_version)).rowcount != 1:
             raise lost_race(expected_version, tx)
 
     def _swap_head(self, db: sqlite3.Connection, expected_version: int, head: TransactionHead) -> None:
@@ -893,7 +893,7 @@ _HEAD_SWAP_SQL = _SWAP_SQL.format(snapshot=_SNAPSHOT_HEAD_SET)
 
 
 def _head_swap_values(expected_version: int, head: TransactionHead) -> tuple:
-    """``_SWAP_SQL``'s values for a head: its columns, and the same fields of the stored
+    """``_HEAD_SWAP_SQL``'s values for a head: its columns, and the same fields of the stored
     snapshot set in place (json_set keeps the text's key order and compactness, so the
     row reads exactly as if the whole new snapshot had been encoded, without its body
     being read or rewritten)."""
